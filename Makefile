@@ -1,0 +1,44 @@
+# avatarl — `make help` lists the targets. Settings come from .env / the environment.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+# A newcomer's first run on a machine without a GPU: a model small enough that the validation
+# cross-entropy visibly falls within a few minutes on 2 CPU cores (env and .env still win).
+CPU_SETTINGS := --n-layer 2 --n-head 4 --n-emb 128 --batch 64 --micro-batch 64 --total-iters 300 \
+	--warmup-iters 10 --log-interval 10 --eval-interval 25 --sample-interval 100 --checkpoint-interval 100
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test lint train-local config
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(BIN)/avatarl: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	touch $@
+
+venv: $(BIN)/avatarl ## create .venv with the project and its dev tools
+
+test: $(BIN)/avatarl ## run the test suite (CPU)
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/avatarl ## ruff
+	$(BIN)/ruff check avatarl tests train_generic.py scripts
+
+config: $(BIN)/avatarl ## print the resolved settings and their sources
+	$(BIN)/avatarl config
+
+train-local: $(BIN)/avatarl ## train on this machine (small CPU setting when no GPU is visible)
+	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(BIN)/avatarl train; \
+	else \
+		echo "No CUDA GPU: using the small CPU setting ($(CPU_SETTINGS))"; \
+		$(BIN)/avatarl train $(CPU_SETTINGS); \
+	fi
+
+-include docker/make.mk

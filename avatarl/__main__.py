@@ -1,0 +1,5 @@
+import sys
+
+from avatarl.cli import main
+
+sys.exit(main())

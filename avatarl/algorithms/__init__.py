@@ -1,0 +1,1 @@
+"""Reinforcement-learning objectives for the student: GRPO and the AvataRL referee method."""

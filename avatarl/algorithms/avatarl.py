@@ -1,0 +1,213 @@
+"""AvataRL: the student learns by policy gradient from rewards set by a frozen referee.
+
+At every position of the context window (no sampling) the student is scored on a small set
+of candidate next tokens. Notation per position: V vocabulary, A = 2k+1 action slots,
+y the true next token, eps = LABEL_SMOOTHING.
+
+    actions  = top-k(student) ∪ top-k(referee) ∪ {y}                  (de-duplicated, masked)
+    reality  = 1 - eps on y, eps spread evenly over the other actions
+    mentor   = softmax(referee logits) restricted to the actions, renormalised
+    ideal    ∝ reality^REALITY_WEIGHT · mentor^MENTOR_WEIGHT           (over the actions)
+    reward   = REWARD_SCALE · ideal on above-mean actions, else 0; clamped per position
+    loss     = -Σ_a log softmax(logits / (1 + ENTROPY_COEF))[a] · reward[a] / |A|
+
+The rewards are constants: no gradient reaches the referee, and the student never receives a
+cross-entropy gradient. It is, however, close to reward-weighted soft-target training, since
+the ground truth is inside the reward (reality puts 1 - eps on it); REALITY_WEIGHT=0 makes the
+reward referee-only. `referee_loss` below is the one supervised loss of the product: it trains
+the referee, never the student.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avatarl.config import Config
+
+# Ties with the mean (e.g. a uniform ideal) must not count as "above" because of rounding.
+_ABOVE_MEAN_RTOL = 1e-6
+
+
+def action_set(student_logits: Tensor, referee_logits: Tensor, targets: Tensor,
+               top_k: int) -> tuple[Tensor, Tensor]:
+    """Candidate actions per position: student top-k ∪ referee top-k ∪ {true token}.
+
+    Args: student_logits, referee_logits [N, V]; targets [N] (long); top_k (clipped to V).
+    Returns (actions [N, A] long, mask [N, A] bool), A = 2·min(top_k, V) + 1. Each row holds its
+    distinct tokens first, in ascending token order, with mask True; the remaining slots repeat
+    tokens of the row (so they are valid indices to gather with) and have mask False. The true
+    token appears exactly once among the valid slots.
+
+    Method: concatenate the 2k+1 candidates, sort each row, mark a slot valid when it differs
+    from its left neighbour, then sort again by (invalid, token) to move the valid slots first.
+    """
+    k = min(top_k, student_logits.size(-1))
+    candidates = torch.cat([
+        student_logits.detach().topk(k, dim=-1).indices,
+        referee_logits.detach().topk(k, dim=-1).indices,
+        targets.long().unsqueeze(-1),
+    ], dim=-1)
+    ordered = candidates.sort(dim=-1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    vocab = student_logits.size(-1)
+    key = torch.where(first, ordered, ordered + vocab).sort(dim=-1).values
+    return key % vocab, key < vocab
+
+
+def reality_distribution(actions: Tensor, mask: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
+    """Smoothed ground truth over the action set, [N, A].
+
+    reality(a) = 1 - eps if a = y;  eps / (|A| - 1) for the other valid actions;  0 on padding.
+    A set that holds only y gives it 1.
+    """
+    is_true = (actions == targets.unsqueeze(-1)) & mask
+    n_other = mask.sum(-1, keepdim=True) - 1
+    other = label_smoothing / n_other.clamp(min=1).to(torch.float32)
+    true = torch.where(n_other > 0, 1.0 - label_smoothing, 1.0).to(torch.float32)
+    return torch.where(is_true, true, torch.where(mask, other, 0.0))
+
+
+def mentor_distribution(referee_logits: Tensor, actions: Tensor, mask: Tensor) -> Tensor:
+    """Referee opinion over the action set, [N, A].
+
+    mentor(a) = p(a) / Σ_{b ∈ A} p(b) with p = softmax(referee_logits) over the full vocabulary:
+    the softmax is taken first, then restricted to the valid actions and renormalised (computed
+    as a log-softmax so that tiny probabilities do not underflow before renormalising).
+    """
+    logp = F.log_softmax(referee_logits.detach().float(), dim=-1).gather(-1, actions)
+    logp = logp.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logp, dim=-1)
+
+
+def _weighted_log(p: Tensor, weight: float) -> Tensor:
+    """weight · log p with 0^0 = 1 (a zero weight ignores the factor, even where p = 0)."""
+    if weight == 0:
+        return torch.zeros_like(p)
+    return weight * p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+def ideal_distribution(reality: Tensor, mentor: Tensor, mask: Tensor, reality_weight: float,
+                       mentor_weight: float) -> Tensor:
+    """ideal(a) = reality(a)^rw · mentor(a)^mw / Σ_{b ∈ A} reality(b)^rw · mentor(b)^mw, [N, A].
+
+    Computed in log space; 0^0 = 1, so rw = 0 gives the mentor and mw = 0 the reality. Zero
+    probabilities are floored at the dtype's smallest normal number, so that a row can never be
+    all zero (the result there is below any float32 resolution of the other entries).
+    """
+    score = _weighted_log(reality.float(), reality_weight) + _weighted_log(mentor.float(), mentor_weight)
+    return torch.softmax(score.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def action_rewards(ideal: Tensor, mask: Tensor, reward_scale: float, max_reward_clamp: float) -> Tensor:
+    """Per-action rewards, [N, A], without gradient.
+
+    r(a) = scale · ideal(a) if a is valid and ideal(a) > mean_{b ∈ A} ideal(b), else 0
+    (a tie with the mean within float rounding is not "above"). Then per position, if
+    max_a r(a) > clamp, every r(a) of the position is multiplied by clamp / max_a r(a).
+    """
+    ideal = ideal.detach().float()
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    mean = (ideal * mask).sum(-1, keepdim=True) / count
+    above = mask & (ideal > mean * (1 + _ABOVE_MEAN_RTOL))
+    rewards = torch.where(above, reward_scale * ideal, 0.0)
+    top = rewards.amax(-1, keepdim=True)
+    factor = torch.where(top > max_reward_clamp, max_reward_clamp / top.clamp_min(1e-30), 1.0)
+    return rewards * factor
+
+
+def policy_gradient_loss(student_logits: Tensor, actions: Tensor, mask: Tensor, rewards: Tensor,
+                         entropy_coef: float) -> Tensor:
+    """loss = mean_positions [ -Σ_{a ∈ A} log softmax(z / (1 + c))[a] · r(a) / |A| ].
+
+    z: student logits [N, V]; c = ENTROPY_COEF (a softer policy, which rewards entropy);
+    r: rewards [N, A], treated as constants (detached).
+    """
+    logp = F.log_softmax(student_logits.float() / (1.0 + entropy_coef), dim=-1).gather(-1, actions)
+    weighted = (logp * rewards.detach() * mask).sum(-1)
+    return -(weighted / mask.sum(-1).clamp(min=1)).mean()
+
+
+def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Tensor,
+                       cfg: Config) -> tuple[Tensor, dict[str, Tensor]]:
+    """One AvataRL forward on a micro-batch: returns (loss to backpropagate, on-device metrics).
+
+    x, y: [B, T] contexts and their next characters; every one of the B·T positions is scored.
+    The referee must be in eval mode; it runs under no_grad. Metrics (0-dim tensors):
+    reward_mean / reward_max / reward_min over the valid actions, action_set_size (mean valid
+    actions per position), true_top_frac (positions where the true token has the largest,
+    positive reward), entropy (mean entropy of the student's softmax at temperature 1, nats).
+    """
+    assert not referee.training, "the referee must be in eval mode"
+    logits = student(x)
+    with torch.no_grad():
+        referee_logits = referee(x)
+    vocab = logits.size(-1)
+    flat = logits.reshape(-1, vocab)
+    targets = y.reshape(-1)
+    with torch.no_grad():
+        ref = referee_logits.reshape(-1, vocab).float()
+        actions, mask = action_set(flat, ref, targets, cfg.top_k)
+        reality = reality_distribution(actions, mask, targets, cfg.label_smoothing)
+        mentor = mentor_distribution(ref, actions, mask)
+        ideal = ideal_distribution(reality, mentor, mask, cfg.reality_weight, cfg.mentor_weight)
+        rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
+    loss = policy_gradient_loss(flat, actions, mask, rewards, cfg.entropy_coef)
+    with torch.no_grad():
+        metrics = _metrics(flat.detach().float(), actions, mask, targets, rewards)
+    return loss, metrics
+
+
+def _metrics(logits: Tensor, actions: Tensor, mask: Tensor, targets: Tensor,
+             rewards: Tensor) -> dict[str, Tensor]:
+    # Masked reductions rather than boolean indexing: no host-device synchronisation.
+    count = mask.sum().clamp(min=1)
+    top = rewards.masked_fill(~mask, float("-inf")).amax(-1)
+    true_reward = (rewards * ((actions == targets.unsqueeze(-1)) & mask)).sum(-1)
+    logp = F.log_softmax(logits, dim=-1)
+    return {
+        "reward_mean": (rewards * mask).sum() / count,
+        "reward_max": top.max(),
+        "reward_min": rewards.masked_fill(~mask, float("inf")).amin(),
+        "action_set_size": mask.sum(-1).float().mean(),
+        "true_top_frac": ((true_reward >= top) & (top > 0)).float().mean(),
+        "entropy": -(logp.exp() * logp).sum(-1).mean(),
+    }
+
+
+def referee_loss(referee_logits: Tensor, y: Tensor) -> Tensor:
+    """Next-character cross-entropy, mean over positions: -mean log softmax(logits)[y].
+
+    The ONLY supervised loss of the product. `avatarl train-referee` uses it to train the
+    referee; it is never applied to the student.
+    """
+    return F.cross_entropy(referee_logits.reshape(-1, referee_logits.size(-1)).float(), y.reshape(-1))
+
+
+def check_referee_compatible(referee_meta: dict, vocab_chars: list[str], context_len: int) -> None:
+    """Raise ValueError when a referee checkpoint cannot score this run's student.
+
+    `referee_meta` must hold `vocab_chars` (list of the referee's symbols, in token order) and
+    `context_len` (the longest context it was trained for). The vocabularies must be identical
+    (same symbols, same order: token ids must mean the same character) and the referee's context
+    must be at least the student's. Messages do not name the path; the caller prefixes it.
+    """
+    missing = [key for key in ("vocab_chars", "context_len") if key not in referee_meta]
+    if missing:
+        raise ValueError(f"not a referee checkpoint: its metadata lacks {', '.join(missing)}; "
+                         "train one with `avatarl train-referee`.")
+    theirs = list(referee_meta["vocab_chars"])
+    if theirs != list(vocab_chars):
+        if len(theirs) != len(vocab_chars):
+            detail = f"{len(theirs)} vs {len(vocab_chars)} symbols"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(theirs, vocab_chars, strict=True)) if a != b)
+            detail = f"same {len(theirs)} symbols count, but token {i} is {theirs[i]!r} vs {vocab_chars[i]!r}"
+        raise ValueError(f"vocabulary differs ({detail}): the referee was trained on another corpus; "
+                         "retrain it on this DATA_PATH with `avatarl train-referee`.")
+    if int(referee_meta["context_len"]) < context_len:
+        raise ValueError(f"context length too short: the referee was trained with CONTEXT_LEN="
+                         f"{referee_meta['context_len']} but the student uses CONTEXT_LEN={context_len}; "
+                         "retrain the referee with this CONTEXT_LEN or lower CONTEXT_LEN.")

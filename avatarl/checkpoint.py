@@ -1,0 +1,260 @@
+"""Crash-safe checkpoints: atomic writes, a checksum in every file, newest-valid lookup, retention.
+
+File layout: `ckpt_<iter:08d>.pt` = one header line `AVATARL-CKPT 1 <sha256 of payload>\n` followed by
+the `torch.save` payload. A file is written to a temporary name in the same directory, fsynced and
+renamed, then the small `latest` pointer is replaced the same way, so a crash at any instant leaves
+the previous checkpoint complete. Loading verifies the checksum and uses `weights_only=True` only.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import pickle
+import random
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("avatarl")
+
+MAGIC = b"AVATARL-CKPT 1 "
+NAME_PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
+LATEST = "latest"
+# Settings whose change makes a checkpoint unusable for the current model; the rest may change on resume.
+SHAPE_SETTINGS = ("n_layer", "n_head", "n_emb", "algorithm")
+SLOW_WRITE_ENV = "AVATARL_TEST_SLOW_WRITE"  # test hook: seconds spent writing each checkpoint, in chunks
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"ckpt_{iteration:08d}.pt"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_chunks(handle: Any, blobs: list[bytes]) -> None:
+    slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
+    for blob in blobs:
+        if slow <= 0:
+            handle.write(blob)
+            continue
+        chunks = max(1, len(blob) // (64 << 10))
+        for start in range(0, len(blob), -(-len(blob) // chunks)):
+            handle.write(blob[start:start + -(-len(blob) // chunks)])
+            handle.flush()
+            time.sleep(slow / chunks)
+
+
+def atomic_write(path: Path, blobs: list[bytes]) -> None:
+    """Write blobs to `path` so that readers only ever see the old or the complete new file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _write_chunks(handle, blobs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_checkpoint_file(path: Path, state: dict[str, Any]) -> int:
+    """Serialise `state` with a checksum header and write it atomically to `path`. Returns bytes written."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    try:
+        atomic_write(path, [header, payload])
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = newest_checkpoint_name(path.parent)
+            raise CheckpointError(f"Out of disk space writing {path} ({len(payload) / 1e6:.1f} MB). "
+                                  f"The previous checkpoint {previous or '(none)'} is still valid; free space "
+                                  "in CHECKPOINT_DIR or lower KEEP_CHECKPOINTS.") from err
+        raise
+    return len(header) + len(payload)
+
+
+def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
+    """Atomically write checkpoint `iteration`, point `latest` at it, then prune to `keep` files."""
+    path = directory / checkpoint_name(iteration)
+    write_checkpoint_file(path, state)
+    atomic_write(directory / LATEST, [path.name.encode() + b"\n"])
+    prune(directory, keep)
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, newest iteration first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if NAME_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(NAME_PATTERN.match(p.name).group(1)), reverse=True)
+
+
+def newest_checkpoint_name(directory: Path) -> str | None:
+    files = list_checkpoints(directory)
+    return files[0].name if files else None
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints; the newest valid one is never deleted."""
+    files = list_checkpoints(directory)
+    newest_valid = next((p for p in files if verify(p) is None), None)
+    for stale in files[keep:]:
+        if stale != newest_valid:
+            stale.unlink(missing_ok=True)
+
+
+def _read_verified(path: Path) -> bytes:
+    raw = path.read_bytes()
+    newline = raw.find(b"\n")
+    if not raw.startswith(MAGIC) or newline < 0:
+        raise CheckpointError(f"{path} is not an avatarl checkpoint (bad header).")
+    expected = raw[len(MAGIC):newline].decode(errors="replace")
+    payload = raw[newline + 1:]
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"{path} is corrupted or truncated: checksum {actual[:12]}… != recorded "
+                              f"{expected[:12]}….")
+    return payload
+
+
+def verify(path: Path) -> str | None:
+    """None when the file is a complete checkpoint, else the reason it is not."""
+    try:
+        _read_verified(path)
+    except (OSError, CheckpointError) as err:
+        return str(err)
+    return None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify the checksum, then unpickle with weights_only=True (tensors and plain containers only)."""
+    payload = _read_verified(path)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"Refusing to load {path}: it contains objects other than tensors and plain "
+                              f"values, which could run code when unpickled ({str(err).splitlines()[0]}).") \
+            from None
+
+
+def find_resume_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint that verifies; warns about each newer one that does not."""
+    for path in list_checkpoints(directory):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("Skipping checkpoint %s: %s Falling back to an older one.", path.name, problem)
+    return None
+
+
+def resolve_checkpoint_arg(value: str, directory: Path) -> Path:
+    """`latest`/empty = newest valid checkpoint in `directory`; otherwise a file path."""
+    if value in ("", LATEST):
+        found = find_resume_checkpoint(directory)
+        if found is None:
+            raise CheckpointError(f"No valid checkpoint in {directory}.")
+        return found
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path}: no such file.")
+    return path
+
+
+def incompatible_settings(saved: dict[str, Any], current: dict[str, Any], saved_vocab: list[str],
+                          vocab: list[str]) -> list[str]:
+    differences = [f"{name.upper()}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+                   for name in SHAPE_SETTINGS if saved.get(name) != current[name]]
+    if list(saved_vocab) != list(vocab):
+        differences.append(f"vocabulary: checkpoint {len(saved_vocab)} symbols, now {len(vocab)} (DATA_PATH)")
+    return differences
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{name.upper()}: {saved[name]!r} -> {value!r}" for name, value in current.items()
+            if name in saved and saved[name] != value and name not in SHAPE_SETTINGS]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG the trainer touches, in weights_only-loadable form."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class RunLock:
+    """An exclusive flock on CHECKPOINT_DIR/.lock; the kernel releases it when the holder dies."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".lock"
+        self.handle: Any = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise CheckpointError(f"CHECKPOINT_DIR={self.path.parent} is in use by a running trainer ({owner}): "
+                                  "stop it or choose another CHECKPOINT_DIR.") from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous:
+            log.warning("Taking over the stale lock of a process that is gone (%s).", previous)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.seek(0)
+            self.handle.truncate()
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None

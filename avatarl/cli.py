@@ -1,0 +1,177 @@
+"""`avatarl` command line: train, train-referee, sample, config, health, bench.
+
+Settings come from the environment, `.env` and flags (in that order of precedence); run
+`avatarl config` to see each resolved value and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from avatarl.checkpoint import CheckpointError
+from avatarl.config import Config, ConfigError, config_fields, default_of, describe, env_example, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
+    """One flag per setting (`--context-len` for CONTEXT_LEN), or only those named in `only`."""
+    parser.add_argument("--env-file", help="dotenv file to read (default: ./.env when present)")
+    group = parser.add_argument_group("settings (each also an environment variable; env and .env win)")
+    for name, f in config_fields().items():
+        if only and name not in only:
+            continue
+        choices = f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else ""
+        group.add_argument(f"--{name.lower().replace('_', '-')}", dest=f"setting_{name}", metavar=name,
+                           help=f"{f.metadata['doc']} (default {default_of(f)}{choices})")
+
+
+def cli_settings(args: argparse.Namespace) -> dict[str, str]:
+    prefix = "setting_"
+    return {key[len(prefix):]: value for key, value in vars(args).items()
+            if key.startswith(prefix) and value is not None}
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
+    return load_config(cli_settings(args), getattr(args, "env_file", None))
+
+
+def report(err: ConfigError) -> int:
+    for line in err.problems:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def command_train(args: argparse.Namespace) -> int:
+    cfg, _ = resolve(args)
+    if cfg.training_mode == "modal" and not os.environ.get("MODAL_TASK_ID"):
+        from avatarl.launch import hand_over_to_modal
+
+        return hand_over_to_modal(args.env_file)
+    from avatarl.trainer import train
+
+    return train(cfg)
+
+
+def command_train_referee(args: argparse.Namespace) -> int:
+    cfg, _ = resolve(args)
+    cfg = dataclasses.replace(cfg, total_iters=cfg.referee_iters, save_final_checkpoint=True)
+    from avatarl.referee import export_referee
+    from avatarl.trainer import train
+
+    code = train(cfg, role="referee")
+    if code == EXIT_OK and int(os.environ.get("RANK", "0")) == 0:
+        export_referee(cfg)
+    return code
+
+
+def command_config(args: argparse.Namespace) -> int:
+    if args.env_example:
+        print(env_example(), end="")
+        return EXIT_OK
+    cfg, sources = resolve(args)
+    print(describe(cfg, sources))
+    return EXIT_OK
+
+
+def command_sample(args: argparse.Namespace) -> int:
+    from avatarl.sampling import sample_from_checkpoint
+
+    cfg, _ = resolve(args)
+    texts = sample_from_checkpoint(args.checkpoint, Path(cfg.checkpoint_dir), args.prompt, args.max_new_tokens,
+                                   args.temperature, args.top_k, args.num_samples, args.seed, cfg.device)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i + 1}\n{text}")
+    return EXIT_OK
+
+
+def command_health(args: argparse.Namespace) -> int:
+    from avatarl.resume import heartbeat_age
+
+    cfg, _ = resolve(args)
+    max_age = args.max_age if args.max_age is not None else max(60.0, 4 * cfg.heartbeat_interval)
+    directory = Path(cfg.checkpoint_dir).expanduser()
+    try:
+        age, beat = heartbeat_age(directory)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"unhealthy: no readable heartbeat in {directory} ({err})", file=sys.stderr)
+        return EXIT_FAILED
+    if age > max_age and not beat.get("finished"):
+        print(f"unhealthy: last heartbeat {age:.0f}s ago at iteration {beat['iteration']} (max age {max_age:.0f}s)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"healthy: iteration {beat['iteration']}/{beat.get('total_iters')}, heartbeat {age:.0f}s ago, "
+          f"{beat.get('chars_per_s', 0):.0f} chars/s")
+    return EXIT_OK
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from avatarl.bench import run_bench
+
+    cfg, _ = resolve(args)
+    return run_bench(cfg, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avatarl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the student with RL (ALGORITHM=grpo|avatarl)")
+    add_setting_flags(train)
+    train.set_defaults(handler=command_train)
+
+    referee = commands.add_parser("train-referee", help="train the supervised referee used by ALGORITHM=avatarl")
+    add_setting_flags(referee)
+    referee.set_defaults(handler=command_train_referee)
+
+    config = commands.add_parser("config", help="print the resolved settings with their sources")
+    config.add_argument("--env-example", action="store_true", help="print a complete .env.example instead")
+    add_setting_flags(config)
+    config.set_defaults(handler=command_config)
+
+    sample = commands.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("--checkpoint", default="latest", help="checkpoint file, or latest in CHECKPOINT_DIR")
+    sample.add_argument("--prompt", default="\n", help="text to continue")
+    sample.add_argument("--max-new-tokens", type=int, default=200)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--seed", type=int, default=0)
+    add_setting_flags(sample, only=("CHECKPOINT_DIR", "DEVICE"))
+    sample.set_defaults(handler=command_sample)
+
+    health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh (liveness probe)")
+    health.add_argument("--max-age", type=float, default=None,
+                        help="seconds after which a heartbeat is stale (default max(60, 4 x HEARTBEAT_INTERVAL))")
+    add_setting_flags(health, only=("CHECKPOINT_DIR", "HEARTBEAT_INTERVAL"))
+    health.set_defaults(handler=command_health)
+
+    bench = commands.add_parser("bench", help="benchmarks: throughput, learning")
+    bench.add_argument("which", choices=("throughput", "learning"))
+    bench.add_argument("--quick", action="store_true", help="small budget for a CPU")
+    bench.add_argument("--iters", type=int, default=None, help="timed iterations (throughput)")
+    bench.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
+    bench.add_argument("--out", default="bench-out", help="output directory (learning)")
+    add_setting_flags(bench)
+    bench.set_defaults(handler=command_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        return report(err)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

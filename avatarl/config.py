@@ -1,0 +1,348 @@
+"""One typed configuration tree, read from the environment, a `.env` file and CLI flags.
+
+Every field of `Config` is a setting whose environment variable is the field name in
+UPPER_SNAKE case (`context_len` -> `CONTEXT_LEN`). Precedence, highest first:
+
+    process environment  >  .env file  >  command-line flags  >  defaults
+
+(the seed's documented order: a deployment's environment always wins over a developer's flags).
+The one-line `doc` of each field is the CLI help, the `avatarl config` listing and the
+generated `.env.example`, so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TRUE_WORDS = {"true", "1", "yes", "on"}
+FALSE_WORDS = {"false", "0", "no", "off"}
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+SOURCE_DEFAULT, SOURCE_CLI, SOURCE_DOTENV, SOURCE_ENV = "default", "cli", ".env", "env"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: one actionable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def setting(default: Any, doc: str, group: str, *, choices: tuple[str, ...] = (), low: float | None = None,
+            high: float | None = None, low_exclusive: bool = False) -> Any:
+    """A config field with the metadata that drives parsing, validation, help and `.env.example`."""
+    meta = {"doc": doc, "group": group, "choices": choices, "low": low, "high": high,
+            "low_exclusive": low_exclusive}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- data
+    data_path: str = setting("", "UTF-8 text file to train on; empty = Tiny Shakespeare, downloaded once "
+                             "into DATA_CACHE_DIR and checked against its sha256.", "data")
+    data_cache_dir: str = setting("~/.cache/avatarl", "Where the default corpus is cached.", "data")
+    seed: int = setting(1337, "Random seed: same seed, same batches, same weights.", "data", low=0)
+
+    # --- model
+    context_len: int = setting(32, "Characters of context the policy conditions on.", "model", low=1)
+    horizon: int = setting(8, "Characters the policy generates per rollout (GRPO).", "model", low=1)
+    n_layer: int = setting(6, "Transformer blocks of the student.", "model", low=1)
+    n_head: int = setting(8, "Attention heads per block; must divide N_EMB.", "model", low=1)
+    n_emb: int = setting(512, "Width of the residual stream.", "model", low=2)
+    use_flash_attn: bool = setting(True, "Use flash-attn when installed and on CUDA; otherwise PyTorch SDPA.",
+                                   "model")
+    use_torch_compile: bool = setting(False, "torch.compile the model and the loss (CUDA recommended).", "model")
+
+    # --- algorithm
+    algorithm: str = setting("grpo", "RL algorithm for the student.", "algorithm", choices=("grpo", "avatarl"))
+    k_samples: int = setting(4, "Rollouts per context (the GRPO group size).", "algorithm", low=2)
+    temperature: float = setting(1.2, "Sampling temperature of the rollouts.", "algorithm", low=0.0,
+                                 low_exclusive=True)
+    clip_ratio: float = setting(0.2, "PPO clip range of the importance ratio.", "algorithm", low=0.0,
+                                low_exclusive=True, high=1.0)
+    entropy_coef: float = setting(0.01, "Weight of the entropy bonus (AvataRL: logit temperature 1+coef).",
+                                  "algorithm", low=0.0)
+    beta_kl: float = setting(1e-3, "Initial weight of the KL penalty toward the reference model.", "algorithm",
+                             low=0.0)
+    kl_warm: int = setting(50000, "Characters over which the KL weight ramps up from 0 to BETA_KL.", "algorithm",
+                           low=0)
+    adaptive_kl: bool = setting(True, "Adapt the KL weight so the measured KL tracks KL_TARGET.", "algorithm")
+    kl_target: float = setting(0.02, "Target KL (nats/char) for the adaptive controller.", "algorithm", low=0.0,
+                               low_exclusive=True)
+    min_variance: float = setting(0.1, "Floor of the group reward std when normalising advantages.", "algorithm",
+                                  low=0.0, low_exclusive=True)
+    old_policy_interval: int = setting(5, "Iterations between refreshes of the frozen sampling policy.",
+                                       "algorithm", low=1)
+    reference: str = setting("ngram", "Reference model for partial credit: n-gram counts or a HF causal LM.",
+                             "algorithm", choices=("ngram", "gpt2"))
+    ngram_order: int = setting(2, "Order of the n-gram reference (2 = bigram).", "algorithm", low=1, high=6)
+    reference_model: str = setting("gpt2", "Hugging Face model name or local path when REFERENCE=gpt2.",
+                                   "algorithm")
+    partial_credit: float = setting(1.0, "Weight of the reference-probability partial credit in the reward.",
+                                    "algorithm", low=0.0)
+    entropy_warn: float = setting(0.3, "Warn when the policy entropy (nats/char) falls below this.", "algorithm",
+                                  low=0.0)
+
+    # --- avatarl referee
+    referee_path: str = setting("", "Referee checkpoint; empty = CHECKPOINT_DIR/referee.pt.", "referee")
+    referee_n_layer: int = setting(0, "Referee blocks; 0 = same as N_LAYER.", "referee", low=0)
+    referee_n_head: int = setting(0, "Referee heads; 0 = same as N_HEAD.", "referee", low=0)
+    referee_n_emb: int = setting(0, "Referee width; 0 = same as N_EMB.", "referee", low=0)
+    referee_iters: int = setting(300, "Optimizer steps of `avatarl train-referee`.", "referee", low=1)
+    top_k: int = setting(16, "Candidates per position from student and from referee (AvataRL).", "referee", low=1)
+    label_smoothing: float = setting(0.1, "Reality mass spread over the non-true actions.", "referee", low=0.0,
+                                     high=1.0)
+    reality_weight: float = setting(0.7, "Exponent of the ground-truth distribution in the ideal.", "referee",
+                                    low=0.0)
+    mentor_weight: float = setting(0.3, "Exponent of the referee distribution in the ideal.", "referee", low=0.0)
+    reward_scale: float = setting(100.0, "Reward = scale x ideal probability of above-mean actions.", "referee",
+                                  low=0.0, low_exclusive=True)
+    max_reward_clamp: float = setting(1.5, "Largest reward per position; larger rewards are scaled down.",
+                                      "referee", low=0.0, low_exclusive=True)
+
+    # --- optimisation
+    batch: int = setting(16384, "Contexts per optimizer step, summed over ranks.", "optim", low=1)
+    micro_batch: int = setting(512, "Contexts per forward pass on one rank (lower it on out-of-memory).",
+                               "optim", low=1)
+    total_iters: int = setting(2000, "Optimizer steps of the run.", "optim", low=1)
+    lr: float = setting(3e-4, "Peak learning rate of AdamW.", "optim", low=0.0, low_exclusive=True)
+    min_lr: float = setting(3e-5, "Learning rate at the end of the decay.", "optim", low=0.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay of matrices.", "optim", low=0.0)
+    use_lr_decay: bool = setting(True, "Decay the learning rate after warmup.", "optim")
+    lr_decay_type: str = setting("cosine", "Shape of the decay.", "optim", choices=("cosine", "linear", "exponential"))
+    warmup_iters: int = setting(100, "Linear warmup steps.", "optim", low=0)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0 = off).", "optim", low=0.0)
+    use_amp: bool = setting(True, "Autocast on CUDA with AMP_DTYPE.", "optim")
+    amp_dtype: str = setting("bfloat16", "Autocast dtype on CUDA.", "optim", choices=("bfloat16", "float16"))
+
+    # --- logging, evaluation, checkpoints
+    log_interval: int = setting(5, "Iterations between metric logs.", "logging", low=1)
+    eval_interval: int = setting(20, "Iterations between validation cross-entropy measurements.", "logging", low=1)
+    eval_windows: int = setting(256, "Validation windows of CONTEXT_LEN chars per measurement.", "logging", low=1)
+    sample_interval: int = setting(20, "Iterations between printed text samples (0 = only at the end).",
+                                   "logging", low=0)
+    checkpoint_interval: int = setting(100, "Iterations between checkpoints.", "logging", low=1)
+    save_intermediate_checkpoints: bool = setting(True, "Save every CHECKPOINT_INTERVAL iterations.", "logging")
+    save_final_checkpoint: bool = setting(True, "Save when the run ends.", "logging")
+    checkpoint_dir: str = setting("./checkpoints", "Checkpoints, metrics.jsonl and heartbeat go here.", "logging")
+    keep_checkpoints: int = setting(3, "Newest checkpoints kept on disk.", "logging", low=1)
+    resume: str = setting("auto", "auto (newest valid checkpoint), never, or a checkpoint path.", "logging")
+    overwrite: bool = setting(False, "With RESUME=never, allow replacing an existing run.", "logging")
+    max_bad_steps: int = setting(10, "Consecutive non-finite steps before the run stops (exit 3).", "logging",
+                                 low=1)
+    heartbeat_interval: float = setting(30.0, "Seconds between heartbeat.json updates.", "logging", low=0.0,
+                                        low_exclusive=True)
+    use_wandb: bool = setting(True, "Log to Weights & Biases when installed (WANDB_MODE=offline works).",
+                              "logging")
+    wandb_project: str = setting("avataRL", "Weights & Biases project.", "logging")
+    wandb_name: str = setting("", "Weights & Biases run name (empty = generated).", "logging")
+    log_level: str = setting("INFO", "Logging verbosity.", "logging", choices=("INFO", "DEBUG"))
+
+    # --- runtime
+    device: str = setting("auto", "auto = CUDA when available, else CPU.", "runtime", choices=("auto", "cpu", "cuda"))
+    n_gpus: int = setting(1, "GPUs the launchers (compose, Modal, torchrun) start.", "runtime", low=1)
+    gpu_type: str = setting("A100", "GPU type for Modal and for MFU peaks.", "runtime",
+                            choices=("T4", "L4", "A10G", "L40S", "A100", "A100-80GB", "H100", "H200", "B200"))
+    bucket_size_mb: int = setting(25, "DDP gradient bucket size.", "runtime", low=1)
+    training_mode: str = setting("generic", "generic = this machine; modal = hand over to Modal.", "runtime",
+                                 choices=("generic", "modal"))
+
+    def __post_init__(self) -> None:
+        problems = [p for f in fields(self) if (p := _range_problem(f, getattr(self, f.name)))]
+        if self.n_emb % self.n_head:
+            problems.append(f"N_EMB={self.n_emb} is not divisible by N_HEAD={self.n_head}: "
+                            "choose N_HEAD among the divisors of N_EMB.")
+        if (self.n_emb // self.n_head) % 2:
+            problems.append(f"N_EMB/N_HEAD={self.n_emb // self.n_head} is odd: rotary embeddings need an even "
+                            "head size.")
+        if self.batch % self.micro_batch:
+            problems.append(f"BATCH={self.batch} is not a multiple of MICRO_BATCH={self.micro_batch}: "
+                            "set BATCH to MICRO_BATCH x world size x accumulation steps.")
+        if self.min_lr > self.lr:
+            problems.append(f"MIN_LR={self.min_lr} is above LR={self.lr}: it must be at most LR.")
+        if problems:
+            raise ConfigError(problems)
+
+    def check_world_size(self, world_size: int) -> None:
+        """BATCH must split evenly into micro-batches on every rank."""
+        if self.batch % (self.micro_batch * world_size):
+            raise ConfigError([f"BATCH={self.batch} is not a multiple of MICRO_BATCH x world size = "
+                               f"{self.micro_batch} x {world_size}: set BATCH to a multiple of "
+                               f"{self.micro_batch * world_size}."])
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        return self.batch // (self.micro_batch * world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def seq_len(self) -> int:
+        """Longest sequence the model sees: a context plus a full rollout."""
+        return self.context_len + self.horizon
+
+
+# Variables that are not trainer settings but belong in `.env`: launchers, containers, secrets.
+LAUNCHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("AVATARL_IMAGE", "avatarl:latest", "Image name:tag that compose and Modal build and run."),
+    ("CHECKPOINT_HOST_DIR", "./checkpoints", "Host directory mounted at /checkpoints in the containers."),
+    ("DATA_HOST_DIR", "./data", "Host directory mounted at /data (corpora, DATA_PATH=/data/...)."),
+    ("CACHE_HOST_DIR", "./.cache", "Host directory mounted at /cache (downloads, HF models)."),
+    ("HOST_UID", "1000", "User id the containers run as, so host-mounted files stay yours."),
+    ("MODAL_DATA_VOLUME", "avatarl-data", "Modal volume holding corpora and caches."),
+    ("MODAL_CHECKPOINT_VOLUME", "avatarl-checkpoints", "Modal volume holding checkpoints."),
+    ("MODAL_WANDB_SECRET", "", "Name of a Modal secret with WANDB_API_KEY (empty = pass the local one)."),
+    ("MODAL_TIMEOUT_HOURS", "24", "Wall-clock limit of the Modal training function."),
+    ("WANDB_API_KEY", "", "Weights & Biases key; never printed, logged or saved."),
+    ("WANDB_MODE", "", "offline writes runs locally (sync later with `wandb sync`)."),
+    ("HF_TOKEN", "", "Hugging Face token for gated REFERENCE_MODEL; never printed."),
+    ("HF_HOME", "", "Hugging Face cache directory."),
+)
+LAUNCHER_NAMES = frozenset(name for name, _, _ in LAUNCHER_VARIABLES)
+
+
+def env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def is_secret(name: str) -> bool:
+    return any(marker in name.upper() for marker in SECRET_MARKERS)
+
+
+def _range_problem(f: Any, value: Any) -> str | None:
+    meta, name = f.metadata, env_name(f.name)
+    if meta["choices"] and value not in meta["choices"]:
+        return f"{name}={value!r} is not allowed: choose one of {', '.join(meta['choices'])}."
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name}={value} is not a finite number."
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value <= low if meta["low_exclusive"] else value < low):
+        bound = f"greater than {low:g}" if meta["low_exclusive"] else f"at least {low:g}"
+        return f"{name}={value} is out of range: it must be {bound}."
+    if high is not None and value > high:
+        return f"{name}={value} is out of range: it must be at most {high:g}."
+    return None
+
+
+def parse_value(f: Any, raw: str) -> Any:
+    """Turn the text of one variable into the field's type, or raise ValueError with the reason."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    text = raw.strip()
+    if kind == "bool":
+        if text.lower() in TRUE_WORDS:
+            return True
+        if text.lower() in FALSE_WORDS:
+            return False
+        raise ValueError("expected a boolean: true/false/1/0/yes/no")
+    if kind == "int":
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if not number.is_integer():
+            raise ValueError("expected an integer")
+        return int(number)
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    return text
+
+
+def config_fields() -> dict[str, Any]:
+    return {env_name(f.name): f for f in fields(Config)}
+
+
+def default_of(f: Any) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {key: value or "" for key, value in dotenv_values(path).items()}
+
+
+def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = None,
+                environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+    """Resolve every setting with its source. Returns (config, {VAR: source}).
+
+    `cli` maps UPPER_SNAKE names to the raw text of flags. `env_file` None means `./.env` when present.
+    Raises ConfigError listing every problem, one per line.
+    """
+    environ = os.environ if environ is None else environ
+    known = config_fields()
+    dotenv: dict[str, str] = {}
+    problems: list[str] = []
+    dotenv_path = Path(env_file) if env_file is not None else Path(".env")
+    if env_file is not None and not dotenv_path.is_file():
+        problems.append(f"--env-file {dotenv_path}: no such file.")
+    elif dotenv_path.is_file():
+        dotenv = read_dotenv(dotenv_path)
+        for key in dotenv:
+            if key not in known and key not in LAUNCHER_NAMES:
+                close = difflib.get_close_matches(key, list(known) + sorted(LAUNCHER_NAMES), n=1)
+                hint = f" Did you mean {close[0]}?" if close else " See `avatarl config --env-example`."
+                problems.append(f"{dotenv_path}: {key} is not a setting.{hint}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, f in known.items():
+        for source, layer in ((SOURCE_ENV, environ), (SOURCE_DOTENV, dotenv), (SOURCE_CLI, cli or {})):
+            if name in layer:
+                try:
+                    values[f.name] = parse_value(f, layer[name])
+                except ValueError as err:
+                    problems.append(f"{name}={layer[name]!r} ({source}) is invalid: {err}.")
+                sources[name] = source
+                break
+        else:
+            sources[name] = SOURCE_DEFAULT
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values), sources
+
+
+def mask(name: str, value: Any) -> str:
+    text = str(value)
+    return "****" if is_secret(name) and text else text
+
+
+def describe(cfg: Config, sources: Mapping[str, str]) -> str:
+    """The resolved configuration, one `NAME=value  (source)` line per setting."""
+    rows = [(env_name(f.name), mask(f.name, getattr(cfg, f.name)), sources.get(env_name(f.name), "default"))
+            for f in fields(cfg)]
+    width = max(len(name) + len(value) for name, value, _ in rows) + 2
+    return "\n".join(f"{name}={value}".ljust(width) + f" ({source})" for name, value, source in rows)
+
+
+def format_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def env_example() -> str:
+    """A complete `.env.example`, generated from the field docs."""
+    lines = ["# avatarl settings. Generated by `avatarl config --env-example`; do not edit by hand.",
+             "# Precedence: process environment > .env > command-line flags > defaults.", ""]
+    group = None
+    for f in fields(Config):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines += ["", f"# ---- {group}"]
+        allowed = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        lines.append(f"# {f.metadata['doc']}{allowed}")
+        lines.append(f"{env_name(f.name)}={format_value(default_of(f))}")
+    lines += ["", "", "# ---- launchers, containers and secrets (read by compose, Modal and libraries)"]
+    for name, default, doc in LAUNCHER_VARIABLES:
+        lines += [f"# {doc}", f"{name}={default}"]
+    return "\n".join(lines).replace("\n\n\n", "\n\n").lstrip() + "\n"

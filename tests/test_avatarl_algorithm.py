@@ -1,0 +1,293 @@
+"""AvataRL math: action sets, the reality/mentor/ideal distributions, rewards, the loss and its gradient."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from avatarl.algorithms.avatarl import (
+    action_rewards,
+    action_set,
+    avatarl_micro_step,
+    check_referee_compatible,
+    ideal_distribution,
+    mentor_distribution,
+    policy_gradient_loss,
+    reality_distribution,
+    referee_loss,
+)
+from avatarl.config import Config
+
+LN2 = math.log(2.0)
+
+
+def t(rows, dtype=torch.float32):
+    return torch.tensor(rows, dtype=dtype)
+
+
+def valid_rows(actions, mask):
+    return [actions[i][mask[i]].tolist() for i in range(actions.size(0))]
+
+
+# ---------------------------------------------------------------- action set
+
+def test_action_set_dedups_overlapping_and_disjoint_sets():
+    student = t([[0, 5, 4, 1, 2, 3],    # top-2 {1, 2}
+                 [0, 0, 9, 8, 1, 2],    # top-2 {2, 3}
+                 [0, 1, 2, 3, 9, 8]])   # top-2 {4, 5}
+    referee = t([[5, 4, 0, 1, 2, 3],    # top-2 {0, 1}: overlaps the student on 1
+                 [9, 8, 0, 1, 2, 3],    # top-2 {0, 1}: disjoint
+                 [0, 1, 2, 3, 8, 9]])   # top-2 {5, 4}: identical to the student's
+    targets = t([1, 5, 4], torch.long)  # inside both / outside both / inside both
+    actions, mask = action_set(student, referee, targets, top_k=2)
+    assert actions.shape == mask.shape == (3, 5)
+    assert actions.dtype == torch.long and mask.dtype == torch.bool
+    assert valid_rows(actions, mask) == [[0, 1, 2], [0, 1, 2, 3, 5], [4, 5]]
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] * 2 + [False] * 3]
+    assert ((actions >= 0) & (actions < 6)).all()  # padding slots are still gatherable
+
+
+def test_action_set_true_token_exactly_once_and_outside_top_k():
+    student = t([[3, 2, 1, 0, -1, -2, -3, -4]])
+    referee = t([[3, 2, 1, 0, -1, -2, -3, -4]])
+    for target, expected in ((7, [0, 7]), (0, [0])):
+        actions, mask = action_set(student, referee, t([target], torch.long), top_k=1)
+        assert actions.shape == (1, 3)
+        assert valid_rows(actions, mask) == [expected]
+        assert int(((actions == target) & mask).sum()) == 1
+
+
+def test_action_set_top_k_larger_than_vocab_is_clipped():
+    logits = torch.randn(4, 5)
+    actions, mask = action_set(logits, logits, t([0, 1, 2, 3], torch.long), top_k=9)
+    assert actions.shape == (4, 11)
+    assert valid_rows(actions, mask) == [[0, 1, 2, 3, 4]] * 4
+
+
+# ---------------------------------------------------------------- distributions
+
+def test_reality_spreads_smoothing_over_other_valid_actions():
+    actions = t([[0, 1, 2, 1, 1], [3, 3, 3, 3, 3], [2, 4, 2, 2, 2]], torch.long)
+    mask = t([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], torch.bool)
+    reality = reality_distribution(actions, mask, t([1, 3, 2], torch.long), label_smoothing=0.1)
+    torch.testing.assert_close(reality, t([[0.05, 0.9, 0.05, 0, 0], [1, 0, 0, 0, 0], [0.9, 0.1, 0, 0, 0]]))
+    no_smoothing = reality_distribution(actions, mask, t([1, 3, 2], torch.long), label_smoothing=0.0)
+    torch.testing.assert_close(no_smoothing, t([[0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]))
+
+
+def test_mentor_is_referee_softmax_renormalised_over_valid_actions():
+    referee = torch.log(t([[0.1, 0.2, 0.3, 0.4]])) + 5.0  # the softmax ignores the shift
+    mentor = mentor_distribution(referee, t([[1, 3, 1]], torch.long), t([[1, 1, 0]], torch.bool))
+    torch.testing.assert_close(mentor, t([[1 / 3, 2 / 3, 0]]))
+
+
+def test_mentor_survives_probabilities_that_underflow():
+    referee = t([[0.0, -200.0, -300.0]])  # softmax gives exactly 0 in float32 for tokens 1, 2
+    mentor = mentor_distribution(referee, t([[1, 2]], torch.long), t([[1, 1]], torch.bool))
+    torch.testing.assert_close(mentor, t([[1.0, 0.0]]))
+
+
+def test_ideal_is_weighted_geometric_product():
+    reality, mentor, mask = t([[0.9, 0.1, 0]]), t([[0.2, 0.8, 0]]), t([[1, 1, 0]], torch.bool)
+    torch.testing.assert_close(ideal_distribution(reality, mentor, mask, 1.0, 1.0),
+                               t([[0.18 / 0.26, 0.08 / 0.26, 0]]))
+    # sqrt(0.18) : sqrt(0.08) = 3 : 2
+    torch.testing.assert_close(ideal_distribution(reality, mentor, mask, 0.5, 0.5), t([[0.6, 0.4, 0]]))
+
+
+def test_ideal_zero_weights_select_one_source():
+    mask = t([[1, 1, 1, 0]], torch.bool)
+    reality, mentor = t([[1.0, 0.0, 0.0, 0]]), t([[0.0, 0.25, 0.75, 0]])  # zeros on both sides: 0^0 = 1
+    torch.testing.assert_close(ideal_distribution(reality, mentor, mask, 0.0, 1.0), mentor)
+    half = math.sqrt(0.75) / (0.5 + math.sqrt(0.75))  # mentor^0.5, renormalised
+    tempered = t([[0, 1 - half, half, 0]])
+    torch.testing.assert_close(ideal_distribution(reality, mentor, mask, 0.0, 0.5), tempered)
+    torch.testing.assert_close(ideal_distribution(reality, mentor, mask, 0.7, 0.0), reality)
+    uniform = t([[1 / 3, 1 / 3, 1 / 3, 0]])
+    torch.testing.assert_close(ideal_distribution(reality, mentor, mask, 0.0, 0.0), uniform)
+
+
+# ---------------------------------------------------------------- rewards
+
+def test_rewards_above_mean_only_and_masked():
+    ideal = t([[0.4, 0.35, 0.25, 0.9]])  # the masked 0.9 must neither count in the mean nor be rewarded
+    mask = t([[1, 1, 1, 0]], torch.bool)
+    torch.testing.assert_close(action_rewards(ideal, mask, 1.0, 10.0), t([[0.4, 0.35, 0, 0]]))
+
+
+def test_rewards_clamp_scales_the_whole_row():
+    ideal, mask = t([[0.4, 0.35, 0.25], [0.5, 0.3, 0.2]]), t([[1, 1, 1], [1, 1, 1]], torch.bool)
+    # row 0: [4, 3.5, 0] has max 4 > 2, scaled by 1/2; row 1: [5, 0, 0] -> [2, 0, 0]
+    torch.testing.assert_close(action_rewards(ideal, mask, 10.0, 2.0), t([[2.0, 1.75, 0], [2.0, 0, 0]]))
+    # below the clamp nothing changes
+    torch.testing.assert_close(action_rewards(ideal, mask, 1.0, 2.0), t([[0.4, 0.35, 0], [0.5, 0, 0]]))
+
+
+def test_rewards_uniform_ideal_gets_nothing_and_carry_no_grad():
+    ideal = torch.full((2, 3), 1 / 3, requires_grad=True)
+    rewards = action_rewards(ideal, torch.ones(2, 3, dtype=torch.bool), 100.0, 1.5)
+    assert not rewards.requires_grad and rewards.grad_fn is None
+    assert rewards.abs().sum() == 0
+
+
+# ---------------------------------------------------------------- loss
+
+def test_policy_gradient_loss_by_hand():
+    logits = torch.log(t([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]))
+    actions = t([[0, 1, 2], [2, 0, 1]], torch.long)
+    mask = t([[1, 1, 0], [1, 1, 1]], torch.bool)
+    rewards = t([[1.5, 0.5, 9.0], [1.0, 0, 0]])
+    # row 0: (1.5 ln2 + 0.5 · 2 ln2) / 2 = 1.25 ln2;  row 1: 2 ln2 / 3
+    expected = (1.25 * LN2 + 2 * LN2 / 3) / 2
+    loss = policy_gradient_loss(logits, actions, mask, rewards, entropy_coef=0.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # the entropy coefficient divides the logits by 1 + c
+    softened = policy_gradient_loss(2 * logits, actions, mask, rewards, entropy_coef=1.0)
+    assert softened.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_referee_loss_is_cross_entropy():
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 0, 1] = math.log(3.0)  # p(1) = 3/6 at that position
+    y = torch.tensor([[1, 0, 0], [2, 3, 1]])
+    expected = (math.log(2.0) + 5 * math.log(4.0)) / 6
+    assert referee_loss(logits, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- micro step
+
+class Table(nn.Module):
+    """Logits that depend only on the position: easy to compute by hand."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+
+    def forward(self, idx):
+        return self.table.expand(idx.size(0), -1, -1)
+
+
+class Bigram(nn.Module):
+    def __init__(self, vocab, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, vocab)
+
+    def forward(self, idx):
+        return self.emb(idx)
+
+
+def test_micro_step_by_hand_referee_only():
+    student = Table(t([[1, 2, 0, -1], [0, 0, 1, 2]]))              # top-1: token 1, token 3
+    referee = Table(torch.log(t([[0.6, 0.1, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]]))).eval()
+    cfg = Config(top_k=1, label_smoothing=0.1, reality_weight=0.0, mentor_weight=1.0, reward_scale=100.0,
+                 max_reward_clamp=1.5, entropy_coef=0.0)
+    x, y = torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]])
+    loss, m = avatarl_micro_step(student, referee, x, y, cfg)
+    # position 0: actions {0, 1}, mentor [6/7, 1/7] -> rewards [1.5, 0] (85.7 clamped)
+    # position 1: actions {2, 3}, mentor [1/8, 7/8] -> rewards [0, 1.5]: the true token 2 is not top
+    logp = torch.log_softmax(student.table.detach(), -1)
+    expected = -(1.5 * logp[0, 0] / 2 + 1.5 * logp[1, 3] / 2) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    entropy = -(logp.exp() * logp).sum(-1).mean()
+    assert {k: round(v.item(), 5) for k, v in m.items()} == {
+        "reward_mean": 0.75, "reward_max": 1.5, "reward_min": 0.0, "action_set_size": 2.0,
+        "true_top_frac": 0.5, "entropy": round(entropy.item(), 5)}
+
+
+def loop_reference(student_logits, referee_logits, targets, cfg):
+    """Straightforward per-position implementation, plain Python floats for the reward.
+
+    Returns ([(sorted actions, {action: reward})] per position, loss)."""
+    rows, terms = [], []
+    for z, r, y in zip(student_logits, referee_logits, targets.tolist(), strict=True):
+        k = min(cfg.top_k, z.numel())
+        by_student = sorted(range(z.numel()), key=lambda i: -z[i].item())[:k]
+        by_referee = sorted(range(r.numel()), key=lambda i: -r[i].item())[:k]
+        acts = sorted(set(by_student) | set(by_referee) | {y})
+        eps = cfg.label_smoothing
+        reality = {a: (1 - eps if len(acts) > 1 else 1.0) if a == y else eps / (len(acts) - 1) for a in acts}
+        p = torch.softmax(r.double(), -1)
+        mentor = {a: p[a].item() / sum(p[b].item() for b in acts) for a in acts}
+        score = {a: reality[a] ** cfg.reality_weight * mentor[a] ** cfg.mentor_weight for a in acts}
+        ideal = {a: score[a] / sum(score.values()) for a in acts}
+        mean = sum(ideal.values()) / len(acts)
+        reward = {a: cfg.reward_scale * ideal[a] if ideal[a] > mean else 0.0 for a in acts}
+        top = max(reward.values())
+        if top > cfg.max_reward_clamp:
+            reward = {a: v * cfg.max_reward_clamp / top for a, v in reward.items()}
+        logp = torch.log_softmax(z / (1 + cfg.entropy_coef), -1)
+        terms.append(-sum(logp[a] * reward[a] for a in acts) / len(acts))
+        rows.append((acts, reward))
+    return rows, torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("top_k,rw,mw", [(1, 0.7, 0.3), (2, 0.0, 1.0), (3, 1.0, 0.0), (5, 0.7, 0.3)])
+def test_vectorised_matches_loop_reference(top_k, rw, mw):
+    torch.manual_seed(top_k)
+    n, vocab = 200, 8
+    student, referee = 2 * torch.randn(n, vocab), 2 * torch.randn(n, vocab)
+    targets = torch.randint(0, vocab, (n,))
+    cfg = Config(top_k=top_k, reality_weight=rw, mentor_weight=mw)
+    actions, mask = action_set(student, referee, targets, top_k)
+    reality = reality_distribution(actions, mask, targets, cfg.label_smoothing)
+    ideal = ideal_distribution(reality, mentor_distribution(referee, actions, mask), mask, rw, mw)
+    rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
+    rows, _ = loop_reference(student, referee, targets, cfg)
+    for i, (acts, reward) in enumerate(rows):
+        assert valid_rows(actions[i:i + 1], mask[i:i + 1])[0] == acts
+        assert rewards[i][mask[i]].tolist() == pytest.approx([reward[a] for a in acts], rel=1e-4, abs=1e-6)
+        assert rewards[i][~mask[i]].abs().sum() == 0
+
+
+def test_student_gradient_is_the_policy_gradient_and_referee_gets_none():
+    vocab = 7
+    student, referee = Bigram(vocab, seed=1), Bigram(vocab, seed=2).eval()
+    cfg = Config(top_k=2, entropy_coef=0.05)
+    torch.manual_seed(3)
+    x, y = torch.randint(0, vocab, (3, 5)), torch.randint(0, vocab, (3, 5))
+    loss, _ = avatarl_micro_step(student, referee, x, y, cfg)
+    loss.backward()
+    assert all(p.grad is None for p in referee.parameters())
+    grad = student.emb.weight.grad.clone()
+
+    student.zero_grad()
+    z = student(x).reshape(-1, vocab)
+    _, reference_loss = loop_reference(z, referee(x).detach().reshape(-1, vocab), y.reshape(-1), cfg)
+    assert reference_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    reference_loss.backward()
+    torch.testing.assert_close(grad, student.emb.weight.grad, rtol=1e-4, atol=1e-6)
+
+    # and it is not the cross-entropy gradient
+    student.zero_grad()
+    nn.functional.cross_entropy(student(x).reshape(-1, vocab), y.reshape(-1)).backward()
+    assert not torch.allclose(grad, student.emb.weight.grad, atol=1e-3)
+
+
+def test_micro_step_requires_eval_referee():
+    model = Bigram(5, seed=0)
+    with pytest.raises(AssertionError, match="eval"):
+        avatarl_micro_step(model, Bigram(5, seed=1), torch.zeros(1, 2, dtype=torch.long),
+                           torch.zeros(1, 2, dtype=torch.long), Config())
+
+
+# ---------------------------------------------------------------- referee compatibility
+
+VOCAB = list("\n !abc")
+
+
+def test_compatible_referee_passes():
+    check_referee_compatible({"vocab_chars": VOCAB, "context_len": 64}, VOCAB, 32)
+    check_referee_compatible({"vocab_chars": VOCAB, "context_len": 32}, VOCAB, 32)
+
+
+@pytest.mark.parametrize("meta,match", [
+    ({"vocab_chars": VOCAB + ["d"], "context_len": 32}, r"vocabulary differs \(7 vs 6 symbols\)"),
+    ({"vocab_chars": list("\n !abd"), "context_len": 32}, r"token 5 is 'd' vs 'c'"),
+    ({"vocab_chars": VOCAB, "context_len": 16}, r"context length too short.*CONTEXT_LEN=16.*CONTEXT_LEN=32"),
+    ({"context_len": 32}, r"lacks vocab_chars"),
+])
+def test_incompatible_referee_raises(meta, match):
+    with pytest.raises(ValueError, match=match):
+        check_referee_compatible(meta, VOCAB, 32)

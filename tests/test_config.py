@@ -1,0 +1,138 @@
+"""Settings: precedence env > .env > CLI > default, and one actionable line per bad value (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from avatarl.config import Config, ConfigError, describe, env_example, load_config
+from tests.conftest import run_cli
+
+
+def test_defaults_match_the_seed():
+    cfg = Config()
+    assert (cfg.context_len, cfg.horizon, cfg.batch, cfg.micro_batch, cfg.total_iters) == (32, 8, 16384, 512, 2000)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_emb, cfg.k_samples) == (6, 8, 512, 4)
+    assert cfg.lr == 3e-4 and cfg.min_lr == 3e-5 and cfg.kl_warm == 50000 and cfg.old_policy_interval == 5
+
+
+def test_precedence_env_over_dotenv_over_cli_over_default(tmp_path: Path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("LR=0.002\nHORIZON=6\n")
+    cfg, sources = load_config({"LR": "0.003", "HORIZON": "5", "N_LAYER": "3"}, dotenv, environ={"LR": "0.001"})
+    assert cfg.lr == 0.001 and sources["LR"] == "env"
+    assert cfg.horizon == 6 and sources["HORIZON"] == ".env"
+    assert cfg.n_layer == 3 and sources["N_LAYER"] == "cli"
+    assert cfg.n_emb == 512 and sources["N_EMB"] == "default"
+
+
+@pytest.mark.parametrize("text,expected", [("yes", True), ("0", False), ("TRUE", True), ("off", False)])
+def test_booleans(text: str, expected: bool):
+    cfg, _ = load_config(environ={"USE_AMP": text}, env_file=None)
+    assert cfg.use_amp is expected
+
+
+@pytest.mark.parametrize("environ,fragment", [
+    ({"LR": "abc"}, "LR='abc' (env) is invalid: expected a number"),
+    ({"HORIZON": "0"}, "HORIZON=0 is out of range: it must be at least 1"),
+    ({"TEMPERATURE": "-1"}, "TEMPERATURE=-1.0 is out of range: it must be greater than 0"),
+    ({"BATCH": "100", "MICRO_BATCH": "64"}, "BATCH=100 is not a multiple of MICRO_BATCH=64"),
+    ({"N_EMB": "100", "N_HEAD": "8"}, "N_EMB=100 is not divisible by N_HEAD=8"),
+    ({"LR_DECAY_TYPE": "step"}, "LR_DECAY_TYPE='step' is not allowed: choose one of cosine, linear, exponential"),
+    ({"USE_AMP": "maybe"}, "expected a boolean"),
+])
+def test_each_bad_value_is_one_clear_line(environ: dict, fragment: str, tmp_path: Path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ=environ, env_file=None)
+    assert any(fragment in line for line in caught.value.problems), caught.value.problems
+
+
+def test_unknown_dotenv_key_suggests_the_setting(tmp_path: Path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("LEARNING_RATE=1\nCONTEXT_LENGTH=12\nWANDB_API_KEY=abc\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(env_file=dotenv, environ={})
+    problems = caught.value.problems
+    assert len(problems) == 2
+    assert "CONTEXT_LENGTH is not a setting. Did you mean CONTEXT_LEN?" in problems[1]
+
+
+def test_env_example_lists_every_setting_and_parses_back(tmp_path: Path):
+    text = env_example()
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(text)
+    cfg, sources = load_config(env_file=dotenv, environ={})
+    assert cfg == Config()
+    assert set(sources.values()) == {".env"}
+
+
+def test_describe_masks_nothing_it_should_not_and_names_sources():
+    cfg, sources = load_config({"N_LAYER": "2"}, environ={})
+    text = describe(cfg, sources)
+    assert "N_LAYER=2" in text and "(cli)" in text and "(default)" in text
+
+
+CLI_ERRORS = [
+    ({"LR": "abc"}, "LR='abc' (env) is invalid"),
+    ({"HORIZON": "0"}, "HORIZON=0 is out of range"),
+    ({"DEVICE": "tpu"}, "DEVICE='tpu' is not allowed"),
+    ({"BATCH": "20", "MICRO_BATCH": "8"}, "BATCH=20 is not a multiple of MICRO_BATCH=8"),
+]
+
+
+@pytest.mark.parametrize("settings,fragment", CLI_ERRORS)
+def test_cli_reports_config_errors_with_exit_2_and_no_traceback(settings, fragment, tiny_env, tmp_path):
+    result = run_cli(["train"], tmp_path, **{**tiny_env, **settings})
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_flags_are_overridden_by_env(tmp_path: Path):
+    result = run_cli(["config", "--n-layer", "3", "--n-head", "4"], tmp_path, N_LAYER="5")
+    assert result.returncode == 0
+    assert "N_LAYER=5" in result.stdout and "N_HEAD=4" in result.stdout
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "no such file"),
+    (b"", "is empty"),
+    (b"\xff\xfe\x00bad", "is not UTF-8"),
+    (b"too short", "too few for CONTEXT_LEN + HORIZON"),
+])
+def test_bad_data_path_is_reported_before_training(content, fragment, tiny_env, tmp_path: Path):
+    data = tmp_path / "corpus.txt"
+    if content is not None:
+        data.write_bytes(content)
+    result = run_cli(["train"], tmp_path, **{**tiny_env, "DATA_PATH": str(data)})
+    assert result.returncode == 2 and fragment in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_checkpoint_dir(tiny_env, tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli(["train"], tmp_path, **{**tiny_env, "CHECKPOINT_DIR": str(blocker / "sub")})
+    assert result.returncode == 2 and "CHECKPOINT_DIR=" in result.stdout + result.stderr
+
+
+def test_device_cuda_without_gpu(tiny_env, tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_cli(["train"], tmp_path, **{**tiny_env, "DEVICE": "cuda"})
+    assert result.returncode == 2 and "DEVICE=cuda but no CUDA GPU" in result.stdout + result.stderr
+
+
+def test_dotenv_typo_via_cli(tiny_env, tmp_path: Path):
+    (tmp_path / ".env").write_text("TOTAL_ITER=5\n")
+    result = run_cli(["train"], tmp_path, **tiny_env)
+    assert result.returncode == 2 and "Did you mean TOTAL_ITERS?" in result.stderr
+
+
+def test_secrets_are_masked_in_printed_config(tmp_path: Path):
+    secret = "sk-live-very-secret-value"
+    (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\n")
+    result = run_cli(["config"], tmp_path, HF_TOKEN=secret)
+    assert result.returncode == 0 and secret not in result.stdout + result.stderr

@@ -1,0 +1,265 @@
+"""GRPO pieces: hand-computed values for the pure functions, rollout consistency, gradient isolation."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avatarl.algorithms.grpo import (
+    AdaptiveKLController,
+    entropy,
+    group_advantages,
+    grpo_micro_step,
+    kl_to_reference,
+    kl_warmup,
+    ppo_clip_loss,
+    rollout,
+    token_rewards,
+)
+from avatarl.config import Config
+from avatarl.model import GPT, GPTConfig
+from avatarl.reference import NgramReference
+
+V = 11
+
+
+def tiny_gpt(seed: int = 0, block_size: int = 16) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_emb=16,
+                          use_flash_attn=False))
+    with torch.no_grad():  # sharper than the 0.02 init, so distributions are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20.0)
+    return model
+
+
+def small_cfg(**overrides) -> Config:
+    base = dict(k_samples=4, horizon=5, temperature=1.3, clip_ratio=0.2, entropy_coef=0.01,
+                min_variance=0.1, partial_credit=0.5, context_len=6, n_layer=2, n_head=2, n_emb=16,
+                batch=4, micro_batch=4)
+    base.update(overrides)
+    return Config(**base)
+
+
+# --- rewards and advantages
+
+def test_token_rewards_hand_values():
+    samples = torch.tensor([[[0, 1, 2], [0, 0, 0]]])  # [B=1, K=2, H=3]
+    truth = torch.tensor([[0, 1, 1]])
+    ref_prob = torch.tensor([[[0.5, 0.25, 0.1], [0.2, 0.2, 0.2]]])
+    expected = torch.tensor([[[1.25, 1.125, 0.05], [1.1, 0.1, 0.1]]])
+    torch.testing.assert_close(token_rewards(samples, truth, ref_prob, 0.5), expected)
+
+
+def test_group_advantages_population_std_and_floor():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 4, 1)  # mean 0.5, population std 0.5
+    torch.testing.assert_close(group_advantages(rewards, 0.1).flatten(), torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    near_tie = torch.tensor([1.0, 1.0, 1.0, 1.1]).view(1, 4, 1)  # std 0.0433 < floor 0.1
+    torch.testing.assert_close(group_advantages(near_tie, 0.1).flatten(),
+                               torch.tensor([-0.25, -0.25, -0.25, 0.75]))
+    tie = torch.full((1, 4, 1), 0.7)
+    assert torch.equal(group_advantages(tie, 0.1), torch.zeros(1, 4, 1))
+
+
+def loop_rewards_and_advantages(samples, truth, ref_prob, partial_credit, min_std):
+    B, K, H = samples.shape
+    rewards = torch.zeros(B, K, H)
+    adv = torch.zeros(B, K, H)
+    for b in range(B):
+        for h in range(H):
+            group = []
+            for k in range(K):
+                r = (1.0 if samples[b, k, h] == truth[b, h] else 0.0) + partial_credit * float(ref_prob[b, k, h])
+                rewards[b, k, h] = r
+                group.append(r)
+            mean = sum(group) / K
+            std = math.sqrt(sum((g - mean) ** 2 for g in group) / K)
+            for k in range(K):
+                adv[b, k, h] = (group[k] - mean) / max(std, min_std)
+    return rewards, adv
+
+
+def test_vectorised_rewards_and_advantages_match_loop():
+    gen = torch.Generator().manual_seed(3)
+    B, K, H = 5, 4, 7
+    samples = torch.randint(0, 3, (B, K, H), generator=gen)  # 3 symbols: many exact matches and ties
+    truth = torch.randint(0, 3, (B, H), generator=gen)
+    ref_prob = torch.rand(B, K, H, generator=gen)
+    ref_prob[0] = 0.3  # a constant-credit context exercises the floor
+    for pc in (0.0, 0.7):
+        rewards = token_rewards(samples, truth, ref_prob, pc)
+        adv = group_advantages(rewards, 0.1)
+        loop_r, loop_a = loop_rewards_and_advantages(samples, truth, ref_prob, pc, 0.1)
+        torch.testing.assert_close(rewards, loop_r)
+        torch.testing.assert_close(adv, loop_a)
+
+
+# --- PPO surrogate, entropy, KL
+
+def test_ppo_clip_loss_binds_for_both_signs():
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.0])
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 2.0])
+    new_logp = ratio.log().requires_grad_(True)
+    loss, stats = ppo_clip_loss(new_logp, torch.zeros(5), adv, 0.2)
+    # surrogates: min(1.5, 1.2)=1.2 (clipped), min(-0.5, -0.8)=-0.8 (clipped), -1.5, 0.5, 2.0
+    torch.testing.assert_close(loss, torch.tensor(-(1.2 - 0.8 - 1.5 + 0.5 + 2.0) / 5))
+    torch.testing.assert_close(stats["clip_frac"], torch.tensor(0.4))
+    torch.testing.assert_close(stats["ratio_mean"], torch.tensor(1.0))
+    torch.testing.assert_close(stats["ratio_max"], torch.tensor(1.5))
+    loss.backward()
+    # d loss / d new_logp = -rho A / 5 where unclipped, 0 where the clip binds
+    torch.testing.assert_close(new_logp.grad, torch.tensor([0.0, 0.0, 0.3, -0.1, -0.4]))
+
+
+def test_entropy_hand_values():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = torch.tensor([math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))])
+    torch.testing.assert_close(entropy(logits), expected)
+    assert entropy(torch.zeros(2, 3, 4)).shape == (2, 3)
+
+
+def test_kl_to_reference_hand_values():
+    p = torch.tensor([0.5, 0.5]).log()
+    q = torch.tensor([0.25, 0.75]).log()
+    expected = 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)  # 0.143841
+    torch.testing.assert_close(kl_to_reference(p, q), torch.tensor(expected))
+    torch.testing.assert_close(kl_to_reference(q, q), torch.tensor(0.0))
+    point = torch.tensor([0.0, -math.inf])  # p = (1, 0): the 0 log 0 term is 0
+    torch.testing.assert_close(kl_to_reference(point, p), torch.tensor(math.log(2.0)))
+    logits = torch.randn(3, 4, 5)
+    torch.testing.assert_close(kl_to_reference(F.log_softmax(logits, -1), F.log_softmax(logits, -1)),
+                               torch.zeros(3, 4))
+
+
+# --- KL weight schedule
+
+def test_adaptive_kl_controller_updates():
+    ctl = AdaptiveKLController(0.1, target=0.02, horizon_chars=1000)
+    assert ctl.update(0.04, 500) == pytest.approx(0.1 * 1.1)  # error clipped to +0.2, half a horizon
+    assert ctl.update(0.019, 1000) == pytest.approx(0.11 * 0.95)  # error -0.05, a full horizon
+    assert ctl.update(0.0, 5000) == pytest.approx(0.1045 * 0.8)  # error -0.2, interval capped at 1 horizon
+    before = ctl.value
+    assert ctl.update(float("nan"), 1000) == before
+    restored = AdaptiveKLController(1.0, target=0.02, horizon_chars=1000)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+
+
+def test_kl_warmup_ramp():
+    assert kl_warmup(0.1, 0, 50000) == 0.0
+    assert kl_warmup(0.1, 25000, 50000) == pytest.approx(0.05)
+    assert kl_warmup(0.1, 100000, 50000) == pytest.approx(0.1)
+    assert kl_warmup(0.1, 0, 0) == pytest.approx(0.1)
+
+
+# --- rollout
+
+def test_rollout_shapes_and_old_logp_match_full_recompute():
+    model = tiny_gpt()
+    ctx = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(0))
+    K, H, T = 4, 5, 1.3
+    ro = rollout(model, ctx, K, H, T, torch.Generator().manual_seed(1))
+    assert ro.samples.shape == (3, K, H) and ro.samples.dtype == torch.long
+    assert ro.old_logp.shape == (3, K, H) and not ro.old_logp.requires_grad
+    seq = torch.cat((ctx.repeat_interleave(K, 0), ro.samples.view(3 * K, H)), 1)
+    with torch.no_grad():
+        logits = model(seq[:, :-1])[:, 5:]
+    full = F.log_softmax(logits / T, -1).gather(-1, seq[:, 6:, None]).squeeze(-1).view(3, K, H)
+    # KV-cached decoding vs one full forward differ only by float32 summation order
+    torch.testing.assert_close(ro.old_logp, full, atol=1e-5, rtol=0)
+    assert (ro.old_logp < -1e-3).any()  # sharpened model, but not a deterministic one
+
+
+def test_rollout_is_deterministic_under_a_seeded_generator():
+    model = tiny_gpt()
+    ctx = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(0))
+    a = rollout(model, ctx, 3, 6, 1.0, torch.Generator().manual_seed(7))
+    b = rollout(model, ctx, 3, 6, 1.0, torch.Generator().manual_seed(7))
+    c = rollout(model, ctx, 3, 6, 1.0, torch.Generator().manual_seed(8))
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.old_logp, b.old_logp)
+    assert not torch.equal(a.samples, c.samples)
+
+
+class BigramPolicy(torch.nn.Module):
+    """logits depend on the last token only, so the sampling distribution is known exactly."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def new_cache(self, batch_size, max_len=None, dtype=None):
+        return None
+
+    def forward(self, idx, cache=None):
+        return self.table[idx]
+
+
+def test_rollout_draws_from_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, -2.0]])
+    policy = BigramPolicy(logits)
+    T, n = 1.5, 20000
+    ro = rollout(policy, torch.tensor([[0], [1]]), n, 1, T, torch.Generator().manual_seed(0))
+    for row, last in enumerate((0, 1)):
+        probs = F.softmax(logits[last] / T, -1)
+        freq = torch.bincount(ro.samples[row, :, 0], minlength=3).float() / n
+        torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)  # ~4 binomial std devs at n=20000
+        torch.testing.assert_close(ro.old_logp[row, :, 0], probs.log()[ro.samples[row, :, 0]])
+
+
+# --- the whole micro-step
+
+class ModelReference:
+    """A reference backed by a trainable module: it must still receive no gradient."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def log_probs(self, history):
+        return F.log_softmax(self.model(history).float(), -1)
+
+    def token_probs(self, ctx, samples):
+        seq = torch.cat((ctx, samples), 1)
+        logp = self.log_probs(seq[:, :-1])[:, ctx.size(1) - 1:]
+        return logp.gather(-1, samples[..., None]).squeeze(-1).exp()
+
+
+def test_micro_step_backward_reaches_only_the_student():
+    cfg = small_cfg()
+    policy, ref_model = tiny_gpt(0), tiny_gpt(5)
+    old_policy = copy.deepcopy(policy)
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, V, (3, cfg.context_len), generator=gen)
+    truth = torch.randint(0, V, (3, cfg.horizon), generator=gen)
+    loss, metrics = grpo_micro_step(policy, old_policy, ModelReference(ref_model), ctx, truth, cfg,
+                                    kl_coef=0.1, generator=gen)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in policy.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in policy.parameters()) > 0
+    assert all(p.grad is None for p in old_policy.parameters())
+    assert all(p.grad is None for p in ref_model.parameters())
+    assert set(metrics) == {"reward_mean", "reward_std", "exact_match", "policy_loss", "kl", "entropy",
+                            "ratio_mean", "ratio_max", "clip_frac"}
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
+    # student == old policy: the ratio is 1 up to cached-vs-full float error, so nothing is clipped
+    assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4 and float(metrics["clip_frac"]) == 0.0
+
+
+class ConstantCredit:
+    def token_probs(self, ctx, samples):
+        return torch.full(samples.shape, 0.25)
+
+
+def test_micro_step_uses_the_credit_reference_and_ngram_kl():
+    cfg = small_cfg(partial_credit=2.0)
+    policy = tiny_gpt(0)
+    ngram = NgramReference(2, V, torch.randint(0, V, (500,), generator=torch.Generator().manual_seed(1)), "cpu")
+    ctx = torch.randint(0, V, (2, cfg.context_len))
+    truth = torch.randint(0, V, (2, cfg.horizon))
+    _, m = grpo_micro_step(policy, copy.deepcopy(policy), ngram, ctx, truth, cfg, kl_coef=0.0,
+                           generator=torch.Generator().manual_seed(2), credit_reference=ConstantCredit())
+    torch.testing.assert_close(m["reward_mean"], m["exact_match"] + 2.0 * 0.25)
+    assert float(m["kl"]) > 0 and float(m["entropy"]) > 0

@@ -1,0 +1,160 @@
+"""Reference models: n-gram probabilities against hand counts, credit alignment, the HF path offline."""
+
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from avatarl.reference import HFReference, NgramReference, build_reference
+
+A, B, C = 0, 1, 2
+CORPUS = torch.tensor([A, B, A, B, B, C])  # "ababbc", V = 3, alpha = 0.5 so alpha V = 1.5
+
+# unigram counts a:2 b:3 c:1 of N=6 -> (n + 0.5) / 7.5
+P1 = [2.5 / 7.5, 3.5 / 7.5, 1.5 / 7.5]
+# bigram: after a -> b,b (N(a)=2); after b -> a,b,c (N(b)=3); after c -> nothing
+P2 = {
+    A: [(0 + 1.5 * P1[0]) / 3.5, (2 + 1.5 * P1[1]) / 3.5, (0 + 1.5 * P1[2]) / 3.5],  # 1/7, 27/35, 3/35
+    B: [(1 + 1.5 * P1[i]) / 4.5 for i in range(3)],
+    C: P1,
+}
+# trigram: aba, bab, abb, bbc -> after "ab": a, b; after "bb": c; after "ba": b
+P3_AB = [(1 + 1.5 * P2[B][0]) / 3.5, (1 + 1.5 * P2[B][1]) / 3.5, (0 + 1.5 * P2[B][2]) / 3.5]
+P3_BB = [(0 + 1.5 * P2[B][0]) / 2.5, (0 + 1.5 * P2[B][1]) / 2.5, (1 + 1.5 * P2[B][2]) / 2.5]
+
+
+def probs(ref, history):
+    return ref.log_probs(torch.tensor(history)).exp()
+
+
+def test_bigram_matches_hand_counts():
+    ref = NgramReference(2, 3, CORPUS, "cpu", alpha=0.5)
+    assert P2[A] == pytest.approx([1 / 7, 27 / 35, 3 / 35])
+    got = probs(ref, [A, B, C])
+    torch.testing.assert_close(got, torch.tensor([P2[A], P2[B], P2[C]]))
+    torch.testing.assert_close(got.sum(-1), torch.ones(3))
+
+
+def test_trigram_backs_off_at_the_start_and_for_unseen_histories():
+    ref = NgramReference(3, 3, CORPUS, "cpu", alpha=0.5)
+    got = probs(ref, [A, B, B])  # position 0 has one predecessor: order-2 table
+    torch.testing.assert_close(got, torch.tensor([P2[A], P3_AB, P3_BB]))
+    unseen = probs(ref, [C, A])[1]  # "ca" never occurs: exactly p2(. | a)
+    torch.testing.assert_close(unseen, torch.tensor(P2[A]))
+
+
+def test_unigram_and_batched_shapes():
+    uni = NgramReference(1, 3, CORPUS, "cpu", alpha=0.5)
+    torch.testing.assert_close(probs(uni, [C, C]), torch.tensor([P1, P1]))
+    tri = NgramReference(3, 3, CORPUS, "cpu", alpha=0.5)
+    hist = torch.randint(0, 3, (2, 4, 7))
+    out = tri.log_probs(hist)
+    assert out.shape == (2, 4, 7, 3)
+    torch.testing.assert_close(out[1, 2], tri.log_probs(hist[1, 2]))
+
+
+def test_token_probs_align_with_generated_positions():
+    bi = NgramReference(2, 3, CORPUS, "cpu", alpha=0.5)
+    got = bi.token_probs(torch.tensor([[C, A, B]]), torch.tensor([[B, C]]))
+    torch.testing.assert_close(got, torch.tensor([[P2[B][B], P2[B][C]]]))
+    tri = NgramReference(3, 3, CORPUS, "cpu", alpha=0.5)
+    got = tri.token_probs(torch.tensor([[C, A, B], [A, A, A]]), torch.tensor([[B, C], [B, B]]))
+    expected_row1 = probs(tri, [A, A, A, B])[[2, 3], [B, B]]
+    torch.testing.assert_close(got, torch.stack((torch.tensor([P3_AB[B], P3_BB[C]]), expected_row1)))
+    short = tri.token_probs(torch.tensor([[A]]), torch.tensor([[B, B]]))  # one context char: backs off
+    torch.testing.assert_close(short, torch.tensor([[P2[A][B], P3_AB[B]]]))
+
+
+def test_token_probs_match_full_log_probs_on_random_data():
+    gen = torch.Generator().manual_seed(0)
+    ref = NgramReference(3, 5, torch.randint(0, 5, (400,), generator=gen), "cpu")
+    ctx, samples = torch.randint(0, 5, (6, 9), generator=gen), torch.randint(0, 5, (6, 4), generator=gen)
+    seq = torch.cat((ctx, samples), 1)
+    full = ref.log_probs(seq[:, :-1])[:, 8:].gather(-1, samples[..., None]).squeeze(-1).exp()
+    torch.testing.assert_close(ref.token_probs(ctx, samples), full)
+
+
+def test_oversized_order_is_rejected_with_advice():
+    with pytest.raises(ValueError, match="NGRAM_ORDER=5.*lower NGRAM_ORDER"):
+        NgramReference(5, 65, torch.zeros(10, dtype=torch.long), "cpu")
+
+
+# --- Hugging Face reference, offline
+
+CHARS = list("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+LINES = ["First Citizen:\nBefore we proceed any further, hear me speak.",
+         "All:\nSpeak, speak.", "You are all resolved rather to die than to famish?",
+         "We know't, we know't.", "Let us kill him, and we'll have corn at our own price."]
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(LINES * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=128, vocab_size=len(fast),
+                        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def encode(text):
+    return [CHARS.index(ch) for ch in text]
+
+
+def test_hf_reference_credit_is_the_per_char_share_of_token_logprobs(tiny_hf_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = HFReference(str(tiny_hf_dir), CHARS, "cpu")
+    texts = [("Before we proceed", " any f"), ("You are all resol", "ved ra")]  # 2nd: a token straddles
+    ctx = torch.tensor([encode(c) for c, _ in texts])
+    samples = torch.tensor([encode(s) for _, s in texts])
+    credit = ref.token_probs(ctx, samples)
+    assert credit.shape == (2, 6) and bool(((credit > 0) & (credit <= 1)).all())
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()
+    for row, (c, s) in enumerate(texts):
+        enc = tokenizer(c + s, add_special_tokens=False, return_offsets_mapping=True)
+        ids = [tokenizer.bos_token_id] + enc["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+        # sum over continuation chars of log credit = sum_t l_t * (chars of t in the continuation) / n_t
+        expected = 0.0
+        for t, (start, end) in enumerate(enc["offset_mapping"]):
+            inside = max(0, end - max(start, len(c)))
+            expected += float(logp[t, ids[t + 1]]) * inside / (end - start)
+        assert float(credit[row].log().sum()) == pytest.approx(expected, abs=1e-4)
+
+
+def test_hf_reference_fills_uncovered_chars():
+    owner = HFReference._char_tokens([(0, 2), (3, 5)], 6)  # char 2 is a gap, char 5 trails
+    assert owner == [0, 0, 1, 1, 1, 1]
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install 'avatarl\[gpt2\]'"):
+        HFReference("gpt2", CHARS, "cpu")
+
+
+def test_build_reference_pairs(tiny_hf_dir):
+    train = torch.tensor(encode("".join(LINES)))
+    cfg = SimpleNamespace(ngram_order=2, reference="ngram", reference_model=str(tiny_hf_dir))
+    credit, kl = build_reference(cfg, CHARS, train, "cpu")
+    assert credit is kl and isinstance(kl, NgramReference) and kl.order == 2
+    credit, kl = build_reference(SimpleNamespace(**{**vars(cfg), "reference": "gpt2"}), CHARS, train, "cpu")
+    assert isinstance(credit, HFReference) and isinstance(kl, NgramReference)
+    assert math.isfinite(float(credit.token_probs(torch.tensor([encode("We know")]),
+                                                  torch.tensor([encode("'t")])).sum()))
