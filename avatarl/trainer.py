@@ -296,6 +296,9 @@ def loop(run: Run) -> int:
                 logger.log_text("samples", text_samples(run), state.iteration)
     if exit_code == EXIT_BAD_STEPS:
         save_run(run)
+    divergence = D.replica_divergence(run.raw_model)
+    if info.is_distributed:
+        logger.log({"replica_divergence": divergence, "world_size": info.world_size}, state.iteration)
     bar.close()
     logger.finish()
     if info.is_main:

@@ -5,9 +5,10 @@ A flash-attn release wheel is named after what its CUDA extension was compiled a
     flash_attn-<version>+cu<CUDA major>torch<torch major.minor>cxx11abi<TRUE|FALSE>-cp<XY>-cp<XY>-linux_<arch>.whl
 
 A wheel that disagrees with the installed torch in any of the four tags installs without complaint
-and then fails at import with an undefined C++ symbol, so the image build runs this check first:
+and then fails at import with an undefined C++ symbol, so the image build checks before and after:
 
-    python flash_wheel.py WHEEL_NAME        # after torch is installed; exit 1 lists every mismatch
+    python flash_wheel.py check WHEEL_NAME   # after torch is installed; exit 1 lists every mismatch
+    python flash_wheel.py import             # after flash-attn is installed; exit 1 on a broken build
 
 Standard library only: it runs in the Dockerfile's builder stage and in the consistency test.
 """
@@ -75,24 +76,46 @@ def installed_tags() -> dict[str, str]:
     return expected_tags(torch.__version__, cuda, python, bool(torch._C._GLIBCXX_USE_CXX11_ABI))
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    problems = mismatches(argv[0], installed_tags())
-    wheel_cuda, base_cuda = parse_wheel_name(argv[0])["cuda"], os.environ.get("CUDA_VERSION", "")
+def check(wheel_name: str) -> int:
+    problems = mismatches(wheel_name, installed_tags())
+    wheel_cuda, base_cuda = parse_wheel_name(wheel_name)["cuda"], os.environ.get("CUDA_VERSION", "")
     if base_cuda and base_cuda.split(".")[0] != wheel_cuda:
         problems.append(f"cuda: the base image has CUDA {base_cuda}, the wheel is for CUDA {wheel_cuda}")
     if problems:
-        print(f"error: flash-attn wheel {argv[0]} does not fit this image:", file=sys.stderr)
+        print(f"error: flash-attn wheel {wheel_name} does not fit this image:", file=sys.stderr)
         for line in problems:
             print(f"  {line}", file=sys.stderr)
         print("Pick the matching wheel from https://github.com/Dao-AILab/flash-attention/releases "
               "(build arg FLASH_ATTN_WHEEL), build from source (FLASH_ATTN_SOURCE_BUILD=1), "
               "or leave flash-attn out (WITH_FLASH_ATTN=0).", file=sys.stderr)
         return 1
-    print(f"flash-attn wheel {argv[0]} fits torch, CUDA, Python and the C++ ABI of this image")
+    print(f"flash-attn wheel {wheel_name} fits torch, CUDA, Python and the C++ ABI of this image")
     return 0
+
+
+def import_check() -> int:
+    """Load the compiled extension. Build machines have no GPU driver, so only a missing libcuda is forgiven."""
+    import torch  # noqa: F401  (loads the libraries the extension links against)
+
+    try:
+        import flash_attn_2_cuda  # noqa: F401
+    except ImportError as err:
+        if "libcuda.so" in str(err):
+            print(f"flash-attn imports up to the GPU driver, which only the GPU host provides ({err})")
+            return 0
+        print(f"error: the installed flash-attn does not load against this torch: {err}", file=sys.stderr)
+        return 1
+    print("flash-attn extension loads")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["check"] and len(argv) == 2:
+        return check(argv[1])
+    if argv == ["import"]:
+        return import_check()
+    print(__doc__, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

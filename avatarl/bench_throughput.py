@@ -1,0 +1,314 @@
+"""`avatarl bench throughput`: what one learning step costs on this device, supervised versus RL.
+
+Every number comes from the trainer's own code (`trainer.build`, `trainer.train_step`) on one
+micro-batch per iteration (BATCH = MICRO_BATCH, B contexts), timed after warm-up with CUDA events
+on a GPU and perf_counter on a CPU; each row reports the median over the timed iterations.
+
+    supervised step    next-char cross-entropy, fwd + bwd + AdamW, on B x K windows of C + H input
+                       chars: the same model and token count the GRPO update trains on, the floor
+    GRPO iteration     rollout + rewards + advantages + old log-probs + update of B contexts
+      rollout          the KV-cached batched rollout (B x K rows, one pass) alone
+      scoring          reference log-probs, rewards and group advantages alone
+      update           the iteration minus rollout and scoring
+    rollout, recompute the same sampling, re-running the whole prefix at every step (no KV cache)
+    AvataRL iteration  referee forward + student update on B contexts of C chars, with a random-init
+                       referee of the configured size (timing does not need a trained one)
+
+ratios: grpo_over_supervised = GRPO iteration / supervised step, kv_cache_speedup = recompute /
+KV-cached rollout, and on CUDA mfu = FLOP/s of the GRPO iteration / the GPU's peak bf16 dense FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avatarl import distributed as D
+from avatarl.algorithms.grpo import Rollout, group_advantages, rollout, token_rewards
+from avatarl.config import Config
+from avatarl.data import WindowSampler
+from avatarl.model import GPT, attention_backend_available
+from avatarl.objectives import AvataRLObjective, RefereeObjective, frozen_copy
+from avatarl.resume import RunState
+from avatarl.runtime import mixed_precision
+from avatarl.trainer import MetricBuffer, Run, build, model_config, train_step
+
+SCHEMA = "avatarl.bench.throughput/1"
+# Peak dense bf16 tensor-core TFLOP/s (no sparsity) from the vendors' datasheets; T4 has no bf16, its fp16 peak.
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "A100": 312.0,
+                    "A100-80GB": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "T4": 65.0}
+
+
+@dataclasses.dataclass
+class Timing:
+    times_s: list[float]
+    peak_memory_mib: float | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median_s, "min_s": min(self.times_s), "mean_s": statistics.fmean(self.times_s),
+                "times_s": self.times_s, "peak_memory_mib": self.peak_memory_mib}
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> Timing:
+    """Run fn `warmup` times untimed, then `iters` times, each timed on its own."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return Timing([start.elapsed_time(end) / 1e3 for start, end in events],
+                      torch.cuda.max_memory_allocated(device) / 2**20)
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return Timing(times)
+
+
+def gpu_peak_tflops(device_name: str, gpu_type: str) -> tuple[str, float]:
+    """(GPU type, peak bf16 dense TFLOP/s): recognised in the CUDA device name, else GPU_TYPE."""
+    name = device_name.upper()
+    if "H100" in name and "PCIE" in name:
+        return "H100 PCIe", PEAK_BF16_TFLOPS["H100 PCIe"]
+    for kind in ("B200", "H200", "H100", "A100", "L40S", "A10G", "L4", "T4"):
+        if kind in name:
+            return kind, PEAK_BF16_TFLOPS[kind]
+    return gpu_type, PEAK_BF16_TFLOPS[gpu_type]
+
+
+@torch.no_grad()
+def rollout_recompute(policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperature: float,
+                      generator: torch.Generator | None = None) -> Rollout:
+    """The rollout of `grpo.rollout` without a KV cache: every step re-runs the whole prefix.
+
+    Same draws from the same random stream (exponential race over pi_T = softmax(logits / T)), so
+    with equal generators both return the same samples: only the cost differs.
+    """
+    B = ctx.size(0)
+    seq = ctx.repeat_interleave(k, dim=0)  # [B*K, C]
+    logps = []
+    for _ in range(horizon):
+        logp = F.log_softmax(policy(seq)[:, -1].float() / temperature, dim=-1)  # [B*K, V]
+        race = torch.empty_like(logp).exponential_(1.0, generator=generator)
+        token = (logp - race.log()).argmax(dim=-1, keepdim=True)
+        logps.append(logp.gather(-1, token))
+        seq = torch.cat((seq, token), dim=1)
+    samples = seq[:, ctx.size(1):]
+    return Rollout(samples.reshape(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))
+
+
+class InMemoryAvataRL(AvataRLObjective):
+    """The AvataRL objective around a referee given in memory instead of loaded from REFEREE_PATH."""
+
+    def __init__(self, cfg: Config, referee: nn.Module):
+        self.cfg = cfg
+        self.window_len = cfg.context_len + 1
+        self.referee = referee
+
+
+def derived_runs(grpo: Run) -> tuple[Run, Run]:
+    """(supervised, avatarl) runs sharing the GRPO run's model and optimizer, each with its own sampler."""
+    cfg, device = grpo.cfg, grpo.info.device
+    sup_cfg = dataclasses.replace(cfg, context_len=cfg.seq_len)  # C + H input chars, then the next one
+    supervised = dataclasses.replace(
+        grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(),
+        sampler=WindowSampler(grpo.corpus.train, sup_cfg.context_len + 1, cfg.seed))
+    referee = GPT(model_config(cfg, grpo.corpus.vocab.size, "referee")).to(device)
+    if mixed_precision(cfg, device) == torch.bfloat16:
+        referee = referee.to(torch.bfloat16)  # as load_referee does for a bf16 run
+    av_cfg = dataclasses.replace(cfg, algorithm="avatarl")
+    avatarl = dataclasses.replace(
+        grpo, cfg=av_cfg, objective=InMemoryAvataRL(av_cfg, frozen_copy(referee)), state=RunState(),
+        metrics=MetricBuffer(), sampler=WindowSampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed))
+    return supervised, avatarl
+
+
+def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
+    """The scoring phase of grpo_micro_step: reference log-probs, credit, rewards, advantages."""
+    cfg, objective = grpo.cfg, grpo.objective
+    B, C = ctx.shape
+    flat = ro.samples.view(B * cfg.k_samples, cfg.horizon)
+    ctx_rep = ctx.repeat_interleave(cfg.k_samples, dim=0)
+    inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
+    ref_logp = objective.kl_reference.log_probs(inputs)[:, C - 1:].float()
+    if objective.credit is objective.kl_reference:
+        ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
+    else:
+        ref_prob = objective.credit.token_probs(ctx_rep, flat)
+    rewards = token_rewards(ro.samples, truth, ref_prob.view_as(ro.samples), cfg.partial_credit)
+    return group_advantages(rewards, cfg.min_variance)
+
+
+def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bool = True) -> dict[str, Any]:
+    """Time the rows of the module docstring for one configuration; `full=False` times only the two steps."""
+    cfg = dataclasses.replace(cfg, batch=cfg.micro_batch, algorithm="grpo")
+    with tempfile.TemporaryDirectory(prefix="avatarl-bench-") as tmp:
+        cfg = dataclasses.replace(cfg, checkpoint_dir=tmp)
+        grpo = build(cfg, D.DistInfo(0, 0, 1, device), "student", Path(tmp))
+    supervised, avatarl = derived_runs(grpo)
+    B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
+    timings = {"supervised_step": time_calls(lambda: train_step(supervised), device, warmup, iters),
+               "grpo_iteration": time_calls(lambda: train_step(grpo), device, warmup, iters)}
+    if full:
+        dtype = mixed_precision(cfg, device)
+        window = grpo.sampler.sample(B)
+        ctx, truth = window[:, :C], window[:, C:]
+        old = grpo.objective.old_policy
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            timings["rollout_kv_cache"] = time_calls(lambda: rollout(old, ctx, K, H, cfg.temperature), device,
+                                                     warmup, iters)
+            ro = rollout(old, ctx, K, H, cfg.temperature)
+            with torch.no_grad():
+                timings["grpo_scoring"] = time_calls(lambda: score(grpo, ctx, ro, truth), device, warmup, iters)
+            timings["rollout_recompute"] = time_calls(
+                lambda: rollout_recompute(old, ctx, K, H, cfg.temperature), device, warmup, iters)
+        timings["avatarl_iteration"] = time_calls(lambda: train_step(avatarl), device, warmup, iters)
+    finite = all(math.isfinite(value) for run in (supervised, grpo, avatarl) for value in run.metrics.drain().values())
+    return {"timings": timings, "finite": finite, "params": grpo.raw_model.num_params(),
+            "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model,
+            "referee": avatarl.objective.referee}
+
+
+def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
+    """FLOPs of one iteration of each measured step, from GPT.flops_per_token (fwd + bwd = 3 x fwd).
+
+    supervised: F(C+H) x BK(C+H);  GRPO: (1 + 1/3) F(S) x BK S with S = C+H-1 (update, plus the
+    rollout's forward over the same S positions: C prefilled + H-1 decoded);  AvataRL: F(C) x BC
+    for the student plus F_ref(C)/3 x BC for the referee's forward.
+    """
+    B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
+    S = C + H - 1
+    return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
+            "grpo_iteration": (4.0 / 3.0) * student.flops_per_token(S) * B * K * S,
+            "avatarl_iteration": (student.flops_per_token(C) + referee.flops_per_token(C) / 3.0) * B * C}
+
+
+def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
+    """The JSON report: settings, timings, throughput, split, GPU numbers and ratios from the medians."""
+    t = {name: timing.median_s for name, timing in result["timings"].items()}
+    B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
+    dtype = mixed_precision(cfg, device)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "config": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_emb": cfg.n_emb, "context_len": C,
+                   "horizon": H, "k_samples": K, "micro_batch": B, "params": result["params"],
+                   "dtype": str(dtype or torch.float32).replace("torch.", ""), "attention": result["attention"],
+                   "torch_compile": cfg.use_torch_compile, "warmup": warmup, "iters": iters},
+        "timings": {name: timing.to_dict() for name, timing in result["timings"].items()},
+        "throughput": {"supervised_tokens_per_s": B * K * (C + H) / t["supervised_step"],
+                       "grpo_contexts_per_s": B / t["grpo_iteration"],
+                       "grpo_sampled_chars_per_s": B * K * H / t["grpo_iteration"],
+                       "avatarl_contexts_per_s": B / t["avatarl_iteration"],
+                       "avatarl_positions_per_s": B * C / t["avatarl_iteration"]},
+        "grpo_split_s": {"rollout": t["rollout_kv_cache"], "scoring": t["grpo_scoring"],
+                         "update": t["grpo_iteration"] - t["rollout_kv_cache"] - t["grpo_scoring"]},
+        "finite": result["finite"],
+        "ratios": {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
+                   "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
+                   "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]},
+    }
+    if device.type == "cuda":
+        gpu_type, peak = gpu_peak_tflops(report["device"]["name"], cfg.gpu_type)
+        flops = flop_counts(cfg, result["model"], result["referee"])
+        tflops = {name: flops[name] / t[name] / 1e12 for name in flops}
+        report["gpu"] = {"gpu_type": gpu_type, "peak_bf16_tflops": peak, "flops_per_iteration": flops,
+                         "achieved_tflops": tflops, "mfu": {name: value / peak for name, value in tflops.items()},
+                         "peak_memory_mib": {name: timing.peak_memory_mib
+                                             for name, timing in result["timings"].items()}}
+        report["ratios"]["mfu"] = tflops["grpo_iteration"] / peak
+    return report
+
+
+def backend_comparison(cfg: Config, device: torch.device, main: dict[str, Any], warmup: int,
+                       iters: int) -> dict[str, dict[str, float]]:
+    """Supervised step and GRPO iteration under both attention backends (CUDA with flash-attn only)."""
+    rows = {main["attention"]: {"supervised_step_s": main["timings"]["supervised_step"].median_s,
+                                "grpo_iteration_s": main["timings"]["grpo_iteration"].median_s}}
+    other = measure(dataclasses.replace(cfg, use_flash_attn=main["attention"] != "flash-attn"), device,
+                    warmup, iters, full=False)
+    rows[other["attention"]] = {"supervised_step_s": other["timings"]["supervised_step"].median_s,
+                                "grpo_iteration_s": other["timings"]["grpo_iteration"].median_s}
+    return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    c, dev, tm, thr = report["config"], report["device"], report["timings"], report["throughput"]
+    where = dev["name"] if dev["type"] == "cuda" else f"cpu, {dev['threads']} thread(s)"
+    lines = [f"avatarl bench throughput on {where}: {c['n_layer']}L {c['n_head']}H {c['n_emb']}d "
+             f"({c['params'] / 1e6:.2f}M params), C={c['context_len']} H={c['horizon']} K={c['k_samples']} "
+             f"MICRO_BATCH={c['micro_batch']}, {c['dtype']}, {c['attention']}, compile={c['torch_compile']}, "
+             f"median of {c['iters']} after {c['warmup']} warm-up",
+             f"{'measurement':<34}{'median ms':>11}{'min ms':>10}  throughput"]
+    rows = [("supervised step (floor)", "supervised_step", f"{thr['supervised_tokens_per_s']:,.0f} tokens/s"),
+            ("GRPO iteration", "grpo_iteration", f"{thr['grpo_contexts_per_s']:,.0f} contexts/s, "
+             f"{thr['grpo_sampled_chars_per_s']:,.0f} sampled chars/s"),
+            ("  rollout (KV cache)", "rollout_kv_cache", ""),
+            ("  scoring (reference, rewards, adv.)", "grpo_scoring", ""),
+            ("rollout, recompute prefix", "rollout_recompute", ""),
+            ("AvataRL iteration", "avatarl_iteration", f"{thr['avatarl_contexts_per_s']:,.0f} contexts/s")]
+    for label, key, extra in rows:
+        lines.append(f"{label:<34}{tm[key]['median_s'] * 1e3:>11.2f}{tm[key]['min_s'] * 1e3:>10.2f}  {extra}")
+    lines.append(f"{'  update (iteration - the two above)':<34}{report['grpo_split_s']['update'] * 1e3:>11.2f}")
+    if "gpu" in report:
+        gpu = report["gpu"]
+        lines.append(f"GPU {gpu['gpu_type']}, peak {gpu['peak_bf16_tflops']:g} bf16 TFLOP/s:")
+        for name, value in gpu["achieved_tflops"].items():
+            lines.append(f"  {name:<32}{value:>8.1f} TFLOP/s  MFU {gpu['mfu'][name]:6.1%}  "
+                         f"peak memory {gpu['peak_memory_mib'][name]:,.0f} MiB")
+    for backend, row in report.get("attention_backends", {}).items():
+        lines.append(f"  attention {backend:<11} supervised {row['supervised_step_s'] * 1e3:.2f} ms, "
+                     f"GRPO iteration {row['grpo_iteration_s'] * 1e3:.2f} ms")
+    lines.append("ratios:")
+    lines += [f"  {name:<26}{value:>8.3f}" for name, value in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:
+    """Measure, print the table, write JSON to args.json_path when given. Exit 1 on non-finite metrics."""
+    device = D.resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    warmup = (5 if cuda else 1) + (2 if cfg.use_torch_compile else 0)
+    iters = args.iters or (2 if args.quick else 20 if cuda else 5)
+    result = measure(cfg, device, warmup, iters)
+    report = summarise(cfg, device, result, warmup, iters)
+    if cuda and attention_backend_available():
+        report["attention_backends"] = backend_comparison(cfg, device, result, warmup, iters)
+    report["argv"] = sys.argv[1:]
+    print(format_table(report), flush=True)
+    if args.json_path:
+        path = Path(args.json_path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if not report["finite"]:
+        print("error: a benchmarked step produced non-finite metrics", file=sys.stderr)
+        return 1
+    return 0
