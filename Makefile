@@ -10,7 +10,7 @@ CPU_SETTINGS := --n-layer 2 --n-head 4 --n-emb 128 --batch 64 --micro-batch 64 -
 	--warmup-iters 10 --log-interval 10 --eval-interval 25 --sample-interval 100 --checkpoint-interval 100
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint train-local config
+.PHONY: help venv test lint train-local config docs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,3 +42,7 @@ train-local: $(BIN)/avatarl ## train on this machine (small CPU setting when no 
 	fi
 
 -include docker/make.mk
+
+docs: $(BIN)/avatarl ## regenerate .env.example and the README settings table from the config docs
+	$(BIN)/avatarl config --env-example > .env.example
+	$(BIN)/python scripts/update_readme.py

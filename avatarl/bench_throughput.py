@@ -2,12 +2,13 @@
 
 Every number comes from the trainer's own code (`trainer.build`, `trainer.train_step`) on one
 micro-batch per iteration (BATCH = MICRO_BATCH, B contexts), timed after warm-up with CUDA events
-on a GPU and perf_counter on a CPU; each row reports the median over the timed iterations.
+on a GPU and perf_counter on a CPU, the rows taking turns; each row reports the median over the
+timed iterations.
 
     supervised step    next-char cross-entropy, fwd + bwd + AdamW, on B x K windows of C + H input
                        chars: the same model and token count the GRPO update trains on, the floor
     GRPO iteration     rollout + rewards + advantages + old log-probs + update of B contexts
-      rollout          the KV-cached batched rollout (B x K rows, one pass) alone
+      rollout          the KV-cached rollout alone (B contexts prefilled, B x K rows decoded)
       scoring          reference log-probs, rewards and group advantages alone
       update           the iteration minus rollout and scoring
     rollout, recompute the same sampling, re-running the whole prefix at every step (no KV cache)
@@ -54,42 +55,57 @@ PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H100 PCIe": 7
 
 @dataclasses.dataclass
 class Timing:
-    times_s: list[float]
-    peak_memory_mib: float | None = None
+    times_s: list[float]                  # wall clock (CUDA events on a GPU)
+    peak_memory_mib: float | None = None  # CUDA only
+    cpu_times_s: list[float] | None = None  # CPU only: this process's CPU time, summed over its threads
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.times_s)
 
+    @property
+    def cpu_median_s(self) -> float | None:
+        return statistics.median(self.cpu_times_s) if self.cpu_times_s else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"median_s": self.median_s, "min_s": min(self.times_s), "mean_s": statistics.fmean(self.times_s),
-                "times_s": self.times_s, "peak_memory_mib": self.peak_memory_mib}
+                "times_s": self.times_s, "peak_memory_mib": self.peak_memory_mib,
+                "cpu_median_s": self.cpu_median_s, "cpu_times_s": self.cpu_times_s}
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> Timing:
-    """Run fn `warmup` times untimed, then `iters` times, each timed on its own."""
+def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                     iters: int) -> dict[str, Timing]:
+    """Warm each call up `warmup` times (its peak CUDA memory is read then), then run `iters` rounds that
+    time every call once each, in turn: a slow spell of a shared machine then hits all rows alike,
+    which keeps their ratios honest.
+    """
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
+    peaks: dict[str, float | None] = {}
+    for name, fn in calls.items():
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
             fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return Timing([start.elapsed_time(end) / 1e3 for start, end in events],
-                      torch.cuda.max_memory_allocated(device) / 2**20)
-    times = []
+        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu_times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(iters):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return Timing(times)
+        for name, fn in calls.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                started, cpu_started = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append(time.perf_counter() - started)
+                cpu_times[name].append(time.process_time() - cpu_started)
+    return {name: Timing(times[name], peaks[name], None if cuda else cpu_times[name]) for name in calls}
 
 
 def gpu_peak_tflops(device_name: str, gpu_type: str) -> tuple[str, float]:
@@ -108,14 +124,16 @@ def rollout_recompute(policy: nn.Module, ctx: Tensor, k: int, horizon: int, temp
                       generator: torch.Generator | None = None) -> Rollout:
     """The rollout of `grpo.rollout` without a KV cache: every step re-runs the whole prefix.
 
-    Same draws from the same random stream (exponential race over pi_T = softmax(logits / T)), so
-    with equal generators both return the same samples: only the cost differs.
+    Like the cached rollout, the first step runs each context once for its K samples. Same draws
+    from the same random stream (exponential race over pi_T = softmax(logits / T)), so with equal
+    generators both return the same samples: only the cost differs.
     """
     B = ctx.size(0)
     seq = ctx.repeat_interleave(k, dim=0)  # [B*K, C]
     logps = []
-    for _ in range(horizon):
-        logp = F.log_softmax(policy(seq)[:, -1].float() / temperature, dim=-1)  # [B*K, V]
+    for h in range(horizon):
+        logits = policy(ctx)[:, -1].repeat_interleave(k, dim=0) if h == 0 else policy(seq)[:, -1]
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [B*K, V]
         race = torch.empty_like(logp).exponential_(1.0, generator=generator)
         token = (logp - race.log()).argmax(dim=-1, keepdim=True)
         logps.append(logp.gather(-1, token))
@@ -136,7 +154,8 @@ class InMemoryAvataRL(AvataRLObjective):
 def derived_runs(grpo: Run) -> tuple[Run, Run]:
     """(supervised, avatarl) runs sharing the GRPO run's model and optimizer, each with its own sampler."""
     cfg, device = grpo.cfg, grpo.info.device
-    sup_cfg = dataclasses.replace(cfg, context_len=cfg.seq_len)  # C + H input chars, then the next one
+    rows = cfg.micro_batch * cfg.k_samples  # C + H input chars, then the next one, in B x K windows
+    sup_cfg = dataclasses.replace(cfg, context_len=cfg.seq_len, micro_batch=rows, batch=rows)
     supervised = dataclasses.replace(
         grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(),
         sampler=WindowSampler(grpo.corpus.train, sup_cfg.context_len + 1, cfg.seed))
@@ -174,22 +193,24 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
         grpo = build(cfg, D.DistInfo(0, 0, 1, device), "student", Path(tmp))
     supervised, avatarl = derived_runs(grpo)
     B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
-    timings = {"supervised_step": time_calls(lambda: train_step(supervised), device, warmup, iters),
-               "grpo_iteration": time_calls(lambda: train_step(grpo), device, warmup, iters)}
+    dtype = mixed_precision(cfg, device)
+    window = grpo.sampler.sample(B)
+    ctx, truth = window[:, :C], window[:, C:]
+    old, T = grpo.objective.old_policy, cfg.temperature
+
+    def amp(fn: Callable[..., Any], *args: Any) -> Any:  # the rollout's context in the trainer: autocast, no grad
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return fn(*args)
+
+    ro = amp(rollout, old, ctx, K, H, T)
+    calls: dict[str, Callable[[], object]] = {"supervised_step": lambda: train_step(supervised),
+                                              "grpo_iteration": lambda: train_step(grpo)}
     if full:
-        dtype = mixed_precision(cfg, device)
-        window = grpo.sampler.sample(B)
-        ctx, truth = window[:, :C], window[:, C:]
-        old = grpo.objective.old_policy
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            timings["rollout_kv_cache"] = time_calls(lambda: rollout(old, ctx, K, H, cfg.temperature), device,
-                                                     warmup, iters)
-            ro = rollout(old, ctx, K, H, cfg.temperature)
-            with torch.no_grad():
-                timings["grpo_scoring"] = time_calls(lambda: score(grpo, ctx, ro, truth), device, warmup, iters)
-            timings["rollout_recompute"] = time_calls(
-                lambda: rollout_recompute(old, ctx, K, H, cfg.temperature), device, warmup, iters)
-        timings["avatarl_iteration"] = time_calls(lambda: train_step(avatarl), device, warmup, iters)
+        calls.update(rollout_kv_cache=lambda: amp(rollout, old, ctx, K, H, T),
+                     grpo_scoring=lambda: amp(score, grpo, ctx, ro, truth),
+                     rollout_recompute=lambda: amp(rollout_recompute, old, ctx, K, H, T),
+                     avatarl_iteration=lambda: train_step(avatarl))
+    timings = time_interleaved(calls, device, warmup, iters)
     finite = all(math.isfinite(value) for run in (supervised, grpo, avatarl) for value in run.metrics.drain().values())
     return {"timings": timings, "finite": finite, "params": grpo.raw_model.num_params(),
             "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model,
@@ -208,6 +229,13 @@ def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
     return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
             "grpo_iteration": (4.0 / 3.0) * student.flops_per_token(S) * B * K * S,
             "avatarl_iteration": (student.flops_per_token(C) + referee.flops_per_token(C) / 3.0) * B * C}
+
+
+def ratios_of(t: dict[str, float]) -> dict[str, float]:
+    """The key ratios from per-row times t (seconds)."""
+    return {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
+            "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
+            "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]}
 
 
 def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
@@ -232,10 +260,11 @@ def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup:
         "grpo_split_s": {"rollout": t["rollout_kv_cache"], "scoring": t["grpo_scoring"],
                          "update": t["grpo_iteration"] - t["rollout_kv_cache"] - t["grpo_scoring"]},
         "finite": result["finite"],
-        "ratios": {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
-                   "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
-                   "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]},
+        "ratios": ratios_of(t),
     }
+    if device.type == "cpu":  # on a shared machine, CPU time is the steadier measure of the work
+        report["cpu_time_ratios"] = ratios_of({name: timing.cpu_median_s
+                                              for name, timing in result["timings"].items()})
     if device.type == "cuda":
         gpu_type, peak = gpu_peak_tflops(report["device"]["name"], cfg.gpu_type)
         flops = flop_counts(cfg, result["model"], result["referee"])
@@ -260,24 +289,34 @@ def backend_comparison(cfg: Config, device: torch.device, main: dict[str, Any], 
     return rows
 
 
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     c, dev, tm, thr = report["config"], report["device"], report["timings"], report["throughput"]
-    where = dev["name"] if dev["type"] == "cuda" else f"cpu, {dev['threads']} thread(s)"
+    on_cpu = dev["type"] == "cpu"
+    where = f"cpu, {dev['threads']} thread(s)" if on_cpu else dev["name"]
     lines = [f"avatarl bench throughput on {where}: {c['n_layer']}L {c['n_head']}H {c['n_emb']}d "
              f"({c['params'] / 1e6:.2f}M params), C={c['context_len']} H={c['horizon']} K={c['k_samples']} "
              f"MICRO_BATCH={c['micro_batch']}, {c['dtype']}, {c['attention']}, compile={c['torch_compile']}, "
              f"median of {c['iters']} after {c['warmup']} warm-up",
-             f"{'measurement':<34}{'median ms':>11}{'min ms':>10}  throughput"]
-    rows = [("supervised step (floor)", "supervised_step", f"{thr['supervised_tokens_per_s']:,.0f} tokens/s"),
-            ("GRPO iteration", "grpo_iteration", f"{thr['grpo_contexts_per_s']:,.0f} contexts/s, "
-             f"{thr['grpo_sampled_chars_per_s']:,.0f} sampled chars/s"),
+             f"{'measurement':<36}{'median ms':>11}{'min ms':>10}{'cpu ms' if on_cpu else '':>10}  throughput"]
+    split = report["grpo_split_s"]
+    rows = [("supervised step (floor)", "supervised_step", f"{_rate(thr['supervised_tokens_per_s'])} tokens/s"),
+            ("GRPO iteration", "grpo_iteration", f"{_rate(thr['grpo_contexts_per_s'])} contexts/s, "
+             f"{_rate(thr['grpo_sampled_chars_per_s'])} sampled chars/s"),
             ("  rollout (KV cache)", "rollout_kv_cache", ""),
             ("  scoring (reference, rewards, adv.)", "grpo_scoring", ""),
+            ("  update (iteration - the two above)", None, ""),
             ("rollout, recompute prefix", "rollout_recompute", ""),
-            ("AvataRL iteration", "avatarl_iteration", f"{thr['avatarl_contexts_per_s']:,.0f} contexts/s")]
+            ("AvataRL iteration", "avatarl_iteration", f"{_rate(thr['avatarl_contexts_per_s'])} contexts/s")]
     for label, key, extra in rows:
-        lines.append(f"{label:<34}{tm[key]['median_s'] * 1e3:>11.2f}{tm[key]['min_s'] * 1e3:>10.2f}  {extra}")
-    lines.append(f"{'  update (iteration - the two above)':<34}{report['grpo_split_s']['update'] * 1e3:>11.2f}")
+        if key is None:
+            lines.append(f"{label:<36}{split['update'] * 1e3:>11.2f}")
+            continue
+        cpu = f"{tm[key]['cpu_median_s'] * 1e3:>10.2f}" if on_cpu else f"{'':>10}"
+        lines.append(f"{label:<36}{tm[key]['median_s'] * 1e3:>11.2f}{tm[key]['min_s'] * 1e3:>10.2f}{cpu}  {extra}")
     if "gpu" in report:
         gpu = report["gpu"]
         lines.append(f"GPU {gpu['gpu_type']}, peak {gpu['peak_bf16_tflops']:g} bf16 TFLOP/s:")
@@ -287,9 +326,13 @@ def format_table(report: dict[str, Any]) -> str:
     for backend, row in report.get("attention_backends", {}).items():
         lines.append(f"  attention {backend:<11} supervised {row['supervised_step_s'] * 1e3:.2f} ms, "
                      f"GRPO iteration {row['grpo_iteration_s'] * 1e3:.2f} ms")
-    lines.append("ratios:")
-    lines += [f"  {name:<26}{value:>8.3f}" for name, value in report["ratios"].items()]
-    return "\n".join(lines)
+    columns = [("ratios", report["ratios"])]
+    if "cpu_time_ratios" in report:
+        columns = [("ratios (wall clock)", report["ratios"]), ("(CPU time)", report["cpu_time_ratios"])]
+    lines.append(f"{'':<26}" + "".join(f"{title:>22}" for title, _ in columns))
+    lines += [f"  {name:<24}" + "".join(f"{values[name]:>22.3f}" for _, values in columns)
+              for name in report["ratios"]]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:
@@ -300,7 +343,7 @@ def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:
     iters = args.iters or (2 if args.quick else 20 if cuda else 5)
     result = measure(cfg, device, warmup, iters)
     report = summarise(cfg, device, result, warmup, iters)
-    if cuda and attention_backend_available():
+    if cuda and attention_backend_available() and not cfg.use_torch_compile:  # compiling twice is slow
         report["attention_backends"] = backend_comparison(cfg, device, result, warmup, iters)
     report["argv"] = sys.argv[1:]
     print(format_table(report), flush=True)

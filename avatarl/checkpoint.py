@@ -3,7 +3,9 @@
 File layout: `ckpt_<iter:08d>.pt` = one header line `AVATARL-CKPT 1 <sha256 of payload>\n` followed by
 the `torch.save` payload. A file is written to a temporary name in the same directory, fsynced and
 renamed, then the small `latest` pointer is replaced the same way, so a crash at any instant leaves
-the previous checkpoint complete. Loading verifies the checksum and uses `weights_only=True` only.
+the previous checkpoint complete; the temporary file of a killed writer is removed by the next save.
+Loading verifies the checksum and uses `weights_only=True` only: a file holding anything but tensors
+and plain values is refused (never skipped: someone wrote a valid checksum around it).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ log = logging.getLogger("avatarl")
 
 MAGIC = b"AVATARL-CKPT 1 "
 NAME_PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
+# Temporary files of atomic_write for checkpoints and the pointer: left behind only by a killed writer.
+TEMP_PATTERN = re.compile(r"^\.(ckpt_\d{8}\.pt|latest)\..+\.tmp$")
 LATEST = "latest"
 # Settings whose change makes a checkpoint unusable for the current model; the rest may change on resume.
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_emb", "algorithm")
-SLOW_WRITE_ENV = "AVATARL_TEST_SLOW_WRITE"  # test hook: seconds spent writing each checkpoint, in chunks
+SLOW_WRITE_ENV = "AVATARL_TEST_SLOW_WRITE"  # test hook: seconds spent writing each file, in 64 KiB pieces
 
 
 class CheckpointError(RuntimeError):
@@ -53,16 +57,18 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_chunks(handle: Any, blobs: list[bytes]) -> None:
+    """Write the blobs; with the test hook, in 64 KiB pieces spread over AVATARL_TEST_SLOW_WRITE seconds."""
     slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
+    total = sum(len(blob) for blob in blobs)
     for blob in blobs:
         if slow <= 0:
             handle.write(blob)
             continue
-        chunks = max(1, len(blob) // (64 << 10))
-        for start in range(0, len(blob), -(-len(blob) // chunks)):
-            handle.write(blob[start:start + -(-len(blob) // chunks)])
+        for start in range(0, len(blob), 64 << 10):
+            piece = blob[start:start + (64 << 10)]
+            handle.write(piece)
             handle.flush()
-            time.sleep(slow / chunks)
+            time.sleep(slow * len(piece) / total)
 
 
 def atomic_write(path: Path, blobs: list[bytes]) -> None:
@@ -80,21 +86,27 @@ def atomic_write(path: Path, blobs: list[bytes]) -> None:
         raise
 
 
+def _atomic_write_or_explain(path: Path, blobs: list[bytes]) -> None:
+    """atomic_write, turning a full disk into a CheckpointError that says what is still safe."""
+    try:
+        atomic_write(path, blobs)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        size = sum(len(blob) for blob in blobs)
+        intact = find_resume_checkpoint(path.parent, quiet=True)
+        raise CheckpointError(f"Out of disk space writing {path} ({size / 1e6:.1f} MB). The newest valid "
+                              f"checkpoint, {intact.name if intact else '(none)'}, is intact; free space in "
+                              f"{path.parent} or lower KEEP_CHECKPOINTS.") from err
+
+
 def write_checkpoint_file(path: Path, state: dict[str, Any]) -> int:
     """Serialise `state` with a checksum header and write it atomically to `path`. Returns bytes written."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    try:
-        atomic_write(path, [header, payload])
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            previous = newest_checkpoint_name(path.parent)
-            raise CheckpointError(f"Out of disk space writing {path} ({len(payload) / 1e6:.1f} MB). "
-                                  f"The previous checkpoint {previous or '(none)'} is still valid; free space "
-                                  "in CHECKPOINT_DIR or lower KEEP_CHECKPOINTS.") from err
-        raise
+    _atomic_write_or_explain(path, [header, payload])
     return len(header) + len(payload)
 
 
@@ -102,8 +114,8 @@ def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep
     """Atomically write checkpoint `iteration`, point `latest` at it, then prune to `keep` files."""
     path = directory / checkpoint_name(iteration)
     write_checkpoint_file(path, state)
-    atomic_write(directory / LATEST, [path.name.encode() + b"\n"])
-    prune(directory, keep)
+    _atomic_write_or_explain(directory / LATEST, [path.name.encode() + b"\n"])
+    prune(directory, keep, newest_valid=path)
     return path
 
 
@@ -115,18 +127,37 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME_PATTERN.match(p.name).group(1)), reverse=True)
 
 
-def newest_checkpoint_name(directory: Path) -> str | None:
-    files = list_checkpoints(directory)
-    return files[0].name if files else None
+def prune(directory: Path, keep: int, newest_valid: Path | None = None) -> None:
+    """Delete all but the `keep` newest checkpoints, and temporary files of killed writers.
 
-
-def prune(directory: Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints; the newest valid one is never deleted."""
+    The newest valid checkpoint is never deleted; pass it as `newest_valid` when the caller just
+    wrote it, which saves reading it back. Only the lock holder may call this.
+    """
     files = list_checkpoints(directory)
-    newest_valid = next((p for p in files if verify(p) is None), None)
+    if newest_valid is None:
+        newest_valid = next((p for p in files if verify(p) is None), None)
     for stale in files[keep:]:
         if stale != newest_valid:
             stale.unlink(missing_ok=True)
+    for leftover in directory.iterdir():
+        if TEMP_PATTERN.match(leftover.name):
+            leftover.unlink(missing_ok=True)
+
+
+def set_aside_newer(directory: Path, iteration: int) -> list[Path]:
+    """Rename checkpoints newer than `iteration` to `<name>.abandoned`, returning the new names.
+
+    After resuming from an older checkpoint (RESUME=PATH), newer files belong to a timeline that this
+    run no longer continues: left in place, RESUME=auto would pick them after the next crash and
+    pruning would delete this run's own checkpoints as the oldest ones.
+    """
+    moved = []
+    for path in list_checkpoints(directory):
+        if int(NAME_PATTERN.match(path.name).group(1)) > iteration:
+            target = path.with_name(path.name + ".abandoned")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def _read_verified(path: Path) -> bytes:
@@ -152,24 +183,42 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights_only error that names the refused object (not its advice to disable it)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(err).__name__])[0]
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify the checksum, then unpickle with weights_only=True (tensors and plain containers only)."""
+    """Verify the checksum, then unpickle with weights_only=True (tensors and plain containers only).
+
+    A file that passes the checksum but holds other objects was not written by avatarl (whoever planted
+    it also wrote the checksum): it is refused, never executed, and never silently skipped.
+    """
     payload = _read_verified(path)
     try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"Refusing to load {path}: it contains objects other than tensors and plain "
-                              f"values, which could run code when unpickled ({str(err).splitlines()[0]}).") \
-            from None
+                              f"values, which could run code when unpickled ({_unpickling_reason(err)}). "
+                              "Delete the file, or set RESUME to a checkpoint you trust.") from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} has a valid checksum but is not a torch checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not an avatarl checkpoint.")
+    return state
 
 
-def find_resume_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint that verifies; warns about each newer one that does not."""
+def find_resume_checkpoint(directory: Path, quiet: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; warns (unless quiet) about each newer one that does not."""
     for path in list_checkpoints(directory):
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("Skipping checkpoint %s: %s Falling back to an older one.", path.name, problem)
+        if not quiet:
+            log.warning("Skipping checkpoint %s: %s Falling back to an older one.", path.name, problem)
     return None
 
 

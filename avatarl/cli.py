@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from avatarl.checkpoint import CheckpointError
-from avatarl.config import Config, ConfigError, config_fields, default_of, describe, env_example, load_config
+from avatarl.config import (
+    Config,
+    ConfigError,
+    config_fields,
+    default_of,
+    describe,
+    env_example,
+    load_config,
+    markdown_table,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -74,6 +83,9 @@ def command_config(args: argparse.Namespace) -> int:
     if args.env_example:
         print(env_example(), end="")
         return EXIT_OK
+    if args.markdown:
+        print(markdown_table(), end="")
+        return EXIT_OK
     cfg, sources = resolve(args)
     print(describe(cfg, sources))
     return EXIT_OK
@@ -131,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the resolved settings with their sources")
     config.add_argument("--env-example", action="store_true", help="print a complete .env.example instead")
+    config.add_argument("--markdown", action="store_true", help="print the settings table of the README")
     add_setting_flags(config)
     config.set_defaults(handler=command_config)
 

@@ -70,22 +70,27 @@ class Config:
                                 low_exclusive=True, high=1.0)
     entropy_coef: float = setting(0.01, "Weight of the entropy bonus (AvataRL: logit temperature 1+coef).",
                                   "algorithm", low=0.0)
-    beta_kl: float = setting(1e-3, "Initial weight of the KL penalty toward the reference model.", "algorithm",
-                             low=0.0)
-    kl_warm: int = setting(50000, "Characters over which the KL weight ramps up from 0 to BETA_KL.", "algorithm",
-                           low=0)
+    beta_kl: float = setting(1.0, "Initial weight of the KL penalty toward the n-gram reference (seed: 1e-3, "
+                             "which collapses; see docs/grpo-defaults.md).", "algorithm", low=0.0)
+    kl_warm: int = setting(0, "Characters over which the KL weight ramps up from 0 to BETA_KL (0 = no ramp).",
+                           "algorithm", low=0)
     adaptive_kl: bool = setting(True, "Adapt the KL weight so the measured KL tracks KL_TARGET.", "algorithm")
-    kl_target: float = setting(0.02, "Target KL (nats/char) for the adaptive controller.", "algorithm", low=0.0,
+    kl_target: float = setting(0.1, "Target KL (nats/char) for the adaptive controller.", "algorithm", low=0.0,
                                low_exclusive=True)
+    kl_max_coef: float = setting(100.0, "Upper bound of the adaptive KL weight.", "algorithm", low=0.0,
+                                 low_exclusive=True)
     min_variance: float = setting(0.1, "Floor of the group reward std when normalising advantages.", "algorithm",
                                   low=0.0, low_exclusive=True)
     old_policy_interval: int = setting(5, "Iterations between refreshes of the frozen sampling policy.",
                                        "algorithm", low=1)
     reference: str = setting("ngram", "Reference model for partial credit: n-gram counts or a HF causal LM.",
                              "algorithm", choices=("ngram", "gpt2"))
-    ngram_order: int = setting(2, "Order of the n-gram reference (2 = bigram).", "algorithm", low=1, high=6)
+    ngram_order: int = setting(3, "Order of the n-gram reference (2 = bigram, 3 = trigram).", "algorithm", low=1,
+                               high=4)
     reference_model: str = setting("gpt2", "Hugging Face model name or local path when REFERENCE=gpt2.",
                                    "algorithm")
+    exact_match_reward: float = setting(1.0, "Reward for generating the true char (0 with PARTIAL_CREDIT=0 = "
+                                        "reward off, the KL-only ablation).", "algorithm", low=0.0)
     partial_credit: float = setting(1.0, "Weight of the reference-probability partial credit in the reward.",
                                     "algorithm", low=0.0)
     entropy_warn: float = setting(0.3, "Warn when the policy entropy (nats/char) falls below this.", "algorithm",
@@ -346,3 +351,13 @@ def env_example() -> str:
     for name, default, doc in LAUNCHER_VARIABLES:
         lines += [f"# {doc}", f"{name}={default}"]
     return "\n".join(lines).replace("\n\n\n", "\n\n").lstrip() + "\n"
+
+
+def markdown_table() -> str:
+    """The settings as a Markdown table (README), generated from the same field docs."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for f in fields(Config):
+        allowed = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+        default = format_value(default_of(f)) or "(empty)"
+        rows.append(f"| `{env_name(f.name)}` | `{default}` | {f.metadata['doc']}{allowed} |")
+    return "\n".join(rows) + "\n"

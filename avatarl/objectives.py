@@ -52,7 +52,8 @@ class GRPOObjective:
         self.old_policy = frozen_copy(student)
         self.credit, self.kl_reference = build_reference(cfg, list(corpus.vocab.chars), corpus.train, device)
         chars_per_iter = cfg.batch * cfg.k_samples * cfg.horizon
-        self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter)
+        self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
+                                               max_coef=cfg.kl_max_coef)
         self.chars_per_log = cfg.log_interval * chars_per_iter
         self.kl_coef = 0.0
 

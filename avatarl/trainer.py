@@ -29,13 +29,13 @@ from avatarl.data import Corpus, WindowSampler, eval_windows, load_corpus
 from avatarl.model import GPT, GPTConfig
 from avatarl.objectives import Objective, build_objective
 from avatarl.resume import RunState, restore_run, save_run, write_heartbeat
-from avatarl.runtime import StopSignal, bad_iterations_from_env, check_runtime, mixed_precision
+from avatarl.runtime import StopSignal, bad_iterations_from_env, check_runtime, mixed_precision, seed_everything
 from avatarl.schedule import learning_rate
 from avatarl.tracking import make_logger, setup_logging
 
 log = logging.getLogger("avatarl")
 
-EXIT_OK, EXIT_CONFIG, EXIT_BAD_STEPS = 0, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_BAD_STEPS, EXIT_ABORTED = 0, 2, 3, 130
 SAMPLE_PROMPTS = ("ROMEO:", "First Citizen:\n", "\n")
 
 
@@ -138,7 +138,9 @@ def train_step(run: Run) -> bool:
         run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    step_metrics = {"lr": torch.tensor(lr), "skipped": torch.tensor(0.0 if finite else 1.0)}
+    device = run.info.device  # host values as device tensors: drain() stacks all metrics on one device
+    step_metrics = {"lr": torch.full((), lr, device=device),
+                    "skipped": torch.full((), float(not finite), device=device)}
     if finite:  # a skipped step has no loss or norm worth averaging in
         step_metrics.update(loss=total_loss / accum, grad_norm=grad_norm)
     run.metrics.add(step_metrics)
@@ -222,21 +224,28 @@ def train(cfg: Config, role: str = "student") -> int:
     info = D.init_distributed(cfg.device)
     setup_logging(cfg.log_level, info.is_main)
     lock = RunLock(Path(cfg.checkpoint_dir))
+    stop = StopSignal()
     try:
-        cfg.check_world_size(info.world_size)
-        check_runtime(cfg, info)
-        run_dir = prepare_run_dir(cfg, role)
-        if info.is_main:
-            lock.acquire()
-        run = build(cfg, info, role, run_dir)
-        checkpoint = resume_path(cfg, run_dir)
-        if checkpoint is not None:
-            restore_run(run, checkpoint)
-        elif info.is_main and cfg.overwrite:
-            for stale in list_checkpoints(run_dir):
-                stale.unlink()
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return loop(run)
+        with stop:  # from here on, SIGTERM/SIGINT mean "stop cleanly", even while the model is being built
+            cfg.check_world_size(info.world_size)
+            check_runtime(cfg, info)
+            run_dir = prepare_run_dir(cfg, role)
+            if info.is_main:
+                lock.acquire()
+            seed_everything(cfg.seed + info.rank)
+            run = build(cfg, info, role, run_dir)
+            checkpoint = resume_path(cfg, run_dir)
+            if checkpoint is not None:
+                restore_run(run, checkpoint)
+            elif info.is_main and cfg.overwrite:
+                for stale in list_checkpoints(run_dir):
+                    stale.unlink()
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return loop(run, stop)
+    except KeyboardInterrupt:
+        D.print0("[avatarl] aborted by a second interrupt: the step in progress is lost, the newest checkpoint "
+                 "on disk is intact.")
+        return EXIT_ABORTED
     except (ConfigError, CheckpointError) as err:
         for line in str(err).splitlines():
             D.print0(f"error: {line}")
@@ -250,50 +259,53 @@ def train(cfg: Config, role: str = "student") -> int:
         D.cleanup()
 
 
-def loop(run: Run) -> int:
+def loop(run: Run, stop: StopSignal) -> int:
     cfg, state, info = run.cfg, run.state, run.info
+    if D.any_rank(stop.requested, info.device):
+        D.print0(f"[avatarl] stop requested before the first step: nothing new to save, exiting at iteration "
+                 f"{state.iteration}.")
+        return EXIT_OK
     logger = make_logger(info.is_main, run.run_dir, cfg.use_wandb, cfg.wandb_project, cfg.wandb_name,
                          {**cfg.to_dict(), "model": asdict(run.raw_model.config)})
     windows = eval_windows(run.corpus.val, cfg.context_len, cfg.eval_windows)
     if state.iteration == 0:
         logger.log({"val_ce": validation_ce(run.raw_model, windows), "chars_seen": 0}, 0)
     started, chars_at_start, last_beat = time.perf_counter(), state.chars_seen, 0.0
-    bar = tqdm(total=cfg.total_iters, initial=state.iteration, disable=not (info.is_main and sys.stderr.isatty()), desc=run.objective.name,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.total_iters, initial=state.iteration, disable=not (info.is_main and sys.stderr.isatty()),
+               desc=run.objective.name, dynamic_ncols=True)
     exit_code = EXIT_OK
-    with StopSignal() as stop:
-        while state.iteration < cfg.total_iters:
-            good = train_step(run)
-            bar.update(1)
-            it = state.iteration
-            if it % cfg.log_interval == 0 or it == cfg.total_iters:
-                metrics = log_interval_metrics(run, logger, started, chars_at_start)
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean") if k in metrics})
-            if it % cfg.eval_interval == 0 or it == cfg.total_iters:
-                val_ce = validation_ce(run.raw_model, windows)
-                logger.log({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)), "chars_seen": state.chars_seen},
-                           it)
-            if info.is_main and cfg.sample_interval and it % cfg.sample_interval == 0:
-                logger.log_text("samples", text_samples(run), it)
-            if info.is_main and time.monotonic() - last_beat >= cfg.heartbeat_interval:
-                last_beat = time.monotonic()
-                write_heartbeat(run, (state.chars_seen - chars_at_start) / (time.perf_counter() - started))
-            if state.bad_streak >= cfg.max_bad_steps:
-                D.print0(f"error: {state.bad_streak} consecutive non-finite steps (MAX_BAD_STEPS={cfg.max_bad_steps}):"
-                         " stopping with the last good weights saved.")
-                exit_code = EXIT_BAD_STEPS
-                break
-            if cfg.save_intermediate_checkpoints and it % cfg.checkpoint_interval == 0 and good:
-                save_run(run)
-            if D.any_rank(stop.requested, info.device):
-                D.print0(f"[avatarl] stop requested: checkpoint saved at iteration {it}, exiting.")
-                save_run(run)
-                break
-        else:
-            if cfg.save_final_checkpoint:
-                save_run(run)
-            if info.is_main:
-                logger.log_text("samples", text_samples(run), state.iteration)
+    while state.iteration < cfg.total_iters:
+        good = train_step(run)
+        bar.update(1)
+        it = state.iteration
+        if it % cfg.log_interval == 0 or it == cfg.total_iters:
+            metrics = log_interval_metrics(run, logger, started, chars_at_start)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean") if k in metrics})
+        if it % cfg.eval_interval == 0 or it == cfg.total_iters:
+            val_ce = validation_ce(run.raw_model, windows)
+            logger.log({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)), "chars_seen": state.chars_seen},
+                       it)
+        if info.is_main and cfg.sample_interval and it % cfg.sample_interval == 0:
+            logger.log_text("samples", text_samples(run), it)
+        if info.is_main and time.monotonic() - last_beat >= cfg.heartbeat_interval:
+            last_beat = time.monotonic()
+            write_heartbeat(run, (state.chars_seen - chars_at_start) / (time.perf_counter() - started))
+        if state.bad_streak >= cfg.max_bad_steps:
+            D.print0(f"error: {state.bad_streak} consecutive non-finite steps (MAX_BAD_STEPS={cfg.max_bad_steps}):"
+                     " stopping with the last good weights saved.")
+            exit_code = EXIT_BAD_STEPS
+            break
+        if cfg.save_intermediate_checkpoints and it % cfg.checkpoint_interval == 0 and good:
+            save_run(run)
+        if D.any_rank(stop.requested, info.device):
+            save_run(run)
+            D.print0(f"[avatarl] stop requested: checkpoint saved at iteration {it}, exiting.")
+            break
+    else:
+        if cfg.save_final_checkpoint:
+            save_run(run)
+        if info.is_main:
+            logger.log_text("samples", text_samples(run), state.iteration)
     if exit_code == EXIT_BAD_STEPS:
         save_run(run)
     divergence = D.replica_divergence(run.raw_model)

@@ -14,7 +14,13 @@ def test_defaults_match_the_seed():
     cfg = Config()
     assert (cfg.context_len, cfg.horizon, cfg.batch, cfg.micro_batch, cfg.total_iters) == (32, 8, 16384, 512, 2000)
     assert (cfg.n_layer, cfg.n_head, cfg.n_emb, cfg.k_samples) == (6, 8, 512, 4)
-    assert cfg.lr == 3e-4 and cfg.min_lr == 3e-5 and cfg.kl_warm == 50000 and cfg.old_policy_interval == 5
+    assert cfg.lr == 3e-4 and cfg.min_lr == 3e-5 and cfg.old_policy_interval == 5 and cfg.temperature == 1.2
+
+
+def test_kl_defaults_deviate_from_the_seed_on_purpose():
+    """The seed's KL settings (BETA_KL 1e-3, KL_WARM 50000, bigram, KL_TARGET 0.02) collapse; see README."""
+    cfg = Config()
+    assert (cfg.beta_kl, cfg.kl_warm, cfg.ngram_order, cfg.kl_target) == (1.0, 0, 3, 0.1)
 
 
 def test_precedence_env_over_dotenv_over_cli_over_default(tmp_path: Path):

@@ -46,6 +46,15 @@ def small_cfg(**overrides) -> Config:
 
 # --- rewards and advantages
 
+def test_reward_off_is_all_zero():
+    samples = torch.tensor([[[1, 2], [1, 1]]])
+    truth = torch.tensor([[1, 2]])
+    rewards = token_rewards(samples, truth, torch.full((1, 2, 2), 0.3), partial_credit=0.0, exact_match=0.0)
+    assert torch.equal(rewards, torch.zeros(1, 2, 2))
+    torch.testing.assert_close(token_rewards(samples, truth, torch.zeros(1, 2, 2), 0.0, exact_match=2.0),
+                               torch.tensor([[[2.0, 2.0], [2.0, 0.0]]]))
+
+
 def test_token_rewards_hand_values():
     samples = torch.tensor([[[0, 1, 2], [0, 0, 0]]])  # [B=1, K=2, H=3]
     truth = torch.tensor([[0, 1, 1]])
@@ -146,6 +155,9 @@ def test_adaptive_kl_controller_updates():
     restored = AdaptiveKLController(1.0, target=0.02, horizon_chars=1000)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
+    capped = AdaptiveKLController(90.0, target=0.02, horizon_chars=1000, max_coef=100.0)
+    assert capped.update(1.0, 1000) == 100.0  # 90 x 1.2 = 108, held at the cap
+    assert capped.update(1.0, 1000) == 100.0
 
 
 def test_kl_warmup_ramp():

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avatarl.model import KVCache
+
 
 class CreditReference(Protocol):
     def token_probs(self, ctx: Tensor, samples: Tensor) -> Tensor: ...
@@ -36,21 +38,30 @@ class Rollout:
     old_logp: Tensor  # [B, K, H] float32, log-prob of each under the tempered old policy
 
 
+def repeat_cache_rows(cache: KVCache, repeats: int) -> None:
+    """Row b of the cache becomes rows b*repeats .. b*repeats + repeats - 1 (keys/values are [L, B, T, H, D])."""
+    cache.k = cache.k.repeat_interleave(repeats, dim=1)
+    cache.v = cache.v.repeat_interleave(repeats, dim=1)
+    cache.batch_size *= repeats
+
+
 @torch.no_grad()
 def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperature: float,
             generator: torch.Generator | None = None) -> Rollout:
     """Sample K continuations of `horizon` chars per context in one batched, KV-cached pass.
 
-    ctx [B, C] is repeated to [B*K, C] (row b*K + j is sample j of context b), prefilled once, then
-    decoded one char per step. Each char x_h is drawn from pi_T = softmax(logits / T), the distribution
-    old_logp scores: old_logp_h = log pi_T(x_h | ctx, x_<h). Sampling is an exponential race,
-    argmax_v pi_T(v) / E_v with E_v ~ Exp(1), which draws exactly from pi_T without host syncs.
-    `generator` must live on ctx's device.
+    Each context is prefilled once (the K samples share it), then its cache and last logits are
+    repeated to [B*K] rows (row b*K + j is sample j of context b) and decoded one char per step.
+    Each char x_h is drawn from pi_T = softmax(logits / T), the distribution old_logp scores:
+    old_logp_h = log pi_T(x_h | ctx, x_<h). Sampling is an exponential race, argmax_v pi_T(v) / E_v
+    with E_v ~ Exp(1), which draws exactly from pi_T without host syncs. `generator` must live on
+    ctx's device.
     """
     B, C = ctx.shape
-    seq = ctx.repeat_interleave(k, dim=0)  # [B*K, C]
-    cache = old_policy.new_cache(B * k, max_len=C + horizon - 1)
-    logits = old_policy(seq, cache=cache)[:, -1]  # [B*K, V]
+    cache = old_policy.new_cache(B, max_len=C + horizon - 1)
+    logits = old_policy(ctx, cache=cache)[:, -1].repeat_interleave(k, dim=0)  # [B*K, V]
+    if cache is not None:
+        repeat_cache_rows(cache, k)
     samples, logps = [], []
     for h in range(horizon):
         logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [B*K, V]
@@ -63,12 +74,16 @@ def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperatur
     return Rollout(torch.cat(samples, 1).view(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))
 
 
-def token_rewards(samples: Tensor, truth: Tensor, ref_prob: Tensor, partial_credit: float) -> Tensor:
-    """r[b,k,h] = 1[samples[b,k,h] == truth[b,h]] + partial_credit * ref_prob[b,k,h].
+def token_rewards(samples: Tensor, truth: Tensor, ref_prob: Tensor, partial_credit: float,
+                  exact_match: float = 1.0) -> Tensor:
+    """r[b,k,h] = exact_match * 1[samples[b,k,h] == truth[b,h]] + partial_credit * ref_prob[b,k,h].
+
+    exact_match = partial_credit = 0 switches the reward off (the ablation that isolates what the KL
+    term alone teaches).
 
     samples [B, K, H], truth [B, H], ref_prob [B, K, H] = p_ref(sampled char | context and sampled prefix).
     """
-    return (samples == truth[:, None, :]).float() + partial_credit * ref_prob.float()
+    return exact_match * (samples == truth[:, None, :]).float() + partial_credit * ref_prob.float()
 
 
 def group_advantages(rewards: Tensor, min_std: float) -> Tensor:
@@ -121,15 +136,19 @@ class AdaptiveKLController:
     """The PPO-style proportional controller of the KL weight (Ziegler et al., 2019).
 
     After n_chars generated chars with measured KL: e = clip(kl / target - 1, -0.2, 0.2) and
-    coef <- coef * (1 + e * min(n_chars / horizon_chars, 1)). The min keeps one update inside
-    [0.8, 1.2] x coef, so the weight stays positive however long the interval. Call it once per log
-    interval with a host float, so the training step never waits on the device for it.
+    coef <- min(coef * (1 + e * min(n_chars / horizon_chars, 1)), max_coef). The inner min keeps one
+    update inside [0.8, 1.2] x coef, so the weight stays positive however long the interval. The cap
+    matters when the student cannot reach the target yet (a trigram reference early on): uncapped,
+    the weight grew by 1.2x per update to ~1e15 in 1000 iterations of the defaults study. Call it
+    once per log interval with a host float, so the training step never waits on the device for it.
     """
 
-    def __init__(self, init_coef: float, target: float, horizon_chars: float):
-        if target <= 0 or horizon_chars <= 0:
-            raise ValueError(f"target={target} and horizon_chars={horizon_chars} must be positive")
+    def __init__(self, init_coef: float, target: float, horizon_chars: float, max_coef: float = 100.0):
+        if target <= 0 or horizon_chars <= 0 or max_coef <= 0:
+            raise ValueError(f"target={target}, horizon_chars={horizon_chars} and max_coef={max_coef} "
+                             "must be positive")
         self.coef, self.target, self.horizon_chars = float(init_coef), float(target), float(horizon_chars)
+        self.max_coef = float(max_coef)
 
     @property
     def value(self) -> float:
@@ -139,7 +158,7 @@ class AdaptiveKLController:
         """Move coef toward the weight that holds KL at target; a non-finite kl leaves it unchanged."""
         if kl == kl and abs(kl) != float("inf"):
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-            self.coef *= 1.0 + error * min(n_chars / self.horizon_chars, 1.0)
+            self.coef = min(self.coef * (1.0 + error * min(n_chars / self.horizon_chars, 1.0)), self.max_coef)
         return self.coef
 
     def state_dict(self) -> dict[str, float]:
@@ -184,7 +203,8 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
             ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
         else:
             ref_prob = credit_reference.token_probs(ctx_rep, flat)
-        rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), cfg.partial_credit)
+        rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), cfg.partial_credit,
+                                cfg.exact_match_reward)
         adv = group_advantages(rewards, cfg.min_variance)
 
     logits = policy(inputs)[:, C - 1:].float()  # [B*K, H, V]

@@ -1,0 +1,295 @@
+"""Train on Modal in the image built from docker/Dockerfile, the same image compose and Kubernetes run.
+
+    TRAINING_MODE=modal avatarl train        # also: make modal, python train_generic.py --mode modal
+
+What happens: the local settings (environment > .env > flags) are resolved here; a Modal app is
+defined with the Dockerfile image, `GPU_TYPE:N_GPUS` GPUs, two persistent volumes (MODAL_DATA_VOLUME at
+/data, MODAL_CHECKPOINT_VOLUME at /checkpoints, created on first use), the wandb/HF keys as a Modal
+secret (a named one, MODAL_WANDB_SECRET, or the local keys sent as an ephemeral secret; never part of
+the image or of the function's arguments), retries, and a MODAL_TIMEOUT_HOURS limit. The remote
+function runs `avatarl train` (or `torchrun --nproc-per-node=N_GPUS -m avatarl train`) with
+CHECKPOINT_DIR=/checkpoints, so a retried or preempted run resumes from its newest checkpoint.
+
+Volume commits: a thread polls CHECKPOINT_DIR/latest every COMMIT_POLL_SECONDS and commits the
+checkpoint volume when it names a new checkpoint; both volumes are committed again when the trainer
+exits. A run stopped by Modal's preemption signal before it finished raises, so Modal runs it again.
+
+`modal` is imported only inside the functions that need it: this module imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from avatarl.config import LAUNCHER_NAMES, LAUNCHER_VARIABLES, config_fields, default_of, is_secret, read_dotenv
+
+APP_NAME = "avatarl"
+DOCKERFILE = "docker/Dockerfile"
+DATA_MOUNT = "/data"
+CHECKPOINT_MOUNT = "/checkpoints"
+MAX_GPUS = 8  # GPUs Modal attaches to one container
+MAX_TIMEOUT_HOURS = 24.0  # Modal's limit for one function call
+RETRIES = 3
+COMMIT_POLL_SECONDS = 30.0
+# Exit codes that a rerun cannot fix: bad settings (2) and a run stopped by non-finite losses (3).
+NO_RETRY_EXIT_CODES = (2, 3)
+# Keys the remote trainer reads from the environment, sent only inside a Modal secret.
+SECRET_KEYS = ("WANDB_API_KEY", "HF_TOKEN")
+# Settings that describe this machine, not the container.
+HOST_ONLY = frozenset({"CHECKPOINT_DIR", "DATA_CACHE_DIR", "HF_HOME", "TRAINING_MODE", "AVATARL_IMAGE",
+                       "CHECKPOINT_HOST_DIR", "DATA_HOST_DIR", "CACHE_HOST_DIR", "HOST_UID"})
+INSTALL_HINT = "Modal is not installed: pip install 'avatarl[modal]' (then `modal setup` once to log in)."
+
+
+class ModalSetupError(RuntimeError):
+    """The Modal run cannot be set up as configured; the message says what to change."""
+
+
+def in_modal_container(environ: Mapping[str, str] | None = None) -> bool:
+    """True inside a Modal container (Modal sets MODAL_TASK_ID and MODAL_IS_REMOTE=1 there)."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("MODAL_TASK_ID")) or environ.get("MODAL_IS_REMOTE") == "1"
+
+
+def collect_settings(env_file: str | os.PathLike | None = None, cli: Mapping[str, str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Settings and launcher variables as text, with the precedence of `load_config`: env > .env > cli."""
+    environ = os.environ if environ is None else environ
+    known = set(config_fields()) | LAUNCHER_NAMES
+    path = Path(env_file) if env_file is not None else Path(".env")
+    dotenv = read_dotenv(path) if path.is_file() else {}
+    merged: dict[str, str] = {}
+    for layer in (cli or {}, dotenv, environ):
+        merged.update({name: value for name, value in layer.items() if name in known})
+    return merged
+
+
+def repo_root() -> Path:
+    """The source checkout holding docker/Dockerfile, which is also the image's build context."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / DOCKERFILE).is_file():
+        raise ModalSetupError(f"{root / DOCKERFILE} not found: run Modal training from a source checkout "
+                              "(git clone ...; pip install -e '.[modal]').")
+    return root
+
+
+def trainer_command(n_gpus: int) -> list[str]:
+    """`avatarl train` on one GPU; one process per GPU under torchrun otherwise."""
+    if n_gpus > 1:
+        return ["torchrun", "--standalone", f"--nproc-per-node={n_gpus}", "-m", "avatarl", "train"]
+    return ["avatarl", "train"]
+
+
+@dataclass(frozen=True)
+class ModalPlan:
+    """Everything the Modal app needs, decided from the settings without touching Modal."""
+
+    gpu: str
+    n_gpus: int
+    timeout_s: int
+    data_volume: str
+    checkpoint_volume: str
+    named_secret: str
+    remote_settings: dict[str, str]
+    # (local file, path inside the data volume) when DATA_PATH is a file on this machine.
+    upload: tuple[Path, str] | None
+    local_secrets: dict[str, str] = field(repr=False)
+
+
+def _setting(settings: Mapping[str, str], name: str) -> str:
+    defaults = {n: d for n, d, _ in LAUNCHER_VARIABLES}
+    if name in settings:
+        return settings[name]
+    fields = config_fields()
+    return str(default_of(fields[name])) if name in fields else defaults.get(name, "")
+
+
+def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
+    """Turn local settings into a Modal plan; ModalSetupError lists every problem."""
+    problems = []
+    try:
+        n_gpus = int(_setting(settings, "N_GPUS"))
+    except ValueError:
+        n_gpus = 0
+    if not 1 <= n_gpus <= MAX_GPUS:
+        problems.append(f"N_GPUS={_setting(settings, 'N_GPUS')!r}: Modal attaches 1 to {MAX_GPUS} GPUs to a container.")
+    try:
+        hours = float(_setting(settings, "MODAL_TIMEOUT_HOURS"))
+    except ValueError:
+        hours = -1.0
+    if not 0 < hours <= MAX_TIMEOUT_HOURS:
+        problems.append(f"MODAL_TIMEOUT_HOURS={_setting(settings, 'MODAL_TIMEOUT_HOURS')!r}: "
+                        f"give a number of hours above 0 and at most {MAX_TIMEOUT_HOURS:g} (Modal's limit).")
+    volumes = {name: _setting(settings, name) for name in ("MODAL_DATA_VOLUME", "MODAL_CHECKPOINT_VOLUME")}
+    problems += [f"{name} is empty: name the Modal volume." for name, value in volumes.items() if not value]
+    if len(set(volumes.values())) < len(volumes):
+        problems.append("MODAL_DATA_VOLUME and MODAL_CHECKPOINT_VOLUME must name different volumes.")
+
+    remote = {name: value for name, value in settings.items()
+              if name in config_fields() and name not in HOST_ONLY and not is_secret(name)}
+    # TRAINING_MODE=generic: the hand-over happened; the trainer in the container must not start another.
+    remote.update(volumes, CHECKPOINT_DIR=CHECKPOINT_MOUNT, DATA_CACHE_DIR=f"{DATA_MOUNT}/cache",
+                  HF_HOME=f"{DATA_MOUNT}/hf", N_GPUS=str(n_gpus), TRAINING_MODE="generic")
+    if settings.get("WANDB_MODE"):
+        remote["WANDB_MODE"] = settings["WANDB_MODE"]
+    upload = None
+    data_path = settings.get("DATA_PATH", "")
+    if data_path and not PurePosixPath(data_path).is_relative_to(DATA_MOUNT):
+        local = Path(data_path).expanduser()
+        if not local.is_file():
+            problems.append(f"DATA_PATH={data_path}: no such file here; give a local file (it is uploaded to "
+                            f"the data volume) or a path under {DATA_MOUNT} in volume {volumes['MODAL_DATA_VOLUME']}.")
+        upload = (local, f"/corpus/{local.name}")
+        remote["DATA_PATH"] = f"{DATA_MOUNT}/corpus/{local.name}"
+    if problems:
+        raise ModalSetupError("\n".join(problems))
+
+    gpu_type = _setting(settings, "GPU_TYPE")
+    return ModalPlan(gpu=f"{gpu_type}:{n_gpus}" if n_gpus > 1 else gpu_type, n_gpus=n_gpus,
+                     timeout_s=round(hours * 3600), data_volume=volumes["MODAL_DATA_VOLUME"],
+                     checkpoint_volume=volumes["MODAL_CHECKPOINT_VOLUME"],
+                     named_secret=_setting(settings, "MODAL_WANDB_SECRET"), remote_settings=remote, upload=upload,
+                     local_secrets={key: settings[key] for key in SECRET_KEYS if settings.get(key)})
+
+
+def _import_modal() -> Any:
+    try:
+        import modal
+    except ImportError as err:
+        raise ModalSetupError(INSTALL_HINT) from err
+    return modal
+
+
+def build_app(plan: ModalPlan) -> tuple[Any, Any]:
+    """The Modal app and its training function for `plan` (defined offline; nothing runs yet)."""
+    modal = _import_modal()
+    root = repo_root()
+    image = modal.Image.from_dockerfile(str(root / DOCKERFILE), context_dir=str(root))
+    volumes = {DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True),
+               CHECKPOINT_MOUNT: modal.Volume.from_name(plan.checkpoint_volume, create_if_missing=True)}
+    secrets = [modal.Secret.from_name(plan.named_secret)] if plan.named_secret else []
+    if plan.local_secrets:
+        secrets.append(modal.Secret.from_dict(plan.local_secrets))
+    app = modal.App(APP_NAME)
+    # The image already holds this package, built from the same tree, so no source is mounted over it.
+    function = app.function(image=image, gpu=plan.gpu, volumes=volumes, secrets=secrets, timeout=plan.timeout_s,
+                            retries=modal.Retries(max_retries=RETRIES, initial_delay=10.0, backoff_coefficient=2.0),
+                            include_source=False)(train_in_container)
+    return app, function
+
+
+def run_modal(settings: Mapping[str, str]) -> int:
+    """Train on Modal with these settings; returns the remote trainer's exit code."""
+    plan = plan_modal_run(settings)
+    modal = _import_modal()
+    app, function = build_app(plan)
+    if plan.upload:
+        local, remote = plan.upload
+        print(f"[avatarl] uploading {local} to Modal volume {plan.data_volume} at {remote}")
+        volume = modal.Volume.from_name(plan.data_volume, create_if_missing=True)
+        with volume.batch_upload(force=True) as batch:
+            batch.put_file(str(local), remote)
+    print(f"[avatarl] Modal: {plan.gpu}, timeout {plan.timeout_s / 3600:g} h, volumes {plan.data_volume} -> "
+          f"{DATA_MOUNT}, {plan.checkpoint_volume} -> {CHECKPOINT_MOUNT}")
+    # detach: the run continues if this machine disconnects; `modal app stop avatarl` ends it.
+    with modal.enable_output(), app.run(detach=True):
+        return int(function.remote(plan.remote_settings))
+
+
+class CheckpointCommitter:
+    """Calls `commit` whenever the checkpoint pointer file names a checkpoint it has not seen."""
+
+    def __init__(self, pointer: Path, commit: Callable[[], None]):
+        self.pointer, self.commit = pointer, commit
+        self.seen = self._read()
+
+    def _read(self) -> str | None:
+        try:
+            return self.pointer.read_text()
+        except OSError:
+            return None
+
+    def poll(self) -> bool:
+        current = self._read()
+        if current is None or current == self.seen:
+            return False
+        try:
+            self.commit()
+        except Exception as err:  # a failed commit must not end the run; the next change retries
+            print(f"[avatarl] warning: volume commit failed: {err}", file=sys.stderr)
+            return False
+        self.seen = current
+        return True
+
+
+def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any] = lambda: None,
+              interval: float = COMMIT_POLL_SECONDS) -> tuple[int, bool]:
+    """Run the trainer, forwarding SIGTERM/SIGINT to it as SIGTERM (finish the step, checkpoint, exit).
+
+    Calls `poll` every `interval` seconds from a thread. Returns (exit code, whether a signal came).
+    """
+    process = subprocess.Popen(command, env=dict(env))
+    signalled = threading.Event()
+
+    def forward(signum: int, frame: Any) -> None:
+        signalled.set()
+        process.send_signal(signal.SIGTERM)
+
+    def keep_polling() -> None:
+        while not stop.wait(interval):
+            poll()
+
+    # Handlers can only be set from the main thread; elsewhere the child gets signals only directly.
+    main_thread = threading.current_thread() is threading.main_thread()
+    signums = (signal.SIGTERM, signal.SIGINT) if main_thread else ()
+    previous = {signum: signal.signal(signum, forward) for signum in signums}
+    stop = threading.Event()
+    poller = threading.Thread(target=keep_polling, daemon=True)
+    poller.start()
+    try:
+        code = process.wait()
+    finally:
+        stop.set()
+        poller.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code, signalled.is_set()
+
+
+def run_finished(checkpoint_dir: Path) -> bool:
+    """Whether the trainer marked its run complete in the heartbeat (and not just stopped early)."""
+    import json
+
+    from avatarl.resume import HEARTBEAT
+
+    try:
+        return bool(json.loads((checkpoint_dir / HEARTBEAT).read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def train_in_container(settings: dict[str, str]) -> int:
+    """The Modal function: run the trainer in the container, keep the volumes committed."""
+    import modal
+
+    from avatarl.checkpoint import LATEST
+
+    checkpoint_dir = Path(settings["CHECKPOINT_DIR"])
+    checkpoint_volume = modal.Volume.from_name(settings["MODAL_CHECKPOINT_VOLUME"])
+    committer = CheckpointCommitter(checkpoint_dir / LATEST, checkpoint_volume.commit)
+    code, signalled = supervise(trainer_command(int(settings["N_GPUS"])), {**os.environ, **settings}, committer.poll)
+    checkpoint_volume.commit()
+    modal.Volume.from_name(settings["MODAL_DATA_VOLUME"]).commit()
+    if code == 0 and signalled and not run_finished(checkpoint_dir):
+        raise RuntimeError("stopped by a signal before the end (preemption): Modal reruns it and it resumes")
+    if code not in (0, *NO_RETRY_EXIT_CODES):
+        raise RuntimeError(f"avatarl train exited with {code}: Modal retries it and it resumes from its checkpoint")
+    return code

