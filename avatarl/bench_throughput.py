@@ -170,18 +170,22 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
 
 
 def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
-    """The scoring phase of grpo_micro_step: reference log-probs, credit, rewards, advantages."""
+    """The scoring phase of grpo_micro_step (kept in step with it): reference log-probs, credit,
+    rewards, advantages."""
     cfg, objective = grpo.cfg, grpo.objective
     B, C = ctx.shape
     flat = ro.samples.view(B * cfg.k_samples, cfg.horizon)
     ctx_rep = ctx.repeat_interleave(cfg.k_samples, dim=0)
     inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
     ref_logp = objective.kl_reference.log_probs(inputs)[:, C - 1:].float()
-    if objective.credit is objective.kl_reference:
+    if cfg.partial_credit == 0:
+        ref_prob = torch.zeros_like(flat, dtype=torch.float32)
+    elif objective.credit is objective.kl_reference:
         ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
     else:
         ref_prob = objective.credit.token_probs(ctx_rep, flat)
-    rewards = token_rewards(ro.samples, truth, ref_prob.view_as(ro.samples), cfg.partial_credit)
+    rewards = token_rewards(ro.samples, truth, ref_prob.view_as(ro.samples), cfg.partial_credit,
+                            cfg.exact_match_reward)
     return group_advantages(rewards, cfg.min_variance)
 
 
@@ -218,16 +222,16 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
 
 
 def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
-    """FLOPs of one iteration of each measured step, from GPT.flops_per_token (fwd + bwd = 3 x fwd).
+    """FLOPs of one call of each timed step, from F(T) = GPT.flops_per_token(T) (forward + backward).
 
-    supervised: F(C+H) x BK(C+H);  GRPO: (1 + 1/3) F(S) x BK S with S = C+H-1 (update, plus the
-    rollout's forward over the same S positions: C prefilled + H-1 decoded);  AvataRL: F(C) x BC
-    for the student plus F_ref(C)/3 x BC for the referee's forward.
+    supervised: F(C+H) x BK(C+H).  GRPO: F(S) x BK S for the update (S = C+H-1 positions) plus a
+    forward, F(S)/3 per token, over the rollout's B C prefilled and BK(H-1) decoded tokens.
+    AvataRL: F(C) x BC for the student plus F_ref(C)/3 x BC for the referee's forward.
     """
     B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
     S = C + H - 1
     return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
-            "grpo_iteration": (4.0 / 3.0) * student.flops_per_token(S) * B * K * S,
+            "grpo_iteration": student.flops_per_token(S) * (B * K * S + B * (C + K * (H - 1)) / 3.0),
             "avatarl_iteration": (student.flops_per_token(C) + referee.flops_per_token(C) / 3.0) * B * C}
 
 

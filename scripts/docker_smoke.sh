@@ -11,7 +11,7 @@
 # cached in SMOKE_CACHE, so reruns skip debootstrap and downloads; everything else goes on exit.
 #
 # Environment: HOST_UID (owner of the checkpoints; default the sudo caller, else 1000), SMOKE_CACHE,
-# SMOKE_CORPUS, TORCH_SPEC (CPU torch for the wheelhouse), SMOKE_PIP_ARGS (extra `pip download` flags,
+# SMOKE_CORPUS, SMOKE_TMPFS (docker data root in RAM: auto = with 10 GB free), TORCH_SPEC (CPU torch for the wheelhouse), SMOKE_PIP_ARGS (extra `pip download` flags,
 # e.g. "--extra-index-url https://download.pytorch.org/whl/cpu" where no local CPU wheel is found).
 set -euo pipefail
 
@@ -57,6 +57,11 @@ cleanup() {
         kill -0 "$DOCKERD_PID" 2> /dev/null && kill -9 "$DOCKERD_PID"
     fi
     awk -v work="$WORK" 'index($2, work) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r -n 1 umount -l 2> /dev/null
+    if [ "$status" != 0 ]; then  # keep the logs for a post-mortem
+        rm -rf "$SMOKE_CACHE/last-failure" && mkdir -p "$SMOKE_CACHE/last-failure"
+        cp "$WORK"/*.log "$SMOKE_CACHE/last-failure/" 2> /dev/null
+        printf '[smoke] logs kept in %s\n' "$SMOKE_CACHE/last-failure" >&2
+    fi
     log "cleanup: removing $WORK"
     rm -rf "$WORK"
     [ "$MADE_WHEELHOUSE" = 1 ] && rm -rf "$REPO/.wheelhouse"
@@ -90,13 +95,25 @@ fi
 compose() { "$COMPOSE_BIN" -p "$PROJECT" -f "$WORK/project/compose.yaml" "$@"; }
 
 # ------------------------------------------------------------------ dockerd
+# The data root takes ~3 GB in ~60k files. On a disk mounted with `discard` deleting them alone takes
+# minutes, so it goes on a tmpfs when memory allows (SMOKE_TMPFS=auto|1|0).
+mkdir -p "$WORK/data-root"
+available_gb=$(($(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo) / 1048576))
+case "${SMOKE_TMPFS:-auto}" in
+    1) use_tmpfs=1 ;;
+    0) use_tmpfs=0 ;;
+    *) use_tmpfs=$((available_gb >= 10)) ;;
+esac
+if [ "$use_tmpfs" = 1 ]; then
+    mount -t tmpfs -o size=6g,mode=0711 avatarl-smoke "$WORK/data-root"
+fi
 export DOCKER_HOST=unix://$WORK/docker.sock DOCKER_BUILDKIT=0
 dockerd --bridge=none --iptables=false --data-root "$WORK/data-root" --exec-root "$WORK/exec" \
     --host "$DOCKER_HOST" --pidfile "$WORK/dockerd.pid" > "$WORK/dockerd.log" 2>&1 &
 DOCKERD_PID=$!
 for _ in $(seq 60); do docker version > /dev/null 2>&1 && break; sleep 0.5; done
 docker version > /dev/null 2>&1 || { tail -20 "$WORK/dockerd.log" >&2; fail "dockerd did not start"; }
-log "dockerd $DOCKERD_PID up at $DOCKER_HOST"
+log "dockerd $DOCKERD_PID up at $DOCKER_HOST (data root on $([ "$use_tmpfs" = 1 ] && echo tmpfs || echo disk))"
 
 # ------------------------------------------------------------------ base image and wheelhouse (cached)
 mkdir -p "$SMOKE_CACHE"

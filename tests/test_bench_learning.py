@@ -7,7 +7,6 @@ import json
 import math
 import sys
 from collections import Counter
-from dataclasses import fields
 
 import pytest
 import torch
@@ -82,11 +81,7 @@ def test_every_method_trains_at_the_same_budget(bench):
     budget = BUDGET_ITERS * 16 * (16 + 1)
     assert report["budget_chars"] == budget
     assert list(report["methods"]) == [m.name for m in METHODS]
-    has_reward_switch = "exact_match_reward" in {f.name for f in fields(Config)}
     for name, result in report["methods"].items():
-        if name == "grpo_reward_off" and not has_reward_switch:
-            assert "EXACT_MATCH_REWARD" in result["skipped"]
-            continue
         window = 16 + (4 if name.startswith("grpo") else 1)
         assert result["exit_code"] == 0
         assert abs(result["chars_seen"] - budget) <= 16 * window / 2, (name, result["chars_seen"])
@@ -106,6 +101,17 @@ def test_every_method_trains_at_the_same_budget(bench):
     assert saved["val_ce"] == pytest.approx(referee["final_val_ce"])
 
 
+def test_the_reward_off_control_gets_no_reward(bench):
+    root, _, report = bench
+    assert report["methods"]["grpo_reward_off"]["settings"] == {
+        "ALGORITHM": "grpo", "PARTIAL_CREDIT": 0.0, "EXACT_MATCH_REWARD": 0.0}
+    logged = [json.loads(line) for line in (root / "out/runs/grpo_reward_off/metrics.jsonl").read_text().splitlines()]
+    rewards = [record["reward_mean"] for record in logged if "reward_mean" in record]
+    assert rewards and all(r == 0.0 for r in rewards)
+    on = [json.loads(line) for line in (root / "out/runs/grpo/metrics.jsonl").read_text().splitlines()]
+    assert any(record.get("reward_mean", 0.0) > 0 for record in on)
+
+
 def test_reference_lines_are_computed_from_the_corpus(bench):
     _, data, report = bench
     text = data.read_text()
@@ -116,6 +122,8 @@ def test_reference_lines_are_computed_from_the_corpus(bench):
     assert lines["unigram"] == pytest.approx(unigram, rel=1e-9)
     assert lines["bigram"] == pytest.approx(bigram, rel=1e-9)
     assert lines["uniform"] > lines["unigram"] > lines["bigram"]
+    assert report["kl_reference"]["order"] == Config().ngram_order
+    assert 0 < report["kl_reference"]["val_ce"] < lines["unigram"]
 
 
 def test_outputs_are_written(bench):

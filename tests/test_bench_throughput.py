@@ -123,19 +123,20 @@ def test_flop_counts_hand_values():
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
     # N = wte 5*8 (tied head) + norms 8+8+8 + qkv 8*24 + proj 8*8 + fc 8*32 + proj 32*8 = 40+24+192+64+256+256 = 832
     assert model.num_params() == 832
-    cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=1, k_samples=2)
+    cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
     flops = flop_counts(cfg, model, model)
-    # F(T) = 6*832 + 12*1*8*T = 4992 + 96 T.  B=2, C=3, K=2, H=1, S = C+H-1 = 3
-    assert flops["supervised_step"] == (4992 + 96 * 4) * 2 * 2 * 4  # F(4) x BK(C+H) = 5376 x 16 = 86016
-    assert flops["grpo_iteration"] == pytest.approx(4 / 3 * (4992 + 96 * 3) * 2 * 2 * 3)  # 84480
-    assert flops["avatarl_iteration"] == pytest.approx(4 / 3 * (4992 + 96 * 3) * 2 * 3)  # 42240
+    # F(T) = 6*832 + 12*1*8*T = 4992 + 96 T.  B=2, C=3, K=2, H=2, S = C+H-1 = 4
+    assert flops["supervised_step"] == (4992 + 96 * 5) * 2 * 2 * 5  # F(5) x BK(C+H) = 5472 x 20 = 109440
+    # update F(4) x BK S = 5376 x 16 = 86016; rollout forward F(4)/3 x B(C + K(H-1)) = 1792 x 10 = 17920
+    assert flops["grpo_iteration"] == pytest.approx(86016 + 17920)
+    assert flops["avatarl_iteration"] == pytest.approx(4 / 3 * (4992 + 96 * 3) * 2 * 3)  # F(3) 4/3 BC = 42240
 
 
 def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytest.MonkeyPatch):
     # the CUDA branch of the report, fed made-up times: its numbers must follow from them
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
-    cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=1, k_samples=2)
+    cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
     times = {"supervised_step": 2e-9, "grpo_iteration": 4e-9, "rollout_kv_cache": 1e-9, "grpo_scoring": 5e-10,
              "rollout_recompute": 3e-9, "avatarl_iteration": 1e-9}
     result = {"timings": {name: Timing([t, 2 * t, t / 2], peak_memory_mib=100.0) for name, t in times.items()},
@@ -143,10 +144,10 @@ def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytes
     report = summarise(cfg, torch.device("cuda"), result, warmup=1, iters=3)
     gpu = report["gpu"]
     assert (gpu["gpu_type"], gpu["peak_bf16_tflops"]) == ("H100", 989.0)
-    # 84480 FLOPs (see the hand values above) in the median time 4e-9 s = 21.12 TFLOP/s
-    assert gpu["achieved_tflops"]["grpo_iteration"] == pytest.approx(21.12)
-    assert report["ratios"]["mfu"] == pytest.approx(21.12 / 989.0)
-    assert gpu["mfu"]["supervised_step"] == pytest.approx(86016 / 2e-9 / 1e12 / 989.0)
+    # 103936 FLOPs (see the hand values above) in the median time 4e-9 s = 25.984 TFLOP/s
+    assert gpu["achieved_tflops"]["grpo_iteration"] == pytest.approx(25.984)
+    assert report["ratios"]["mfu"] == pytest.approx(25.984 / 989.0)
+    assert gpu["mfu"]["supervised_step"] == pytest.approx(109440 / 2e-9 / 1e12 / 989.0)
     assert report["ratios"]["grpo_over_supervised"] == pytest.approx(2.0)
     assert report["ratios"]["kv_cache_speedup"] == pytest.approx(3.0)
     table = format_table(report)
