@@ -44,6 +44,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class RunDirectoryBusy(CheckpointError):
+    """Another live trainer holds CHECKPOINT_DIR: worth retrying later (a pod still terminating)."""
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"ckpt_{iteration:08d}.pt"
 
@@ -288,7 +292,7 @@ class RunLock:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise CheckpointError(f"CHECKPOINT_DIR={self.path.parent} is in use by a running trainer ({owner}): "
+            raise RunDirectoryBusy(f"CHECKPOINT_DIR={self.path.parent} is in use by a running trainer ({owner}): "
                                   "stop it or choose another CHECKPOINT_DIR.") from None
         handle.seek(0)
         previous = handle.read().strip()

@@ -129,6 +129,12 @@ def command_bench(args: argparse.Namespace) -> int:
     return run_bench(cfg, args)
 
 
+def command_launch(args: argparse.Namespace) -> int:
+    from avatarl.runtime import launch_torchrun
+
+    return launch_torchrun(args.torchrun_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatarl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     add_setting_flags(sample, only=("CHECKPOINT_DIR", "DEVICE"))
     sample.set_defaults(handler=command_sample)
+
+    launch = commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 "
+                                 "-m avatarl train` exits 0 after a SIGTERM checkpoint")
+    launch.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="arguments for torchrun")
+    launch.set_defaults(handler=command_launch)
 
     health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh (liveness probe)")
     health.add_argument("--max-age", type=float, default=None,

@@ -39,7 +39,7 @@ class RunState:
 
 
 def save_run(run: Run) -> Path | None:
-    """Collective: every rank contributes its RNG and sampler state, rank 0 writes the file, and every
+    """Collective: every rank contributes its `rank_state`, rank 0 writes the file, and every
     rank raises CheckpointError when that write failed (e.g. a full disk), so no rank trains on alone."""
     state = run.state
     rank_states = D.gather_to_all(rank_state(run))

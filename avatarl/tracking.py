@@ -51,8 +51,11 @@ class RunLogger(NullLogger):
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"iter": step, **metrics}
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, allow_nan=True) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, allow_nan=True) + "\n")
+        except OSError as err:  # e.g. a full disk: losing a metrics line must not lose the run
+            log.warning("Could not append to %s (%s); training continues.", self.metrics_path, err.strerror)
         log.info(scrub_secrets(format_metrics(record)))
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)

