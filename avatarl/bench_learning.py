@@ -185,15 +185,13 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     corpus = load_corpus(base, torch.device("cpu"))
     baselines = corpus_baselines(corpus.train, corpus.val, corpus.vocab.size)
     budget = budget_iters * base.batch * (base.context_len + 1)
-    report: dict[str, Any] = {"schema": SCHEMA, "budget_chars": budget, "vocab_size": corpus.vocab.size,
-                              "baselines": baselines,
-                              "kl_reference": {"order": base.ngram_order, "val_ce": reference_ce(
-                                  base, corpus.train, corpus.val, corpus.vocab.size)},
-                              "model": {"n_layer": base.n_layer, "n_head": base.n_head,
-                                                                "n_emb": base.n_emb},
-                              "settings": {k.upper(): v for k, v in base.to_dict().items()
-                                           if k in SETTINGS_RECORDED},
-                              "torch_threads": torch.get_num_threads(), "methods": {}}
+    kl_reference = {"order": base.ngram_order,
+                    "val_ce": reference_ce(base, corpus.train, corpus.val, corpus.vocab.size)}
+    report: dict[str, Any] = {
+        "schema": SCHEMA, "budget_chars": budget, "vocab_size": corpus.vocab.size, "baselines": baselines,
+        "kl_reference": kl_reference, "model": {"n_layer": base.n_layer, "n_head": base.n_head, "n_emb": base.n_emb},
+        "settings": {k.upper(): v for k, v in base.to_dict().items() if k in SETTINGS_RECORDED},
+        "torch_threads": torch.get_num_threads(), "methods": {}}
     started = time.perf_counter()
     code, report["referee"], referee_path = train_referee(base, out, referee_iters, eval_points)
     if code != EXIT_OK or referee_path is None:

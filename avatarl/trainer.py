@@ -171,7 +171,9 @@ def text_samples(run: Run, max_new_tokens: int = 120) -> str:
     vocab, generator = run.corpus.vocab, torch.Generator(device=run.info.device)
     generator.manual_seed(run.cfg.seed + run.state.iteration)  # own stream: sampling never shifts training RNG
     outputs = []
-    for prompt in SAMPLE_PROMPTS:
+    known = set(vocab.chars)
+    prompts = [p for p in SAMPLE_PROMPTS if set(p) <= known] or [vocab.chars[0]]  # any corpus, any alphabet
+    for prompt in prompts:
         ids = torch.tensor([vocab.encode(prompt)], device=run.info.device)
         out = run.raw_model.generate(ids, max_new_tokens, temperature=0.8, top_k=None, generator=generator)
         outputs.append(repr(vocab.decode(out[0])))

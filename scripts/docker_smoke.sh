@@ -97,7 +97,7 @@ fi
 compose() {
     local files=(-f "$WORK/project/compose.yaml")
     [ -f "$WORK/project/limits.yaml" ] && files+=(-f "$WORK/project/limits.yaml")
-    "$COMPOSE_BIN" -p "$PROJECT" "${files[@]}" "$@"
+    "$COMPOSE_BIN" --ansi never -p "$PROJECT" "${files[@]}" "$@"
 }
 
 # ------------------------------------------------------------------ dockerd
@@ -256,7 +256,7 @@ newest_iter() {  # newest checkpoint iteration in a host directory
 
 run_service() {  # run_service SERVICE LOG: up in the foreground; the container must have exited 0
     local state
-    compose up --no-build --no-color --exit-code-from "$1" "$1" > "$2" 2>&1 || true
+    compose up --no-build --exit-code-from "$1" "$1" > "$2" 2>&1 || true
     # `up` can return 0 for a container that never started, so ask the engine.
     state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.Error}}' \
         "$(compose ps --all --quiet "$1")" 2>&1 || true)
@@ -300,6 +300,7 @@ docker exec "$CID" avatarl health > /dev/null || fail "'avatarl health' is unhea
 [ "$(docker inspect -f '{{.Config.User}}' "$CID")" = "$HOST_UID" ] || fail "the container does not run as HOST_UID"
 docker inspect -f '{{json .Config.Healthcheck}}' "$CID" | grep -q health || fail "the container has no health check"
 docker stop --time 120 "$CID" > /dev/null
+docker logs "$CID" > "$WORK/stop.log" 2>&1
 code=$(docker inspect -f '{{.State.ExitCode}}' "$CID")
 [ "$code" = 0 ] || { docker logs "$CID" 2>&1 | tail -20 >&2; fail "SIGTERM: exit code $code, expected 0"; }
 stopped_at=$(newest_iter "$RUN/checkpoints")

@@ -210,4 +210,4 @@ def check_referee_compatible(referee_meta: dict, vocab_chars: list[str], context
     if int(referee_meta["context_len"]) < context_len:
         raise ValueError(f"context length too short: the referee was trained with CONTEXT_LEN="
                          f"{referee_meta['context_len']} but the student uses CONTEXT_LEN={context_len}; "
-                         "retrain the referee with this CONTEXT_LEN or lower CONTEXT_LEN.")
+                         "retrain it with `avatarl train-referee` at this CONTEXT_LEN, or lower CONTEXT_LEN.")
