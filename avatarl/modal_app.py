@@ -7,7 +7,7 @@ defined with the Dockerfile image, `GPU_TYPE:N_GPUS` GPUs, two persistent volume
 /data, MODAL_CHECKPOINT_VOLUME at /checkpoints, created on first use), the wandb/HF keys as a Modal
 secret (a named one, MODAL_WANDB_SECRET, or the local keys sent as an ephemeral secret; never part of
 the image or of the function's arguments), retries, and a MODAL_TIMEOUT_HOURS limit. The remote
-function runs `avatarl train` (or `torchrun --nproc-per-node=N_GPUS -m avatarl train`) with
+function runs `avatarl train` (or `avatarl launch --nproc-per-node=N_GPUS -m avatarl train`, i.e. torchrun) with
 CHECKPOINT_DIR=/checkpoints, so a retried or preempted run resumes from its newest checkpoint.
 
 Volume commits: a thread polls CHECKPOINT_DIR/latest every COMMIT_POLL_SECONDS and commits the
@@ -82,9 +82,10 @@ def repo_root() -> Path:
 
 
 def trainer_command(n_gpus: int) -> list[str]:
-    """`avatarl train` on one GPU; one process per GPU under torchrun otherwise."""
+    """`avatarl train` on one GPU; otherwise one process per GPU under `avatarl launch` (torchrun whose
+    workers get the stop signal directly, so a stopped run exits 0 with its checkpoint)."""
     if n_gpus > 1:
-        return ["torchrun", "--standalone", f"--nproc-per-node={n_gpus}", "-m", "avatarl", "train"]
+        return ["avatarl", "launch", "--standalone", f"--nproc-per-node={n_gpus}", "-m", "avatarl", "train"]
     return ["avatarl", "train"]
 
 

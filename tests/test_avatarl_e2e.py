@@ -100,7 +100,7 @@ def test_incompatible_referee_is_a_config_error(mismatch, tmp_path, corpus_path,
     assert result.returncode == 2, output
     assert f"REFEREE_PATH='{made}'" in output
     if mismatch == "shorter context":
-        assert "CONTEXT_LEN=16" in output and "CONTEXT_LEN=32" in output and "retrain the referee" in output
+        assert "CONTEXT_LEN=16" in output and "CONTEXT_LEN=32" in output and "avatarl train-referee" in output
     else:
         assert "vocabulary differs" in output and "avatarl train-referee" in output
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "the error must come before any training"

@@ -23,6 +23,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 CONTINUATION = "\\"
+# torchrun with clean stops (avatarl/runtime.py): the multi-process services exit 0 after `docker stop`.
+LAUNCH = ["avatarl", "launch", "--standalone"]
 TRAINING_SERVICES = ("train", "train-4gpu", "train-cpu", "train-cpu-2proc")
 # Python of the Ubuntu release the CUDA images are built on: the Dockerfile installs it with apt.
 UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}
@@ -265,7 +267,7 @@ def test_compose_services_with_env_example(tmp_path: Path):
     for name in ("train-cpu", "train-cpu-2proc", "sample"):
         assert gpu_devices(services[name]) == [], name
     assert services["train-cpu"]["profiles"] == ["cpu"] and services["train-cpu"]["environment"]["DEVICE"] == "cpu"
-    assert services["train-cpu-2proc"]["command"][:3] == ["torchrun", "--standalone", "--nproc-per-node=2"]
+    assert services["train-cpu-2proc"]["command"] == LAUNCH + ["--nproc-per-node=2", "-m", "avatarl", "train"]
     assert services["sample"]["entrypoint"][-2:] == ["avatarl", "sample"]
 
 
@@ -273,7 +275,8 @@ def test_compose_multi_gpu_follows_n_gpus_and_image_follows_avatarl_image(tmp_pa
     empty = tmp_path / "empty.env"
     empty.write_text("")
     default = compose_config(empty)["services"]["train-4gpu"]
-    assert gpu_devices(default)[0]["count"] == 4 and "--nproc-per-node=4" in default["command"]
+    assert gpu_devices(default)[0]["count"] == 4
+    assert default["command"] == LAUNCH + ["--nproc-per-node=4", "-m", "avatarl", "train"]
     assert default["image"] == "avatarl:latest"
     config = compose_config(empty, N_GPUS="8", AVATARL_IMAGE="registry.example.com/avatarl:0.1", HOST_UID="1234")
     for name, service in config["services"].items():

@@ -99,7 +99,7 @@ def test_in_modal_container():
 
 def test_trainer_command():
     assert trainer_command(1) == ["avatarl", "train"]
-    assert trainer_command(4) == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "avatarl", "train"]
+    assert trainer_command(4) == ["avatarl", "launch", "--standalone", "--nproc-per-node=4", "-m", "avatarl", "train"]
 
 
 def test_committer_commits_once_per_new_checkpoint(tmp_path: Path):
