@@ -61,7 +61,7 @@ def command_train(args: argparse.Namespace) -> int:
     if cfg.training_mode == "modal" and not os.environ.get("MODAL_TASK_ID"):
         from avatarl.launch import hand_over_to_modal
 
-        return hand_over_to_modal(args.env_file)
+        return hand_over_to_modal(args.env_file, cli_settings(args))
     from avatarl.trainer import train
 
     return train(cfg)
@@ -129,12 +129,6 @@ def command_bench(args: argparse.Namespace) -> int:
     return run_bench(cfg, args)
 
 
-def command_launch(args: argparse.Namespace) -> int:
-    from avatarl.runtime import launch_torchrun
-
-    return launch_torchrun(args.torchrun_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatarl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,10 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(sample, only=("CHECKPOINT_DIR", "DEVICE"))
     sample.set_defaults(handler=command_sample)
 
-    launch = commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 "
-                                 "-m avatarl train` exits 0 after a SIGTERM checkpoint")
-    launch.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="arguments for torchrun")
-    launch.set_defaults(handler=command_launch)
+    commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 -m avatarl "
+                        "train` (every argument goes to torchrun) exits 0 after a SIGTERM checkpoint")
 
     health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh (liveness probe)")
     health.add_argument("--max-age", type=float, default=None,
@@ -187,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's own options follow; argparse would try to read them
+        from avatarl.runtime import launch_torchrun
+
+        return launch_torchrun(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -2,13 +2,14 @@
 
     TRAINING_MODE=modal avatarl train        # also: make modal, python train_generic.py --mode modal
 
-What happens: the local settings (environment > .env > flags) are resolved here; a Modal app is
-defined with the Dockerfile image, `GPU_TYPE:N_GPUS` GPUs, two persistent volumes (MODAL_DATA_VOLUME at
-/data, MODAL_CHECKPOINT_VOLUME at /checkpoints, created on first use), the wandb/HF keys as a Modal
+What happens: from the local settings (environment > .env > flags, see `collect_settings`) a Modal app
+is defined with the Dockerfile image, `GPU_TYPE:N_GPUS` GPUs, two persistent volumes (MODAL_DATA_VOLUME
+at /data, MODAL_CHECKPOINT_VOLUME at /checkpoints, created on first use), the wandb/HF keys as a Modal
 secret (a named one, MODAL_WANDB_SECRET, or the local keys sent as an ephemeral secret; never part of
 the image or of the function's arguments), retries, and a MODAL_TIMEOUT_HOURS limit. The remote
-function runs `avatarl train` (or `avatarl launch --nproc-per-node=N_GPUS -m avatarl train`, i.e. torchrun) with
-CHECKPOINT_DIR=/checkpoints, so a retried or preempted run resumes from its newest checkpoint.
+function runs `avatarl train` (or, for N_GPUS > 1, `avatarl launch --nproc-per-node=N_GPUS -m avatarl
+train`, i.e. torchrun) with CHECKPOINT_DIR=/checkpoints, so a retried or preempted run resumes from its
+newest checkpoint.
 
 Volume commits: a thread polls CHECKPOINT_DIR/latest every COMMIT_POLL_SECONDS and commits the
 checkpoint volume when it names a new checkpoint; both volumes are committed again when the trainer
@@ -237,29 +238,34 @@ def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any
 
     Calls `poll` every `interval` seconds from a thread. Returns (exit code, whether a signal came).
     """
-    process = subprocess.Popen(command, env=dict(env))
-    signalled = threading.Event()
+    signalled, stop = threading.Event(), threading.Event()
+    started: list[subprocess.Popen] = []
 
     def forward(signum: int, frame: Any) -> None:
         signalled.set()
-        process.send_signal(signal.SIGTERM)
+        for process in started:
+            process.send_signal(signal.SIGTERM)
 
     def keep_polling() -> None:
         while not stop.wait(interval):
             poll()
 
-    # Handlers can only be set from the main thread; elsewhere the child gets signals only directly.
+    # Handlers go in before the child starts, so a signal during its start is not lost. They can only
+    # be set from the main thread; elsewhere the child gets signals only directly.
     main_thread = threading.current_thread() is threading.main_thread()
     signums = (signal.SIGTERM, signal.SIGINT) if main_thread else ()
     previous = {signum: signal.signal(signum, forward) for signum in signums}
-    stop = threading.Event()
     poller = threading.Thread(target=keep_polling, daemon=True)
-    poller.start()
     try:
-        code = process.wait()
+        started.append(subprocess.Popen(command, env=dict(env)))
+        if signalled.is_set():
+            started[0].send_signal(signal.SIGTERM)
+        poller.start()
+        code = started[0].wait()
     finally:
         stop.set()
-        poller.join()
+        if poller.is_alive():
+            poller.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return code, signalled.is_set()

@@ -248,15 +248,19 @@ def gpu_devices(service: dict) -> list[dict]:
 
 
 def test_compose_services_with_env_example(tmp_path: Path):
-    config = compose_config(env_example_file(tmp_path))
+    from dotenv import dotenv_values
+
+    env_file = env_example_file(tmp_path)
+    example = dotenv_values(env_file)
+    config = compose_config(env_file)
     services = config["services"]
     assert set(services) >= {*TRAINING_SERVICES, "sample"}
     assert "networks" not in config or not config["networks"]
     for name, service in services.items():
-        assert service["image"] == "avatarl:latest", name
+        assert service["image"] == example["AVATARL_IMAGE"], name
         assert service["network_mode"] == "host" and service["ipc"] == "host", name
         assert service["ulimits"] == {"memlock": -1, "stack": 67108864}, name
-        assert service["user"] == "1000" and service["init"] is True, name
+        assert service["user"] == example["HOST_UID"] and service["init"] is True, name
         assert {v["target"] for v in service["volumes"]} == {"/checkpoints", "/data", "/cache"}, name
         assert service["environment"]["CHECKPOINT_DIR"] == "/checkpoints", name
     for name in TRAINING_SERVICES:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -133,23 +134,27 @@ def test_committer_survives_a_failed_commit(tmp_path: Path, capsys: pytest.Captu
 
 
 CHILD = """
-import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: (print("checkpointed", flush=True), sys.exit(0)))
-print("ready", flush=True)
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+pathlib.Path(sys.argv[1]).write_text("ready")
 time.sleep(30)
 sys.exit(7)
 """
 
 
 def test_supervise_forwards_sigterm_and_reports_it(tmp_path: Path):
-    polls = []
+    ready, polls = tmp_path / "ready", []
     before = signal.getsignal(signal.SIGTERM)
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        code, signalled = supervise([sys.executable, "-c", CHILD], os.environ, lambda: polls.append(1), interval=0.2)
-    finally:
-        timer.cancel()
+
+    def terminate_when_ready() -> None:  # as Modal's preemption would, once the child listens
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    code, signalled = supervise([sys.executable, "-c", CHILD, str(ready)], os.environ, lambda: polls.append(1),
+                                interval=0.01)
     assert (code, signalled) == (0, True)
     assert polls, "the poller never ran"
     assert signal.getsignal(signal.SIGTERM) is before, "the previous SIGTERM handler was not restored"

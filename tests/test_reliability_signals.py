@@ -21,9 +21,8 @@ from tests.test_reliability import (
     wait_for,
 )
 
-# `avatarl launch` until the CLI has it: the launcher of avatarl.runtime around torchrun.
-LAUNCH = [sys.executable, "-c", "import sys; from avatarl.runtime import launch_torchrun; "
-          "sys.exit(launch_torchrun(sys.argv[1:]))", "--nproc-per-node=2"]
+# The real CLI: every argument after `launch` goes to torchrun.
+LAUNCH = [sys.executable, "-m", "avatarl", "launch", "--nproc-per-node=2"]
 
 
 def test_sigterm_to_the_launcher_exits_0_and_resume_continues(tmp_path, corpus_path):
