@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl import distributed as D
-from avatarl.algorithms.grpo import Rollout, group_advantages, rollout, token_rewards
+from avatarl.algorithms.grpo import Rollout, rollout, score_rollout
 from avatarl.config import Config
 from avatarl.data import WindowSampler
 from avatarl.model import GPT, attention_backend_available
@@ -170,23 +170,9 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
 
 
 def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
-    """The scoring phase of grpo_micro_step (kept in step with it): reference log-probs, credit,
-    rewards, advantages."""
-    cfg, objective = grpo.cfg, grpo.objective
-    B, C = ctx.shape
-    flat = ro.samples.view(B * cfg.k_samples, cfg.horizon)
-    ctx_rep = ctx.repeat_interleave(cfg.k_samples, dim=0)
-    inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
-    ref_logp = objective.kl_reference.log_probs(inputs)[:, C - 1:].float()
-    if cfg.partial_credit == 0:
-        ref_prob = torch.zeros_like(flat, dtype=torch.float32)
-    elif objective.credit is objective.kl_reference:
-        ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
-    else:
-        ref_prob = objective.credit.token_probs(ctx_rep, flat)
-    rewards = token_rewards(ro.samples, truth, ref_prob.view_as(ro.samples), cfg.partial_credit,
-                            cfg.exact_match_reward)
-    return group_advantages(rewards, cfg.min_variance)
+    """The scoring phase of a GRPO step: reference log-probs, credit, rewards, advantages."""
+    objective = grpo.objective
+    return score_rollout(ro, ctx, truth, objective.kl_reference, grpo.cfg, objective.credit).advantages
 
 
 def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bool = True) -> dict[str, Any]:

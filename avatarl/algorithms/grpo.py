@@ -175,6 +175,38 @@ def kl_warmup(coef: float, chars_seen: int, kl_warm: int) -> float:
     return coef * min(1.0, chars_seen / kl_warm)
 
 
+@dataclass
+class Scored:
+    inputs: Tensor      # [B*K, C+H-1] context + samples: position C-1+h predicts sample h
+    ref_logp: Tensor    # [B*K, H, V] the KL reference's next-char log-distribution at the generated positions
+    rewards: Tensor     # [B, K, H]
+    advantages: Tensor  # [B, K, H]
+
+
+@torch.no_grad()
+def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReference, cfg: Any,
+                  credit_reference: CreditReference | None = None) -> Scored:
+    """Reference log-probs, per-char rewards and group advantages of a rollout (no gradient).
+
+    The partial credit is p_ref(sampled char) from `reference` itself unless `credit_reference` (e.g. a
+    Hugging Face LM) is given; PARTIAL_CREDIT=0 skips it.
+    """
+    B, K, H = ro.samples.shape
+    C = ctx.shape[1]
+    flat = ro.samples.view(B * K, H)
+    ctx_rep = ctx.repeat_interleave(K, dim=0)
+    inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
+    ref_logp = reference.log_probs(inputs)[:, C - 1:].float()
+    if cfg.partial_credit == 0:
+        ref_prob = torch.zeros_like(flat, dtype=torch.float32)
+    elif credit_reference is None or credit_reference is reference:
+        ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
+    else:
+        ref_prob = credit_reference.token_probs(ctx_rep, flat)
+    rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), cfg.partial_credit, cfg.exact_match_reward)
+    return Scored(inputs, ref_logp, rewards, group_advantages(rewards, cfg.min_variance))
+
+
 def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLReference, ctx: Tensor,
                     truth: Tensor, cfg: Any, kl_coef: float | Tensor,
                     generator: torch.Generator | None = None, credit_reference: CreditReference | None = None
@@ -192,26 +224,15 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     B, C = ctx.shape
     K, H, T = cfg.k_samples, cfg.horizon, cfg.temperature
     ro = rollout(old_policy, ctx, K, H, T, generator)
-    flat = ro.samples.view(B * K, H)
-    ctx_rep = ctx.repeat_interleave(K, dim=0)
-    inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]  # [B*K, C+H-1]: position C-1+h predicts sample h
-    with torch.no_grad():
-        ref_logp = reference.log_probs(inputs)[:, C - 1:].float()  # [B*K, H, V]
-        if cfg.partial_credit == 0:
-            ref_prob = torch.zeros_like(flat, dtype=torch.float32)
-        elif credit_reference is None or credit_reference is reference:
-            ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
-        else:
-            ref_prob = credit_reference.token_probs(ctx_rep, flat)
-        rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), cfg.partial_credit,
-                                cfg.exact_match_reward)
-        adv = group_advantages(rewards, cfg.min_variance)
+    scored = score_rollout(ro, ctx, truth, reference, cfg, credit_reference)
+    rewards = scored.rewards
 
-    logits = policy(inputs)[:, C - 1:].float()  # [B*K, H, V]
+    logits = policy(scored.inputs)[:, C - 1:].float()  # [B*K, H, V]
+    flat = ro.samples.view(B * K, H)
     new_logp = F.log_softmax(logits / T, dim=-1).gather(-1, flat[..., None]).view(B, K, H)
-    policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, adv, cfg.clip_ratio)
+    policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, cfg.clip_ratio)
     ent = entropy(logits).mean()
-    kl = kl_to_reference(F.log_softmax(logits, dim=-1), ref_logp).mean()
+    kl = kl_to_reference(F.log_softmax(logits, dim=-1), scored.ref_logp).mean()
     loss = policy_loss - cfg.entropy_coef * ent + kl_coef * kl
 
     metrics = {
