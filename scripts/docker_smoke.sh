@@ -34,6 +34,10 @@ if [ -z "$HOST_UID" ] || [ "$HOST_UID" = 0 ]; then
     HOST_UID=1000  # a run as root proves nothing about file ownership
 fi
 
+# `make` exports the host's compose variables; the smoke project's own .env must set them instead
+# (compose gives the process environment precedence over .env).
+unset AVATARL_IMAGE CHECKPOINT_HOST_DIR DATA_HOST_DIR CACHE_HOST_DIR
+
 stamp() { while IFS= read -r line; do printf '%4ds %s\n' "$(($(date +%s) - STARTED))" "$line"; done; }
 log() { printf '[smoke %4ds] %s\n' "$(($(date +%s) - STARTED))" "$*"; }
 fail() { printf '[smoke] FAIL: %s\n' "$*" >&2; exit 1; }
