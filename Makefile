@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 # A newcomer's first run on a machine without a GPU: a model small enough that the validation
 # cross-entropy visibly falls within a few minutes on 2 CPU cores (env and .env still win).
-CPU_SETTINGS := --n-layer 2 --n-head 4 --n-emb 128 --batch 64 --micro-batch 64 --total-iters 300 \
+CPU_SETTINGS := --n-layer 2 --n-head 4 --n-emb 128 --batch 64 --micro-batch 64 --total-iters 300 --lr 1e-3 --min-lr 1e-4 \
 	--warmup-iters 10 --log-interval 10 --eval-interval 25 --sample-interval 100 --checkpoint-interval 100
 
 .DEFAULT_GOAL := help
