@@ -42,7 +42,7 @@ from avatarl.algorithms.grpo import Rollout, rollout, score_rollout
 from avatarl.config import Config
 from avatarl.data import WindowSampler
 from avatarl.model import GPT, attention_backend_available
-from avatarl.objectives import AvataRLObjective, RefereeObjective, frozen_copy
+from avatarl.objectives import AvataRLObjective, NextCharObjective, RefereeObjective, frozen_copy
 from avatarl.resume import RunState
 from avatarl.runtime import mixed_precision
 from avatarl.trainer import MetricBuffer, Run, build, model_config, train_step
@@ -146,8 +146,7 @@ class InMemoryAvataRL(AvataRLObjective):
     """The AvataRL objective around a referee given in memory instead of loaded from REFEREE_PATH."""
 
     def __init__(self, cfg: Config, referee: nn.Module):
-        self.cfg = cfg
-        self.window_len = cfg.context_len + 1
+        NextCharObjective.__init__(self, cfg)
         self.referee = referee
 
 

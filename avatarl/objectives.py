@@ -105,21 +105,15 @@ def load_referee(cfg: Config, vocab_chars: list[str], device: torch.device) -> G
     return frozen_copy(referee)
 
 
-class AvataRLObjective:
-    """Policy gradient at every context position, rewarded by a frozen referee and the ground truth."""
+class NextCharObjective:
+    """Scores every position of a window of CONTEXT_LEN + 1 chars; carries no state between steps."""
 
-    name = "avatarl"
-
-    def __init__(self, cfg: Config, corpus: Corpus, device: torch.device):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         self.window_len = cfg.context_len + 1
-        self.referee = load_referee(cfg, list(corpus.vocab.chars), device)
 
     def prepare_step(self, iteration: int, chars_seen: int) -> None:
         pass
-
-    def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg)
 
     def after_log(self, metrics: dict[str, float]) -> None:
         pass
@@ -134,14 +128,23 @@ class AvataRLObjective:
         pass
 
 
-class RefereeObjective(AvataRLObjective):
+class AvataRLObjective(NextCharObjective):
+    """Policy gradient at every context position, rewarded by a frozen referee and the ground truth."""
+
+    name = "avatarl"
+
+    def __init__(self, cfg: Config, corpus: Corpus, device: torch.device):
+        super().__init__(cfg)
+        self.referee = load_referee(cfg, list(corpus.vocab.chars), device)
+
+    def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg)
+
+
+class RefereeObjective(NextCharObjective):
     """Next-char cross-entropy: the one supervised model of the product, never the student."""
 
     name = "referee"
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.window_len = cfg.context_len + 1
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = referee_loss(model(window[:, :-1]), window[:, 1:])
