@@ -26,7 +26,7 @@ from avatarl.runtime import child_pids
 from tests.conftest import TINY, clean_env
 
 TIMEOUT = 120.0  # seconds for one subprocess: generous, the 2 cores are shared with other work
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 TRAIN = [sys.executable, "-m", "avatarl", "train"]
 LONG = dict(TOTAL_ITERS=100_000, CHECKPOINT_INTERVAL=100_000, LOG_INTERVAL=2, EVAL_INTERVAL=1000)  # until stopped
 STOPPED = re.compile(r"stop requested: checkpoint saved at iteration (\d+)")

@@ -22,7 +22,7 @@ from tests.test_reliability import (
 )
 
 # The real CLI: every argument after `launch` goes to torchrun.
-LAUNCH = [sys.executable, "-m", "avatarl", "launch", "--nproc-per-node=2"]
+LAUNCH = [sys.executable, "-m", "avatarl", "launch", "--standalone", "--nproc-per-node=2"]
 
 
 def test_sigterm_to_the_launcher_exits_0_and_resume_continues(tmp_path, corpus_path):

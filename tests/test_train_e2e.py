@@ -53,7 +53,7 @@ def test_resume_continues_at_the_next_iteration(tiny_env, tmp_path):
 
 
 def test_torchrun_two_ranks_on_cpu(tiny_env, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "avatarl", "train"]
     result = subprocess.run(command, cwd=tmp_path, env=clean_env(**tiny_env), capture_output=True, text=True,
                             timeout=300)
