@@ -21,6 +21,7 @@ from avatarl.config import (
     default_of,
     describe,
     env_example,
+    export_launcher_variables,
     load_config,
     markdown_table,
 )
@@ -47,7 +48,10 @@ def cli_settings(args: argparse.Namespace) -> dict[str, str]:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
-    return load_config(cli_settings(args), getattr(args, "env_file", None))
+    env_file = getattr(args, "env_file", None)
+    resolved = load_config(cli_settings(args), env_file)
+    export_launcher_variables(env_file)
+    return resolved
 
 
 def report(err: ConfigError) -> int:

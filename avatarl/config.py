@@ -318,6 +318,18 @@ def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLik
     return Config(**values), sources
 
 
+def export_launcher_variables(env_file: str | os.PathLike | None, environ: dict[str, str] | None = None) -> None:
+    """Make the library variables of `.env` (WANDB_API_KEY, WANDB_MODE, HF_TOKEN, HF_HOME...) visible to
+    wandb and transformers, as compose's env_file does; the process environment still wins."""
+    environ = os.environ if environ is None else environ
+    path = Path(env_file) if env_file is not None else Path(".env")
+    if not path.is_file():
+        return
+    for name, value in read_dotenv(path).items():
+        if name in LAUNCHER_NAMES and value and name not in environ:
+            environ[name] = value
+
+
 def mask(name: str, value: Any) -> str:
     text = str(value)
     return "****" if is_secret(name) and text else text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from avatarl.config import Config, ConfigError, describe, env_example, load_config
+from avatarl.config import Config, ConfigError, describe, env_example, export_launcher_variables, load_config
 from tests.conftest import run_cli
 
 
@@ -142,3 +142,11 @@ def test_secrets_are_masked_in_printed_config(tmp_path: Path):
     (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\n")
     result = run_cli(["config"], tmp_path, HF_TOKEN=secret)
     assert result.returncode == 0 and secret not in result.stdout + result.stderr
+
+
+def test_dotenv_library_variables_reach_the_process_environment_unless_set(tmp_path: Path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WANDB_MODE=offline\nHF_HOME=/cache/hf\nWANDB_API_KEY=\nLR=0.01\n")
+    environ = {"HF_HOME": "/mine"}
+    export_launcher_variables(dotenv, environ)
+    assert environ == {"HF_HOME": "/mine", "WANDB_MODE": "offline"}
