@@ -93,7 +93,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
 
 def build(cfg: Config, info: D.DistInfo, role: str, run_dir: Path) -> Run:
     """Everything a run needs, in the order that fails fastest: data, objective, model, optimizer."""
-    torch.manual_seed(cfg.seed + info.rank)
+    seed_everything(cfg.seed + info.rank)
     corpus = load_corpus(cfg, info.device)
     raw_model = GPT(model_config(cfg, corpus.vocab.size, role)).to(info.device)
     objective = build_objective(cfg, role, corpus, raw_model, info.device)
@@ -235,7 +235,6 @@ def train(cfg: Config, role: str = "student") -> int:
             run_dir = prepare_run_dir(cfg, role)
             if info.is_main:
                 lock.acquire()
-            seed_everything(cfg.seed + info.rank)
             run = build(cfg, info, role, run_dir)
             checkpoint = resume_path(cfg, run_dir)
             if checkpoint is not None:
