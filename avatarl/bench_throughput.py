@@ -11,12 +11,15 @@ timed iterations.
       rollout          the KV-cached rollout alone (B contexts prefilled, B x K rows decoded)
       scoring          reference log-probs, rewards and group advantages alone
       update           the iteration minus rollout and scoring
+    GRPO iteration, full rows  the same step with an update that runs all B x K rows of context +
+                       samples (the straightforward way) instead of each context once for its K samples
     rollout, recompute the same sampling, re-running the whole prefix at every step (no KV cache)
     AvataRL iteration  referee forward + student update on B contexts of C chars, with a random-init
                        referee of the configured size (timing does not need a trained one)
 
 ratios: grpo_over_supervised = GRPO iteration / supervised step, kv_cache_speedup = recompute /
-KV-cached rollout, and on CUDA mfu = FLOP/s of the GRPO iteration / the GPU's peak bf16 dense FLOP/s.
+KV-cached rollout, shared_prefix_speedup = full-rows / shared-prefix GRPO iteration, and on CUDA
+mfu = FLOP/s of the GRPO iteration / the GPU's peak bf16 dense FLOP/s.
 """
 
 from __future__ import annotations
@@ -142,6 +145,24 @@ def rollout_recompute(policy: nn.Module, ctx: Tensor, k: int, horizon: int, temp
     return Rollout(samples.reshape(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))
 
 
+class FullRowsStudent(nn.Module):
+    """The student as a straightforward update calls it: every sample row runs its whole context.
+
+    forward(samples, prefix=ctx) concatenates each context in front of each of its K rows and keeps
+    the logits from position C - 1 on: the same numbers as GPT's shared-prefix forward, at the cost
+    of B x K (C + H - 1) tokens instead of B (C + K (H - 1)).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: Tensor, prefix: Tensor) -> Tensor:
+        group = idx.size(0) // prefix.size(0)
+        rows = torch.cat((prefix.repeat_interleave(group, dim=0), idx), dim=1)
+        return self.model(rows)[:, prefix.size(1) - 1:]
+
+
 class InMemoryAvataRL(AvataRLObjective):
     """The AvataRL objective around a referee given in memory instead of loaded from REFEREE_PATH."""
 
@@ -185,38 +206,43 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
     dtype = mixed_precision(cfg, device)
     window = grpo.sampler.sample(B)
     ctx, truth = window[:, :C], window[:, C:]
-    old, T = grpo.objective.old_policy, cfg.temperature
+    old, graphs, T = grpo.objective.old_policy, grpo.objective.graphs, cfg.temperature
 
     def amp(fn: Callable[..., Any], *args: Any) -> Any:  # the rollout's context in the trainer: autocast, no grad
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return fn(*args)
 
-    ro = amp(rollout, old, ctx, K, H, T)
+    ro = amp(rollout, old, ctx, K, H, T, None, graphs)
+    full_rows = dataclasses.replace(grpo, model=FullRowsStudent(grpo.model), state=RunState(),
+                                    metrics=MetricBuffer())
     calls: dict[str, Callable[[], object]] = {"supervised_step": lambda: train_step(supervised),
                                               "grpo_iteration": lambda: train_step(grpo)}
     if full:
-        calls.update(rollout_kv_cache=lambda: amp(rollout, old, ctx, K, H, T),
+        calls.update(rollout_kv_cache=lambda: amp(rollout, old, ctx, K, H, T, None, graphs),
                      grpo_scoring=lambda: amp(score, grpo, ctx, ro, truth),
                      rollout_recompute=lambda: amp(rollout_recompute, old, ctx, K, H, T),
+                     grpo_full_rows=lambda: train_step(full_rows),
                      avatarl_iteration=lambda: train_step(avatarl))
     timings = time_interleaved(calls, device, warmup, iters)
-    finite = all(math.isfinite(value) for run in (supervised, grpo, avatarl) for value in run.metrics.drain().values())
+    finite = all(math.isfinite(value) for run in (supervised, grpo, full_rows, avatarl)
+                 for value in run.metrics.drain().values())
     return {"timings": timings, "finite": finite, "params": grpo.raw_model.num_params(),
-            "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model,
+            "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model, "cuda_graphs": graphs is not None,
             "referee": avatarl.objective.referee}
 
 
 def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
     """FLOPs of one call of each timed step, from F(T) = GPT.flops_per_token(T) (forward + backward).
 
-    supervised: F(C+H) x BK(C+H).  GRPO: F(S) x BK S for the update (S = C+H-1 positions) plus a
-    forward, F(S)/3 per token, over the rollout's B C prefilled and BK(H-1) decoded tokens.
+    supervised: F(C+H) x BK(C+H).  GRPO: the rollout and the update both run each context once and
+    each sample row over its own H-1 chars, N = B (C + K (H-1)) tokens at sequence length S = C+H-1:
+    a forward, F(S)/3 per token, for the rollout plus F(S) for the update, so 4/3 F(S) x N.
     AvataRL: F(C) x BC for the student plus F_ref(C)/3 x BC for the referee's forward.
     """
     B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
     S = C + H - 1
     return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
-            "grpo_iteration": student.flops_per_token(S) * (B * K * S + B * (C + K * (H - 1)) / 3.0),
+            "grpo_iteration": student.flops_per_token(S) * B * (C + K * (H - 1)) * 4.0 / 3.0,
             "avatarl_iteration": (student.flops_per_token(C) + referee.flops_per_token(C) / 3.0) * B * C}
 
 
@@ -224,6 +250,7 @@ def ratios_of(t: dict[str, float]) -> dict[str, float]:
     """The key ratios from per-row times t (seconds)."""
     return {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
             "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
+            "shared_prefix_speedup": t["grpo_full_rows"] / t["grpo_iteration"],
             "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]}
 
 
@@ -239,7 +266,8 @@ def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup:
         "config": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_emb": cfg.n_emb, "context_len": C,
                    "horizon": H, "k_samples": K, "micro_batch": B, "params": result["params"],
                    "dtype": str(dtype or torch.float32).replace("torch.", ""), "attention": result["attention"],
-                   "torch_compile": cfg.use_torch_compile, "warmup": warmup, "iters": iters},
+                   "torch_compile": cfg.use_torch_compile, "cuda_graphs": result["cuda_graphs"],
+                   "warmup": warmup, "iters": iters},
         "timings": {name: timing.to_dict() for name, timing in result["timings"].items()},
         "throughput": {"supervised_tokens_per_s": B * K * (C + H) / t["supervised_step"],
                        "grpo_contexts_per_s": B / t["grpo_iteration"],
@@ -289,6 +317,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"avatarl bench throughput on {where}: {c['n_layer']}L {c['n_head']}H {c['n_emb']}d "
              f"({c['params'] / 1e6:.2f}M params), C={c['context_len']} H={c['horizon']} K={c['k_samples']} "
              f"MICRO_BATCH={c['micro_batch']}, {c['dtype']}, {c['attention']}, compile={c['torch_compile']}, "
+             f"cuda_graphs={c['cuda_graphs']}, "
              f"median of {c['iters']} after {c['warmup']} warm-up",
              f"{'measurement':<36}{'median ms':>11}{'min ms':>10}{'cpu ms' if on_cpu else '':>10}  throughput"]
     split = report["grpo_split_s"]
@@ -299,6 +328,7 @@ def format_table(report: dict[str, Any]) -> str:
             ("  scoring (reference, rewards, adv.)", "grpo_scoring", ""),
             ("  update (iteration - the two above)", None, ""),
             ("rollout, recompute prefix", "rollout_recompute", ""),
+            ("GRPO iteration, full rows", "grpo_full_rows", ""),
             ("AvataRL iteration", "avatarl_iteration", f"{_rate(thr['avatarl_contexts_per_s'])} contexts/s")]
     for label, key, extra in rows:
         if key is None:

@@ -59,7 +59,9 @@ class Config:
     n_emb: int = setting(512, "Width of the residual stream.", "model", low=2)
     use_flash_attn: bool = setting(True, "Use flash-attn when installed and on CUDA; otherwise PyTorch SDPA.",
                                    "model")
-    use_torch_compile: bool = setting(False, "torch.compile the model and the loss (CUDA recommended).", "model")
+    use_torch_compile: bool = setting(False, "torch.compile the student model (CUDA recommended).", "model")
+    use_cuda_graphs: bool = setting(False, "Replay the GRPO rollout's decode steps from one captured CUDA graph "
+                                           "(CUDA only; ignored on a CPU).", "model")
 
     # --- algorithm
     algorithm: str = setting("grpo", "RL algorithm for the student.", "algorithm", choices=("grpo", "avatarl"))

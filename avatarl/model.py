@@ -58,6 +58,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.key_mask: Tensor | None = None  # every returned key is visible up to the causal mask
 
     def reset(self) -> None:
         self.pos = 0  # stale entries beyond pos are never read, so no need to zero them
@@ -68,6 +69,53 @@ class KVCache:
         self.k[layer, :, self.pos:end] = k
         self.v[layer, :, self.pos:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+class DecodeAt:
+    """One decode step's view of a KVCache at a position held in a device tensor.
+
+    The step writes its key/value at `pos` and attends over the whole buffer, with the keys after
+    `pos` masked out. Shapes and addresses are the same at every position and nothing is read back
+    to the host, so one captured CUDA graph replays every decode step (see avatarl.cuda_graphs).
+    """
+
+    def __init__(self, cache: KVCache, pos: Tensor):
+        self.cache, self.index = cache, pos.view(1)
+        self.key_mask = (torch.arange(cache.max_len, device=pos.device) <= pos)[None]  # [1 query, max_len keys]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, 1, H, D] at `pos` of `layer`; return the whole buffers [B, max_len, H, D]."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_copy_(1, self.index, k.to(keys.dtype))
+        values.index_copy_(1, self.index, v.to(values.dtype))
+        return keys, values
+
+
+class SharedPrefixKV:
+    """Differentiable keys/values of prefixes that groups of rows continue (the training twin of KVCache).
+
+    The first forward (B prefix rows) stores each layer's keys/values; the second (B * group rows,
+    row b * group + j continuing prefix b) sees them repeated to its rows in front of its own. Nothing
+    is written in place, so autograd carries the continuations' gradients back into the shared prefix.
+    """
+
+    def __init__(self, group: int):
+        self.group, self.pos = group, 0
+        self.key_mask: Tensor | None = None
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Prefix pass: remember k, v [B, P, H, D]. Continuation pass: [B*group, P + T, H, D]."""
+        if layer not in self.k:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        prefix_k = self.k[layer].repeat_interleave(self.group, dim=0)
+        prefix_v = self.v[layer].repeat_interleave(self.group, dim=0)
+        return torch.cat((prefix_k, k), dim=1), torch.cat((prefix_v, v), dim=1)
+
+
+AnyCache = KVCache | DecodeAt | SharedPrefixKV
 
 
 class RMSNorm(nn.Module):
@@ -94,16 +142,20 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, flash_fn: FlashFn | None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, flash_fn: FlashFn | None, key_mask: Tensor | None = None
+              ) -> Tensor:
     """Causal attention where query i (absolute position Tk - Tq + i) sees keys 0..Tk - Tq + i.
 
     q [B, Tq, H, D]; k, v [B, Tk, H, D] with Tk >= Tq (the cache holds the earlier keys) -> [B, Tq, H, D].
+    With key_mask [1, Tk] (one query, a DecodeAt step), the query sees exactly the keys where it is True.
     """
     tq, tk = q.size(1), k.size(1)
-    if flash_fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if key_mask is None and flash_fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_fn(q, k, v, causal=True)  # flash-attn >= 2.1 aligns the causal mask bottom-right
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] for SDPA
-    if tq == tk:
+    if key_mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    elif tq == tk:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif tq == 1:  # one new token sees every cached key
         y = F.scaled_dot_product_attention(q, k, v)
@@ -120,14 +172,16 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_emb, 3 * config.n_emb, bias=False)
         self.proj = nn.Linear(config.n_emb, config.n_emb, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AnyCache | None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)  # [B, T, H, D] each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key_mask = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Tk, H, D]
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache was made in another dtype
-        y = attention(q, k, v, self.flash_fn)  # [B, T, H, D]
+            key_mask = cache.key_mask
+        y = attention(q, k, v, self.flash_fn, key_mask)  # [B, T, H, D]
         return self.proj(y.reshape(B, T, C))
 
 
@@ -148,7 +202,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, flash_fn)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AnyCache | None) -> Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, cache)
         return x + self.mlp(self.norm2(x))
 
@@ -185,26 +239,64 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | None = None, prefix: Tensor | None = None) -> Tensor:
         """idx [B, T] int64 -> logits [B, T, vocab].
 
         With a cache, idx holds the tokens at positions cache.pos .. cache.pos+T-1; their keys/values
         are appended and cache.pos advances by T.
+
+        With prefix [P_rows, P] (P_rows dividing B), row b of idx continues prefix row b // (B / P_rows),
+        and the logits are [B, 1 + T, vocab]: the prediction after the prefix, then after each idx token.
+        That equals the forward of the concatenated rows from position P - 1 on, but every prefix is
+        computed once for its whole group (the GRPO update, where K samples share a context).
         """
+        if prefix is not None:
+            return self._forward_shared_prefix(prefix, idx)
         B, T = idx.shape
         pos = 0 if cache is None else cache.pos
-        if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} exceed block_size={self.config.block_size}")
         if cache is not None and (B != cache.batch_size or pos + T > cache.max_len):
             raise ValueError(f"cache of batch {cache.batch_size}, max_len {cache.max_len} cannot take "
                              f"{B} x {T} tokens at pos {pos}")
+        return self.lm_head(self.norm_f(self._hidden(idx, cache)))  # [B, T, vocab]
+
+    def _hidden(self, idx: Tensor, cache: KVCache | SharedPrefixKV | None) -> Tensor:
+        """idx [B, T] at positions cache.pos .. (0 .. without a cache) -> final hidden states [B, T, C]."""
+        T = idx.size(1)
+        pos = 0 if cache is None else cache.pos
+        if pos + T > self.config.block_size:
+            raise ValueError(f"positions up to {pos + T} exceed block_size={self.config.block_size}")
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # [T, D/2]
         x = self.wte(idx)  # [B, T, C]
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm_f(x))  # [B, T, vocab]
+        return x
+
+    def _forward_shared_prefix(self, prefix: Tensor, idx: Tensor) -> Tensor:
+        """prefix [P_rows, P], idx [P_rows * group, T] -> logits [P_rows * group, 1 + T, vocab]."""
+        if prefix.size(0) == 0 or idx.size(0) % prefix.size(0):
+            raise ValueError(f"{idx.size(0)} continuation rows do not split into groups over "
+                             f"{prefix.size(0)} prefix rows")
+        group = idx.size(0) // prefix.size(0)
+        shared = SharedPrefixKV(group)
+        last = self._hidden(prefix, shared)[:, -1:].repeat_interleave(group, dim=0)  # [B, 1, C]
+        x = last if idx.size(1) == 0 else torch.cat((last, self._hidden(idx, shared)), dim=1)  # [B, 1 + T, C]
+        return self.lm_head(self.norm_f(x))
+
+    def decode_at(self, token: Tensor, cache: KVCache, pos: Tensor) -> Tensor:
+        """One cached decode step at a device-tensor position: token [B, 1] at pos -> logits [B, vocab].
+
+        The same numbers as self(token, cache) with cache.pos == pos, without host syncs or shapes
+        that depend on pos (CUDA-graph capturable). cache.pos is not advanced; the caller keeps
+        0 <= pos < cache.max_len, which is not checked here because checking would sync.
+        """
+        cos, sin = self.cos[pos.view(1)], self.sin[pos.view(1)]  # [1, D/2]
+        step = DecodeAt(cache, pos)
+        x = self.wte(token)  # [B, 1, C]
+        for block in self.blocks:
+            x = block(x, cos, sin, step)
+        return self.lm_head(self.norm_f(x))[:, -1]
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

@@ -17,6 +17,7 @@ from avatarl.algorithms.avatarl import avatarl_micro_step, check_referee_compati
 from avatarl.algorithms.grpo import AdaptiveKLController, grpo_micro_step, kl_warmup
 from avatarl.checkpoint import CheckpointError, load_checkpoint
 from avatarl.config import Config, ConfigError
+from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.data import Corpus
 from avatarl.model import GPT, GPTConfig
 from avatarl.reference import build_reference
@@ -50,6 +51,8 @@ class GRPOObjective:
         self.window_len = cfg.context_len + cfg.horizon
         self.student = student
         self.old_policy = frozen_copy(student)
+        use_graphs = cfg.use_cuda_graphs and device.type == "cuda"
+        self.graphs = GraphedDecoding(self.old_policy, capture=True) if use_graphs else None
         self.credit, self.kl_reference = build_reference(cfg, list(corpus.vocab.chars), corpus.train, device)
         chars_per_iter = cfg.batch * cfg.k_samples * cfg.horizon
         self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
@@ -66,7 +69,7 @@ class GRPOObjective:
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         ctx, truth = window[:, :self.cfg.context_len], window[:, self.cfg.context_len:]
         return grpo_micro_step(model, self.old_policy, self.kl_reference, ctx, truth, self.cfg, self.kl_coef,
-                               credit_reference=self.credit)
+                               credit_reference=self.credit, graphs=self.graphs)
 
     def after_log(self, metrics: dict[str, float]) -> None:
         if self.cfg.adaptive_kl and "kl" in metrics:

@@ -137,16 +137,19 @@ step train_referee 120 "$PYTHON" -m avatarl train-referee "${TRAIN_COMMON[@]}" "
 step train_avatarl 120 "$PYTHON" -m avatarl train "${TRAIN_COMMON[@]}" "${TRAIN_SIZE[@]}" \
     --algorithm avatarl --checkpoint-dir "$WORK/avatarl-ckpt"
 
-# --- 4. throughput at the seed's default model (flash-attn when installed, SDPA compared inside)
+# --- 4. throughput at the seed's default model (flash-attn when installed, SDPA compared inside),
+#        then with the rollout's decode steps replayed from a CUDA graph, then compiled as well
 step bench_eager 240 "$PYTHON" -m avatarl bench throughput --device "$DEVICE" "${BENCH[@]}" "${SHAPE[@]}" \
     --json "$DIR/bench_eager.json"
+step bench_graphs 180 "$PYTHON" -m avatarl bench throughput --device "$DEVICE" "${BENCH[@]}" "${SHAPE[@]}" \
+    --use-cuda-graphs true --json "$DIR/bench_graphs.json"
 if [ "${GPU_CHECK_COMPILE:-1}" = 0 ]; then
     skip bench_compile "GPU_CHECK_COMPILE=0"
 elif [ "$((SECONDS - STARTED))" -gt 300 ]; then
     skip bench_compile "$((SECONDS - STARTED))s already spent: keeping the check within ~8 minutes"
 else
     step bench_compile 180 "$PYTHON" -m avatarl bench throughput --device "$DEVICE" "${BENCH[@]}" "${SHAPE[@]}" \
-        --use-torch-compile true --json "$DIR/bench_compile.json"
+        --use-torch-compile true --use-cuda-graphs true --json "$DIR/bench_compile.json"
 fi
 
 # --- gather everything into one JSON and judge it
@@ -183,17 +186,18 @@ for name, run_dir in (("train_grpo", "grpo-ckpt"), ("ddp_2_ranks", "ddp-ckpt"),
             steps[name]["status"] = f"fail (replicas diverged: {divergence})"
 report = {"dry_run": dry, "environment": json.loads((out / "env.json").read_text()),
           "nvidia_smi": (out / "nvidia-smi.txt").read_text(), "steps": steps}
-for name in ("bench_eager", "bench_compile"):
+for name in ("bench_eager", "bench_graphs", "bench_compile"):
     path = out / f"{name}.json"
     if path.is_file():
         report[name] = json.loads(path.read_text())
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 for name, result in steps.items():
     print(f"{name:<16}{result['status']:<40}{result['seconds']:>5}s  {result.get('reason', '')}")
-for name in ("bench_eager", "bench_compile"):
+for name in ("bench_eager", "bench_graphs", "bench_compile"):
     if name in report:
         b = report[name]
-        print(f"{name}: {b['config']['attention']}, {b['throughput']['grpo_contexts_per_s']:,.0f} GRPO contexts/s, "
+        print(f"{name}: {b['config']['attention']}, cuda_graphs={b['config']['cuda_graphs']}, "
+              f"{b['throughput']['grpo_contexts_per_s']:,.0f} GRPO contexts/s, "
               + ", ".join(f"{k} {v:.3f}" for k, v in b["ratios"].items()))
 print(f"wrote {out / 'gpu_check.json'}")
 sys.exit(0 if all(r["status"] in ("pass", "skipped") for r in steps.values()) else 1)

@@ -32,7 +32,7 @@ from avatarl.model import GPT, GPTConfig
 from tests.conftest import run_cli
 
 ROWS = ("supervised_step", "grpo_iteration", "rollout_kv_cache", "grpo_scoring", "rollout_recompute",
-        "avatarl_iteration")
+        "grpo_full_rows", "avatarl_iteration")
 
 
 def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Path, corpus_path: Path):
@@ -42,13 +42,14 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
                     "--horizon", "5", "--context-len", "12", "--device", "cpu", "--data-path", str(corpus_path)],
                    cwd=tmp_path, timeout=120, USE_WANDB="false")
     assert done.returncode == 0, done.stderr
-    assert "grpo_over_supervised" in done.stdout.splitlines()[-3]  # ratios come last in the table
+    assert "grpo_over_supervised" in done.stdout.splitlines()[-4]  # the four ratios come last in the table
     report = json.loads(out.read_text())
 
     assert report["schema"] == "avatarl.bench.throughput/1" and report["finite"] is True
     cfg = report["config"]
     assert (cfg["n_layer"], cfg["n_emb"], cfg["micro_batch"], cfg["k_samples"], cfg["horizon"],
             cfg["context_len"], cfg["iters"]) == (1, 32, 4, 3, 5, 12, 3)
+    assert cfg["cuda_graphs"] is False  # USE_CUDA_GRAPHS is off by default, and needs CUDA anyway
     assert report["device"]["type"] == "cpu" and "gpu" not in report and "mfu" not in report["ratios"]
     timings = report["timings"]
     assert set(timings) == set(ROWS)
@@ -61,6 +62,7 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
     assert ratios["kv_cache_speedup"] == pytest.approx(t["rollout_recompute"] / t["rollout_kv_cache"], rel=1e-12)
     assert ratios["avatarl_over_supervised"] == pytest.approx(t["avatarl_iteration"] / t["supervised_step"],
                                                               rel=1e-12)
+    assert ratios["shared_prefix_speedup"] == pytest.approx(t["grpo_full_rows"] / t["grpo_iteration"], rel=1e-12)
     for row in timings.values():  # on a CPU, the process CPU time of the same calls, and ratios from it
         assert len(row["cpu_times_s"]) == 3 and row["cpu_median_s"] == statistics.median(row["cpu_times_s"])
     cpu = {name: row["cpu_median_s"] for name, row in timings.items()}
@@ -127,8 +129,8 @@ def test_flop_counts_hand_values():
     flops = flop_counts(cfg, model, model)
     # F(T) = 6*832 + 12*1*8*T = 4992 + 96 T.  B=2, C=3, K=2, H=2, S = C+H-1 = 4
     assert flops["supervised_step"] == (4992 + 96 * 5) * 2 * 2 * 5  # F(5) x BK(C+H) = 5472 x 20 = 109440
-    # update F(4) x BK S = 5376 x 16 = 86016; rollout forward F(4)/3 x B(C + K(H-1)) = 1792 x 10 = 17920
-    assert flops["grpo_iteration"] == pytest.approx(86016 + 17920)
+    # rollout and update both cover N = B(C + K(H-1)) = 10 tokens: forward F(4)/3 = 1792 and update F(4) = 5376 each
+    assert flops["grpo_iteration"] == pytest.approx(1792 * 10 + 5376 * 10)
     assert flops["avatarl_iteration"] == pytest.approx(4 / 3 * (4992 + 96 * 3) * 2 * 3)  # F(3) 4/3 BC = 42240
 
 
@@ -138,20 +140,22 @@ def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytes
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
     cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
     times = {"supervised_step": 2e-9, "grpo_iteration": 4e-9, "rollout_kv_cache": 1e-9, "grpo_scoring": 5e-10,
-             "rollout_recompute": 3e-9, "avatarl_iteration": 1e-9}
+             "rollout_recompute": 3e-9, "grpo_full_rows": 8e-9, "avatarl_iteration": 1e-9}
     result = {"timings": {name: Timing([t, 2 * t, t / 2], peak_memory_mib=100.0) for name, t in times.items()},
-              "finite": True, "params": 832, "attention": "sdpa", "model": model, "referee": model}
+              "finite": True, "params": 832, "attention": "sdpa", "model": model, "referee": model,
+              "cuda_graphs": True}
     report = summarise(cfg, torch.device("cuda"), result, warmup=1, iters=3)
     gpu = report["gpu"]
     assert (gpu["gpu_type"], gpu["peak_bf16_tflops"]) == ("H100", 989.0)
-    # 103936 FLOPs (see the hand values above) in the median time 4e-9 s = 25.984 TFLOP/s
-    assert gpu["achieved_tflops"]["grpo_iteration"] == pytest.approx(25.984)
-    assert report["ratios"]["mfu"] == pytest.approx(25.984 / 989.0)
+    # 71680 FLOPs (see the hand values above) in the median time 4e-9 s = 17.92 TFLOP/s
+    assert gpu["achieved_tflops"]["grpo_iteration"] == pytest.approx(17.92)
+    assert report["ratios"]["mfu"] == pytest.approx(17.92 / 989.0)
     assert gpu["mfu"]["supervised_step"] == pytest.approx(109440 / 2e-9 / 1e12 / 989.0)
     assert report["ratios"]["grpo_over_supervised"] == pytest.approx(2.0)
     assert report["ratios"]["kv_cache_speedup"] == pytest.approx(3.0)
+    assert report["ratios"]["shared_prefix_speedup"] == pytest.approx(2.0)
     table = format_table(report)
-    assert "H100" in table and "MFU" in table and "peak memory 100 MiB" in table
+    assert "H100" in table and "MFU" in table and "peak memory 100 MiB" in table and "cuda_graphs=True" in table
 
 
 def test_bench_dispatches_learning_lazily(monkeypatch: pytest.MonkeyPatch):

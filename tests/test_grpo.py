@@ -18,6 +18,7 @@ from avatarl.algorithms.grpo import (
     rollout,
     token_rewards,
 )
+from avatarl.bench_throughput import FullRowsStudent
 from avatarl.config import Config
 from avatarl.model import GPT, GPTConfig
 from avatarl.reference import NgramReference
@@ -258,6 +259,27 @@ def test_micro_step_backward_reaches_only_the_student():
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
     # student == old policy: the ratio is 1 up to cached-vs-full float error, so nothing is clipped
     assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4 and float(metrics["clip_frac"]) == 0.0
+
+
+def test_micro_step_shares_each_context_without_changing_loss_or_gradients():
+    cfg = small_cfg()
+    policy, ref_model = tiny_gpt(0), tiny_gpt(5)
+    old_policy = copy.deepcopy(policy)
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, V, (3, cfg.context_len), generator=gen)
+    truth = torch.randint(0, V, (3, cfg.horizon), generator=gen)
+    results = []
+    for student in (policy, FullRowsStudent(policy)):
+        loss, metrics = grpo_micro_step(student, old_policy, ModelReference(ref_model), ctx, truth, cfg,
+                                        kl_coef=0.1, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(loss, list(policy.parameters()))
+        results.append((loss, metrics, grads))
+    (shared_loss, shared_metrics, shared_grads), (full_loss, full_metrics, full_grads) = results
+    torch.testing.assert_close(shared_loss, full_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared_metrics, full_metrics, rtol=1e-5, atol=1e-6)
+    assert float(shared_loss.detach()) != 0.0 and float(shared_metrics["kl"]) > 0
+    for s, f in zip(shared_grads, full_grads, strict=True):
+        torch.testing.assert_close(s, f, rtol=1e-4, atol=1e-4 * float(f.abs().max()))
 
 
 class ConstantCredit:

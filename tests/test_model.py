@@ -102,6 +102,47 @@ def test_kv_cache_reset_and_overflow(model: GPT):
         model(tokens(1, 41))  # longer than block_size: no rotary table for it
 
 
+def shared_prefix_case(model: GPT, n_prefix: int = 3, group: int = 4, prefix_len: int = 32, cont_len: int = 7):
+    """(prefix [P, prefix_len], continuations [P*group, cont_len], full rows [P*group, prefix_len + cont_len])."""
+    prefix, cont = tokens(n_prefix, prefix_len, seed=2), tokens(n_prefix * group, cont_len, seed=3)
+    return prefix, cont, torch.cat((prefix.repeat_interleave(group, dim=0), cont), dim=1)
+
+
+@pytest.mark.parametrize("cont_len", [7, 1, 0])
+def test_shared_prefix_forward_matches_full_rows(model: GPT, cont_len: int):
+    prefix, cont, full = shared_prefix_case(model, cont_len=cont_len)
+    shared = model(cont, prefix=prefix)
+    assert shared.shape == (12, 1 + cont_len, 65)
+    torch.testing.assert_close(shared, model(full)[:, 31:], rtol=0, atol=ATOL_FP32)
+
+
+def test_shared_prefix_gradients_match_full_rows():
+    torch.manual_seed(0)
+    model = GPT(small_config(n_emb=64))  # trainable, fp32: gradients of every weight, prefix ones summed over K
+    prefix, cont, full = shared_prefix_case(model)
+    weights = torch.randn(12, 8, 65, generator=torch.Generator().manual_seed(4))
+    params = list(model.parameters())
+    expected = torch.autograd.grad((model(full)[:, 31:] * weights).sum(), params)
+    got = torch.autograd.grad((model(cont, prefix=prefix) * weights).sum(), params)
+    for (name, _), e, g in zip(model.named_parameters(), expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()), msg=name)
+
+
+def test_shared_prefix_forward_compiles_without_graph_breaks(model: GPT):
+    # USE_TORCH_COMPILE compiles the student, and the GRPO update calls it with prefix=: fullgraph=True
+    # fails on any graph break; aot_eager traces like inductor without generating C++ (seconds, not minutes)
+    prefix, cont, _ = shared_prefix_case(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(cont, prefix=prefix), model(cont, prefix=prefix), rtol=0, atol=ATOL_FP32)
+
+
+def test_shared_prefix_rejects_rows_that_do_not_group(model: GPT):
+    with pytest.raises(ValueError, match="do not split into groups"):
+        model(tokens(10, 3), prefix=tokens(4, 5))
+    with pytest.raises(ValueError, match="exceed block_size"):
+        model(tokens(4, 10), prefix=tokens(2, 31))
+
+
 def test_new_cache_follows_autocast_dtype(model: GPT):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.new_cache(1).k.dtype == torch.bfloat16
@@ -219,3 +260,20 @@ def test_kv_cache_cuda_bf16(use_flash_attn: bool, autocast: bool):
             torch.testing.assert_close(step, model(idx[:, :t + 1])[:, -1], rtol=3e-2, atol=3e-2)
         out = model.generate(idx[:, :30], 15, top_k=5, generator=torch.Generator("cuda").manual_seed(0))
         assert out.shape == (2, 45) and out.is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("use_flash_attn", [False, True])
+def test_shared_prefix_cuda_bf16_autocast(use_flash_attn: bool):
+    """The GRPO update's path on a GPU: bf16 autocast, flash-attn's bottom-right causal mask or SDPA's."""
+    if use_flash_attn and not _flash_attn_installed():
+        pytest.skip("flash-attn not installed")
+    torch.manual_seed(0)
+    model = GPT(small_config(use_flash_attn=use_flash_attn)).cuda()
+    prefix, cont, full = (t.cuda() for t in shared_prefix_case(model))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        shared, expected = model(cont, prefix=prefix), model(full)[:, 31:]
+        torch.testing.assert_close(shared, expected, rtol=3e-2, atol=3e-2)
+        shared.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
 
 
@@ -47,7 +48,7 @@ def repeat_cache_rows(cache: KVCache, repeats: int) -> None:
 
 @torch.no_grad()
 def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperature: float,
-            generator: torch.Generator | None = None) -> Rollout:
+            generator: torch.Generator | None = None, graphs: GraphedDecoding | None = None) -> Rollout:
     """Sample K continuations of `horizon` chars per context in one batched, KV-cached pass.
 
     Each context is prefilled once (the K samples share it), then its cache and last logits are
@@ -55,12 +56,15 @@ def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperatur
     Each char x_h is drawn from pi_T = softmax(logits / T), the distribution old_logp scores:
     old_logp_h = log pi_T(x_h | ctx, x_<h). Sampling is an exponential race, argmax_v pi_T(v) / E_v
     with E_v ~ Exp(1), which draws exactly from pi_T without host syncs. `generator` must live on
-    ctx's device.
+    ctx's device. With `graphs` (USE_CUDA_GRAPHS), the decode steps replay a captured CUDA graph of
+    old_policy's decode step; the draws are the same, the logits equal up to float rounding.
     """
     B, C = ctx.shape
     cache = old_policy.new_cache(B, max_len=C + horizon - 1)
     logits = old_policy(ctx, cache=cache)[:, -1].repeat_interleave(k, dim=0)  # [B*K, V]
-    if cache is not None:
+    if graphs is not None:
+        decoder = graphs.prepare(cache, k)
+    elif cache is not None:  # None from a policy that needs no cache (e.g. a bigram table)
         repeat_cache_rows(cache, k)
     samples, logps = [], []
     for h in range(horizon):
@@ -70,7 +74,7 @@ def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperatur
         samples.append(token)
         logps.append(logp.gather(-1, token))
         if h + 1 < horizon:
-            logits = old_policy(token, cache=cache)[:, -1]
+            logits = old_policy(token, cache=cache)[:, -1] if graphs is None else decoder.step(token, C + h)
     return Rollout(torch.cat(samples, 1).view(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))
 
 
@@ -209,8 +213,8 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
 
 def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLReference, ctx: Tensor,
                     truth: Tensor, cfg: Any, kl_coef: float | Tensor,
-                    generator: torch.Generator | None = None, credit_reference: CreditReference | None = None
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+                    generator: torch.Generator | None = None, credit_reference: CreditReference | None = None,
+                    graphs: GraphedDecoding | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One GRPO micro-batch: returns (loss, metrics); the caller runs backward and the optimizer.
 
     loss = -mean_{b,k,h} min(rho A, clip(rho) A) - entropy_coef * mean H(pi) + kl_coef * mean KL(pi || ref)
@@ -221,14 +225,15 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     device tensors: reward_mean, reward_std (within-group population std, averaged), exact_match,
     policy_loss, kl, entropy, ratio_mean, ratio_max, clip_frac.
     """
-    B, C = ctx.shape
+    B = ctx.size(0)
     K, H, T = cfg.k_samples, cfg.horizon, cfg.temperature
-    ro = rollout(old_policy, ctx, K, H, T, generator)
+    ro = rollout(old_policy, ctx, K, H, T, generator, graphs)
     scored = score_rollout(ro, ctx, truth, reference, cfg, credit_reference)
     rewards = scored.rewards
 
-    logits = policy(scored.inputs)[:, C - 1:].float()  # [B*K, H, V]
     flat = ro.samples.view(B * K, H)
+    # The K samples of a context share it: run each context once and only the samples per row.
+    logits = policy(flat[:, :-1], prefix=ctx).float()  # [B*K, H, V], the same as policy(scored.inputs)[:, C-1:]
     new_logp = F.log_softmax(logits / T, dim=-1).gather(-1, flat[..., None]).view(B, K, H)
     policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, cfg.clip_ratio)
     ent = entropy(logits).mean()
