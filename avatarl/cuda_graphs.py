@@ -18,7 +18,7 @@ from torch import Tensor
 
 from avatarl.model import GPT, KVCache
 
-WARMUP_STEPS = 3  # eager runs on a side stream before capture, as CUDA graph capture requires
+WARMUP_STEPS = 3  # eager runs on the capture stream first, so lazy library set-up happens outside the capture
 
 
 class Decoder:
@@ -78,7 +78,7 @@ class Decoder:
                     self._decode()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):  # the warm-up's stream: its library handles exist
                 self.logits = self._decode()
         except RuntimeError as err:
             raise RuntimeError(f"USE_CUDA_GRAPHS: capturing the rollout's decode step failed ({err}); "

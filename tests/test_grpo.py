@@ -239,15 +239,20 @@ class ModelReference:
         return logp.gather(-1, samples[..., None]).squeeze(-1).exp()
 
 
-def test_micro_step_backward_reaches_only_the_student():
-    cfg = small_cfg()
+def micro_step_case(cfg: Config) -> tuple:
+    """(student, old policy = its copy, a module-backed reference, contexts [3, C], truths [3, H], generator)."""
     policy, ref_model = tiny_gpt(0), tiny_gpt(5)
-    old_policy = copy.deepcopy(policy)
     gen = torch.Generator().manual_seed(0)
     ctx = torch.randint(0, V, (3, cfg.context_len), generator=gen)
     truth = torch.randint(0, V, (3, cfg.horizon), generator=gen)
-    loss, metrics = grpo_micro_step(policy, old_policy, ModelReference(ref_model), ctx, truth, cfg,
-                                    kl_coef=0.1, generator=gen)
+    return policy, copy.deepcopy(policy), ModelReference(ref_model), ctx, truth, gen
+
+
+def test_micro_step_backward_reaches_only_the_student():
+    cfg = small_cfg()
+    policy, old_policy, reference, ctx, truth, gen = micro_step_case(cfg)
+    ref_model = reference.model
+    loss, metrics = grpo_micro_step(policy, old_policy, reference, ctx, truth, cfg, kl_coef=0.1, generator=gen)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in policy.parameters())
@@ -263,15 +268,11 @@ def test_micro_step_backward_reaches_only_the_student():
 
 def test_micro_step_shares_each_context_without_changing_loss_or_gradients():
     cfg = small_cfg()
-    policy, ref_model = tiny_gpt(0), tiny_gpt(5)
-    old_policy = copy.deepcopy(policy)
-    gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, V, (3, cfg.context_len), generator=gen)
-    truth = torch.randint(0, V, (3, cfg.horizon), generator=gen)
+    policy, old_policy, reference, ctx, truth, _ = micro_step_case(cfg)
     results = []
     for student in (policy, FullRowsStudent(policy)):
-        loss, metrics = grpo_micro_step(student, old_policy, ModelReference(ref_model), ctx, truth, cfg,
-                                        kl_coef=0.1, generator=torch.Generator().manual_seed(1))
+        loss, metrics = grpo_micro_step(student, old_policy, reference, ctx, truth, cfg, kl_coef=0.1,
+                                        generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(loss, list(policy.parameters()))
         results.append((loss, metrics, grads))
     (shared_loss, shared_metrics, shared_grads), (full_loss, full_metrics, full_grads) = results
