@@ -22,6 +22,7 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_all(handle: Any, blobs: list[bytes]) -> None:
+    for blob in blobs:
+        handle.write(blob)
+
+
 def _write_chunks(handle: Any, blobs: list[bytes]) -> None:
     """Write the blobs; with the test hook, in 64 KiB pieces spread over AVATARL_TEST_SLOW_WRITE seconds."""
     slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
@@ -75,12 +81,18 @@ def _write_chunks(handle: Any, blobs: list[bytes]) -> None:
             time.sleep(slow * len(piece) / total)
 
 
-def atomic_write(path: Path, blobs: list[bytes]) -> None:
-    """Write blobs to `path` so that readers only ever see the old or the complete new file."""
+def atomic_write(path: Path, blobs: list[bytes], write: Callable[[Any, list[bytes]], None] = _write_all) -> None:
+    """Write blobs to `path` so that readers only ever see the old or the complete new file.
+
+    A temporary file beside `path` is written with `write`, fsynced and renamed over `path`, and the
+    directory is fsynced so the rename survives a power loss. Checkpoint files pass `_write_chunks`,
+    which carries the slow-write test hook; other files (corpus, heartbeat) never slow down.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            _write_chunks(handle, blobs)
+            write(handle, blobs)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -93,7 +105,7 @@ def atomic_write(path: Path, blobs: list[bytes]) -> None:
 def _atomic_write_or_explain(path: Path, blobs: list[bytes]) -> None:
     """atomic_write, turning a full disk into a CheckpointError that says what is still safe."""
     try:
-        atomic_write(path, blobs)
+        atomic_write(path, blobs, _write_chunks)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

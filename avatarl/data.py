@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from avatarl.checkpoint import atomic_write
 from avatarl.config import Config, ConfigError
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -24,21 +24,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def download_tiny_shakespeare(cache_dir: str | os.PathLike, url: str = TINY_SHAKESPEARE_URL) -> Path:
@@ -56,7 +41,7 @@ def download_tiny_shakespeare(cache_dir: str | os.PathLike, url: str = TINY_SHAK
     if digest != TINY_SHAKESPEARE_SHA256:
         raise ConfigError([f"The downloaded corpus has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}: "
                            "set DATA_PATH to a trusted copy."])
-    atomic_write_bytes(target, payload)
+    atomic_write(target, [payload])
     return target
 
 

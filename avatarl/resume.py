@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from avatarl import distributed as D
 from avatarl.checkpoint import (
     CheckpointError,
+    atomic_write,
     capture_rng,
     changed_settings,
     incompatible_settings,
@@ -20,7 +21,6 @@ from avatarl.checkpoint import (
     save_checkpoint,
     set_aside_newer,
 )
-from avatarl.data import atomic_write_bytes
 
 if TYPE_CHECKING:
     from avatarl.trainer import Run
@@ -140,7 +140,7 @@ def write_heartbeat(run: Run, chars_per_s: float, finished: bool = False) -> Non
     beat = {"iteration": run.state.iteration, "time": time.time(), "chars_per_s": chars_per_s,
             "total_iters": run.cfg.total_iters, "finished": finished}
     try:
-        atomic_write_bytes(run.run_dir / HEARTBEAT, json.dumps(beat).encode())
+        atomic_write(run.run_dir / HEARTBEAT, [json.dumps(beat).encode()])
     except OSError as err:
         log.warning("Could not write %s: %s", run.run_dir / HEARTBEAT, err)
 
