@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl import distributed as D
-from avatarl.algorithms.grpo import Rollout, rollout, score_rollout
+from avatarl.algorithms.grpo import Rollout, draw_tempered, rollout, score_rollout
 from avatarl.config import Config
 from avatarl.data import WindowSampler
 from avatarl.model import GPT, attention_backend_available
@@ -136,10 +135,8 @@ def rollout_recompute(policy: nn.Module, ctx: Tensor, k: int, horizon: int, temp
     logps = []
     for h in range(horizon):
         logits = policy(ctx)[:, -1].repeat_interleave(k, dim=0) if h == 0 else policy(seq)[:, -1]
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [B*K, V]
-        race = torch.empty_like(logp).exponential_(1.0, generator=generator)
-        token = (logp - race.log()).argmax(dim=-1, keepdim=True)
-        logps.append(logp.gather(-1, token))
+        token, logp = draw_tempered(logits, temperature, generator)
+        logps.append(logp)
         seq = torch.cat((seq, token), dim=1)
     samples = seq[:, ctx.size(1):]
     return Rollout(samples.reshape(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))

@@ -265,12 +265,16 @@ class GPT(nn.Module):
         pos = 0 if cache is None else cache.pos
         if pos + T > self.config.block_size:
             raise ValueError(f"positions up to {pos + T} exceed block_size={self.config.block_size}")
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # [T, D/2]
-        x = self.wte(idx)  # [B, T, C]
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
+        x = self._blocks(idx, self.cos[pos:pos + T], self.sin[pos:pos + T], cache)  # [B, T, C]
         if cache is not None:
             cache.pos += T
+        return x
+
+    def _blocks(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: AnyCache | None) -> Tensor:
+        """Embed idx [B, T] and run every block with rotary tables cos, sin [T, D/2] -> [B, T, C]."""
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
         return x
 
     def _forward_shared_prefix(self, prefix: Tensor, idx: Tensor) -> Tensor:
@@ -291,11 +295,8 @@ class GPT(nn.Module):
         that depend on pos (CUDA-graph capturable). cache.pos is not advanced; the caller keeps
         0 <= pos < cache.max_len, which is not checked here because checking would sync.
         """
-        cos, sin = self.cos[pos.view(1)], self.sin[pos.view(1)]  # [1, D/2]
-        step = DecodeAt(cache, pos)
-        x = self.wte(token)  # [B, 1, C]
-        for block in self.blocks:
-            x = block(x, cos, sin, step)
+        index = pos.view(1)
+        x = self._blocks(token, self.cos[index], self.sin[index], DecodeAt(cache, pos))  # [B, 1, C]
         return self.lm_head(self.norm_f(x))[:, -1]
 
     def new_cache(self, batch_size: int, max_len: int | None = None,

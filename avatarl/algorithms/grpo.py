@@ -46,6 +46,19 @@ def repeat_cache_rows(cache: KVCache, repeats: int) -> None:
     cache.batch_size *= repeats
 
 
+def draw_tempered(logits: Tensor, temperature: float, generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """One char per row from pi_T = softmax(logits / T): (token [N, 1], log pi_T(token) [N, 1]).
+
+    An exponential race, argmax_v pi_T(v) / E_v with E_v ~ Exp(1), draws exactly from pi_T without
+    host syncs. logits [N, V]; `generator` must live on their device.
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [N, V]
+    race = torch.empty_like(logp).exponential_(1.0, generator=generator)
+    token = (logp - race.log()).argmax(dim=-1, keepdim=True)
+    return token, logp.gather(-1, token)
+
+
 @torch.no_grad()
 def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperature: float,
             generator: torch.Generator | None = None, graphs: GraphedDecoding | None = None) -> Rollout:
@@ -53,11 +66,10 @@ def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperatur
 
     Each context is prefilled once (the K samples share it), then its cache and last logits are
     repeated to [B*K] rows (row b*K + j is sample j of context b) and decoded one char per step.
-    Each char x_h is drawn from pi_T = softmax(logits / T), the distribution old_logp scores:
-    old_logp_h = log pi_T(x_h | ctx, x_<h). Sampling is an exponential race, argmax_v pi_T(v) / E_v
-    with E_v ~ Exp(1), which draws exactly from pi_T without host syncs. `generator` must live on
-    ctx's device. With `graphs` (USE_CUDA_GRAPHS), the decode steps replay a captured CUDA graph of
-    old_policy's decode step; the draws are the same, the logits equal up to float rounding.
+    Each char x_h is drawn from pi_T = softmax(logits / T) by `draw_tempered`, and old_logp scores it:
+    old_logp_h = log pi_T(x_h | ctx, x_<h). `generator` must live on ctx's device. With `graphs`
+    (USE_CUDA_GRAPHS), the decode steps replay a captured CUDA graph of old_policy's decode step; the
+    draws are the same, the logits equal up to float rounding.
     """
     B, C = ctx.shape
     cache = old_policy.new_cache(B, max_len=C + horizon - 1)
@@ -68,11 +80,9 @@ def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperatur
         repeat_cache_rows(cache, k)
     samples, logps = [], []
     for h in range(horizon):
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [B*K, V]
-        race = torch.empty_like(logp).exponential_(1.0, generator=generator)
-        token = (logp - race.log()).argmax(dim=-1, keepdim=True)  # [B*K, 1]
+        token, logp = draw_tempered(logits, temperature, generator)  # [B*K, 1] each
         samples.append(token)
-        logps.append(logp.gather(-1, token))
+        logps.append(logp)
         if h + 1 < horizon:
             logits = old_policy(token, cache=cache)[:, -1] if graphs is None else decoder.step(token, C + h)
     return Rollout(torch.cat(samples, 1).view(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))
