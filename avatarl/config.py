@@ -281,6 +281,17 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return {key: value or "" for key, value in dotenv_values(path).items()}
 
 
+def dotenv_path(env_file: str | os.PathLike | None) -> Path:
+    """The .env file a command reads: `--env-file` when given, else ./.env."""
+    return Path(env_file) if env_file is not None else Path(".env")
+
+
+def dotenv_values_if_present(env_file: str | os.PathLike | None) -> dict[str, str]:
+    """The values of dotenv_path(env_file), or none when that file does not exist."""
+    path = dotenv_path(env_file)
+    return read_dotenv(path) if path.is_file() else {}
+
+
 def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = None,
                 environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
     """Resolve every setting with its source. Returns (config, {VAR: source}).
@@ -290,18 +301,16 @@ def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLik
     """
     environ = os.environ if environ is None else environ
     known = config_fields()
-    dotenv: dict[str, str] = {}
     problems: list[str] = []
-    dotenv_path = Path(env_file) if env_file is not None else Path(".env")
-    if env_file is not None and not dotenv_path.is_file():
-        problems.append(f"--env-file {dotenv_path}: no such file.")
-    elif dotenv_path.is_file():
-        dotenv = read_dotenv(dotenv_path)
-        for key in dotenv:
-            if key not in known and key not in LAUNCHER_NAMES:
-                close = difflib.get_close_matches(key, list(known) + sorted(LAUNCHER_NAMES), n=1)
-                hint = f" Did you mean {close[0]}?" if close else " See `avatarl config --env-example`."
-                problems.append(f"{dotenv_path}: {key} is not a setting.{hint}")
+    path = dotenv_path(env_file)
+    if env_file is not None and not path.is_file():
+        problems.append(f"--env-file {path}: no such file.")
+    dotenv = dotenv_values_if_present(env_file)
+    for key in dotenv:
+        if key not in known and key not in LAUNCHER_NAMES:
+            close = difflib.get_close_matches(key, list(known) + sorted(LAUNCHER_NAMES), n=1)
+            hint = f" Did you mean {close[0]}?" if close else " See `avatarl config --env-example`."
+            problems.append(f"{path}: {key} is not a setting.{hint}")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, f in known.items():
@@ -324,10 +333,7 @@ def export_launcher_variables(env_file: str | os.PathLike | None, environ: dict[
     """Make the library variables of `.env` (WANDB_API_KEY, WANDB_MODE, HF_TOKEN, HF_HOME...) visible to
     wandb and transformers, as compose's env_file does; the process environment still wins."""
     environ = os.environ if environ is None else environ
-    path = Path(env_file) if env_file is not None else Path(".env")
-    if not path.is_file():
-        return
-    for name, value in read_dotenv(path).items():
+    for name, value in dotenv_values_if_present(env_file).items():
         if name in LAUNCHER_NAMES and value and name not in environ:
             environ[name] = value
 

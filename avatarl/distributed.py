@@ -139,9 +139,9 @@ def gather_to_all(obj: object) -> list[object]:
 
 def replica_divergence(model: torch.nn.Module) -> float:
     """Largest difference between ranks of a float64 fingerprint of the weights (0.0 = identical)."""
-    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()])
     if not _active():
         return 0.0
+    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()])
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from avatarl.config import LAUNCHER_NAMES, LAUNCHER_VARIABLES, config_fields, default_of, is_secret, read_dotenv
+from avatarl.config import (
+    LAUNCHER_NAMES,
+    LAUNCHER_VARIABLES,
+    config_fields,
+    default_of,
+    dotenv_values_if_present,
+    is_secret,
+)
 
 APP_NAME = "avatarl"
 DOCKERFILE = "docker/Dockerfile"
@@ -65,10 +72,8 @@ def collect_settings(env_file: str | os.PathLike | None = None, cli: Mapping[str
     """Settings and launcher variables as text, with the precedence of `load_config`: env > .env > cli."""
     environ = os.environ if environ is None else environ
     known = set(config_fields()) | LAUNCHER_NAMES
-    path = Path(env_file) if env_file is not None else Path(".env")
-    dotenv = read_dotenv(path) if path.is_file() else {}
     merged: dict[str, str] = {}
-    for layer in (cli or {}, dotenv, environ):
+    for layer in (cli or {}, dotenv_values_if_present(env_file), environ):
         merged.update({name: value for name, value in layer.items() if name in known})
     return merged
 
@@ -273,14 +278,13 @@ def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any
 
 def run_finished(checkpoint_dir: Path) -> bool:
     """Whether the trainer marked its run complete in the heartbeat (and not just stopped early)."""
-    import json
-
-    from avatarl.resume import HEARTBEAT
+    from avatarl.resume import heartbeat_age
 
     try:
-        return bool(json.loads((checkpoint_dir / HEARTBEAT).read_text()).get("finished"))
-    except (OSError, ValueError):
+        _, beat = heartbeat_age(checkpoint_dir)
+    except (OSError, ValueError, KeyError):
         return False
+    return bool(beat.get("finished"))
 
 
 def train_in_container(settings: dict[str, str]) -> int:

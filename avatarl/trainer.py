@@ -105,7 +105,7 @@ def build(cfg: Config, info: D.DistInfo, role: str, run_dir: Path) -> Run:
     D.print0(f"[avatarl] {role}: {raw_model.num_params() / 1e6:.2f}M parameters, attention via "
              f"{raw_model.attention_backend}, device {info.device}, world size {info.world_size}, "
              f"{cfg.grad_accum_steps(info.world_size)} micro-batch(es) of {cfg.micro_batch} per step")
-    if cfg.use_cuda_graphs and role == "student" and cfg.algorithm == "grpo":
+    if cfg.use_cuda_graphs and objective.name == "grpo":
         where = "replayed from a CUDA graph" if info.device.type == "cuda" else "eager (CUDA graphs need CUDA)"
         D.print0(f"[avatarl] USE_CUDA_GRAPHS: rollout decode steps {where}")
     return Run(cfg, info, corpus, model, raw_model, optimizer, scaler, sampler, objective, run_dir, RunState(),

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from avatarl.config import env_example, markdown_table
+from scripts.update_readme import END, START
 from tests.conftest import REPO
-
-START, END = "<!-- settings:start -->\n", "<!-- settings:end -->"
 
 
 def readme_settings_table() -> str:

@@ -216,3 +216,13 @@ def test_no_wandb_secret_when_none_is_given(recorded_modal: dict[str, list]):
     (_, options), = recorded_modal["function"]
     assert options["gpu"] == "L4" and options["secrets"] == []
     assert "secret_name" not in recorded_modal and "secret_dict" not in recorded_modal
+
+
+def test_run_finished_reads_the_trainers_final_heartbeat(tmp_path: Path):
+    assert not modal_app.run_finished(tmp_path)  # no heartbeat yet
+    (tmp_path / "heartbeat.json").write_text('{"time": 1.0, "iteration": 4, "finished": false}')
+    assert not modal_app.run_finished(tmp_path)  # stopped early: Modal should retry
+    (tmp_path / "heartbeat.json").write_text('{"time": 2.0, "iteration": 8, "finished": true}')
+    assert modal_app.run_finished(tmp_path)
+    (tmp_path / "heartbeat.json").write_text('{"iter')  # torn by hand: not finished
+    assert not modal_app.run_finished(tmp_path)
