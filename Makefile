@@ -4,13 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-# A newcomer's first run on a machine without a GPU: a model small enough that the validation
-# cross-entropy visibly falls within a few minutes on 2 CPU cores (env and .env still win).
-CPU_SETTINGS := --n-layer 2 --n-head 4 --n-emb 128 --batch 64 --micro-batch 64 --total-iters 300 --lr 1e-3 --min-lr 1e-4 \
-	--warmup-iters 10 --log-interval 10 --eval-interval 25 --sample-interval 100 --checkpoint-interval 100
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint train-local config docs
+.PHONY: help venv test test-fast lint train-local config docs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,6 +23,9 @@ venv: $(BIN)/avatarl ## create .venv with the project and its dev tools
 test: $(BIN)/avatarl ## run the test suite (CPU)
 	$(BIN)/python -m pytest -q
 
+test-fast: $(BIN)/avatarl ## the suite without the end-to-end tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: $(BIN)/avatarl ## ruff
 	$(BIN)/ruff check avatarl tests train_generic.py scripts
 
@@ -37,8 +36,8 @@ train-local: $(BIN)/avatarl ## train on this machine (small CPU setting when no 
 	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(BIN)/avatarl train; \
 	else \
-		echo "No CUDA GPU: using the small CPU setting ($(CPU_SETTINGS))"; \
-		$(BIN)/avatarl train $(CPU_SETTINGS); \
+		echo "No CUDA GPU: using the small CPU setting (--preset cpu-small: avatarl/presets/cpu-small.env)"; \
+		$(BIN)/avatarl train --preset cpu-small; \
 	fi
 
 -include docker/make.mk

@@ -1,3 +1,5 @@
+"""`python -m avatarl`: the same command line as the `avatarl` script."""
+
 import sys
 
 from avatarl.cli import main

@@ -17,17 +17,16 @@ import io
 import logging
 import os
 import pickle
-import random
 import re
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from avatarl.faults import write_slowly_if_asked
 
 log = logging.getLogger("avatarl")
 
@@ -38,7 +37,6 @@ TEMP_PATTERN = re.compile(r"^\.(ckpt_\d{8}\.pt|latest)\..+\.tmp$")
 LATEST = "latest"
 # Settings whose change makes a checkpoint unusable for the current model; the rest may change on resume.
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_emb", "algorithm")
-SLOW_WRITE_ENV = "AVATARL_TEST_SLOW_WRITE"  # test hook: seconds spent writing each file, in 64 KiB pieces
 
 
 class CheckpointError(RuntimeError):
@@ -66,27 +64,13 @@ def _write_all(handle: Any, blobs: list[bytes]) -> None:
         handle.write(blob)
 
 
-def _write_chunks(handle: Any, blobs: list[bytes]) -> None:
-    """Write the blobs; with the test hook, in 64 KiB pieces spread over AVATARL_TEST_SLOW_WRITE seconds."""
-    slow = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
-    total = sum(len(blob) for blob in blobs)
-    for blob in blobs:
-        if slow <= 0:
-            handle.write(blob)
-            continue
-        for start in range(0, len(blob), 64 << 10):
-            piece = blob[start:start + (64 << 10)]
-            handle.write(piece)
-            handle.flush()
-            time.sleep(slow * len(piece) / total)
-
-
 def atomic_write(path: Path, blobs: list[bytes], write: Callable[[Any, list[bytes]], None] = _write_all) -> None:
     """Write blobs to `path` so that readers only ever see the old or the complete new file.
 
     A temporary file beside `path` is written with `write`, fsynced and renamed over `path`, and the
-    directory is fsynced so the rename survives a power loss. Checkpoint files pass `_write_chunks`,
-    which carries the slow-write test hook; other files (corpus, heartbeat) never slow down.
+    directory is fsynced so the rename survives a power loss. Checkpoint files pass
+    `faults.write_slowly_if_asked`, which carries the slow-write test hook; other files (corpus,
+    heartbeat) never slow down.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -105,7 +89,7 @@ def atomic_write(path: Path, blobs: list[bytes], write: Callable[[Any, list[byte
 def _atomic_write_or_explain(path: Path, blobs: list[bytes]) -> None:
     """atomic_write, turning a full disk into a CheckpointError that says what is still safe."""
     try:
-        atomic_write(path, blobs, _write_chunks)
+        atomic_write(path, blobs, write_slowly_if_asked)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -263,30 +247,6 @@ def incompatible_settings(saved: dict[str, Any], current: dict[str, Any], saved_
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [f"{name.upper()}: {saved[name]!r} -> {value!r}" for name, value in current.items()
             if name in saved and saved[name] != value and name not in SHAPE_SETTINGS]
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every RNG the trainer touches, in weights_only-loadable form."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class RunLock:

@@ -1,7 +1,8 @@
-"""`avatarl` command line: train, train-referee, sample, config, health, bench.
+"""`avatarl` command line: train, train-referee, sample, config, health, bench, launch.
 
-Settings come from the environment, `.env` and flags (in that order of precedence); run
-`avatarl config` to see each resolved value and where it came from.
+Settings come from the environment, `.env`, flags and a preset (in that order of precedence); run
+`avatarl config` to see each resolved value and where it came from. Each command's work is imported
+only when that command runs, so `avatarl --help` and `avatarl config` stay fast.
 """
 
 from __future__ import annotations
@@ -13,25 +14,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from avatarl import exit_codes
 from avatarl.checkpoint import CheckpointError
 from avatarl.config import (
     Config,
     ConfigError,
     config_fields,
     default_of,
-    describe,
-    env_example,
     export_launcher_variables,
     load_config,
-    markdown_table,
+    preset_names,
 )
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+from avatarl.config_docs import describe, env_example, launcher_values, markdown_table
+from avatarl.launchers.modal import in_modal_container
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
     """One flag per setting (`--context-len` for CONTEXT_LEN), or only those named in `only`."""
     parser.add_argument("--env-file", help="dotenv file to read (default: ./.env when present)")
+    parser.add_argument("--preset", choices=preset_names(), help="named settings of avatarl/presets/ that "
+                        "replace the defaults (flags, .env and env still win)")
     group = parser.add_argument_group("settings (each also an environment variable; env and .env win)")
     for name, f in config_fields().items():
         if only and name not in only:
@@ -49,7 +51,7 @@ def cli_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
     env_file = getattr(args, "env_file", None)
-    resolved = load_config(cli_settings(args), env_file)
+    resolved = load_config(cli_settings(args), env_file, preset=getattr(args, "preset", None))
     export_launcher_variables(env_file)
     return resolved
 
@@ -57,15 +59,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
 def report(err: ConfigError) -> int:
     for line in err.problems:
         print(f"error: {line}", file=sys.stderr)
-    return EXIT_CONFIG
+    return exit_codes.CONFIG
 
 
 def command_train(args: argparse.Namespace) -> int:
     cfg, _ = resolve(args)
-    if cfg.training_mode == "modal" and not os.environ.get("MODAL_TASK_ID"):
-        from avatarl.launch import hand_over_to_modal
+    if cfg.training_mode == "modal" and not in_modal_container():
+        from avatarl.launchers.modal import hand_over_to_modal
 
-        return hand_over_to_modal(args.env_file, cli_settings(args))
+        return hand_over_to_modal(args.env_file, cli_settings(args), args.preset)
     from avatarl.trainer import train
 
     return train(cfg)
@@ -78,7 +80,7 @@ def command_train_referee(args: argparse.Namespace) -> int:
     from avatarl.trainer import train
 
     code = train(cfg, role="referee")
-    if code == EXIT_OK and int(os.environ.get("RANK", "0")) == 0:
+    if code == exit_codes.OK and int(os.environ.get("RANK", "0")) == 0:
         export_referee(cfg)
     return code
 
@@ -86,44 +88,45 @@ def command_train_referee(args: argparse.Namespace) -> int:
 def command_config(args: argparse.Namespace) -> int:
     if args.env_example:
         print(env_example(), end="")
-        return EXIT_OK
+        return exit_codes.OK
     if args.markdown:
         print(markdown_table(), end="")
-        return EXIT_OK
+        return exit_codes.OK
+    launchers = launcher_values(args.env_file)  # before resolve() copies .env's library variables into os.environ
     cfg, sources = resolve(args)
-    print(describe(cfg, sources))
-    return EXIT_OK
+    print(describe(cfg, sources, launchers))
+    return exit_codes.OK
 
 
 def command_sample(args: argparse.Namespace) -> int:
-    from avatarl.sampling import sample_from_checkpoint
+    from avatarl.generate import sample_from_checkpoint
 
     cfg, _ = resolve(args)
     texts = sample_from_checkpoint(args.checkpoint, Path(cfg.checkpoint_dir), args.prompt, args.max_new_tokens,
                                    args.temperature, args.top_k, args.num_samples, args.seed, cfg.device)
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}\n{text}")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def command_health(args: argparse.Namespace) -> int:
-    from avatarl.resume import heartbeat_age
+    from avatarl.run_dir import heartbeat_age, run_dir
 
     cfg, _ = resolve(args)
     max_age = args.max_age if args.max_age is not None else max(60.0, 4 * cfg.heartbeat_interval)
-    directory = Path(cfg.checkpoint_dir).expanduser()
+    directory = run_dir(cfg.checkpoint_dir)
     try:
         age, beat = heartbeat_age(directory)
     except (OSError, ValueError, KeyError) as err:
         print(f"unhealthy: no readable heartbeat in {directory} ({err})", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_codes.FAILED
     if age > max_age and not beat.get("finished"):
         print(f"unhealthy: last heartbeat {age:.0f}s ago at iteration {beat['iteration']} (max age {max_age:.0f}s)",
               file=sys.stderr)
-        return EXIT_FAILED
+        return exit_codes.FAILED
     print(f"healthy: iteration {beat['iteration']}/{beat.get('total_iters')}, heartbeat {age:.0f}s ago, "
           f"{beat.get('chars_per_s', 0):.0f} chars/s")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def command_bench(args: argparse.Namespace) -> int:
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # torchrun's own options follow; argparse would try to read them
-        from avatarl.runtime import launch_torchrun
+        from avatarl.launchers.torchrun import launch_torchrun
 
         return launch_torchrun(argv[1:])
     args = build_parser().parse_args(argv)
@@ -195,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(err)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exit_codes.CONFIG
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Every field of `Config` is a setting whose environment variable is the field name in
 UPPER_SNAKE case (`context_len` -> `CONTEXT_LEN`). Precedence, highest first:
 
-    process environment  >  .env file  >  command-line flags  >  defaults
+    process environment  >  .env file  >  command-line flags  >  --preset NAME  >  defaults
 
-(the seed's documented order: a deployment's environment always wins over a developer's flags).
+(the seed's documented order: a deployment's environment always wins over a developer's flags). A
+preset is a named .env file in avatarl/presets/ (cpu-small, bench-quick, tiny) that replaces defaults.
 The one-line `doc` of each field is the CLI help, the `avatarl config` listing and the
 generated `.env.example`, so the documentation cannot drift from the code.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
-SOURCE_DEFAULT, SOURCE_CLI, SOURCE_DOTENV, SOURCE_ENV = "default", "cli", ".env", "env"
+SOURCE_DEFAULT, SOURCE_PRESET, SOURCE_CLI, SOURCE_DOTENV, SOURCE_ENV = "default", "preset", "cli", ".env", "env"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # NAME.env files, shipped with the package
 
 
 class ConfigError(ValueError):
@@ -292,11 +294,43 @@ def dotenv_values_if_present(env_file: str | os.PathLike | None) -> dict[str, st
     return read_dotenv(path) if path.is_file() else {}
 
 
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.env"))
+
+
+def preset_settings(name: str) -> dict[str, str]:
+    """The NAME=value lines of avatarl/presets/NAME.env, as text; ConfigError naming the presets there are."""
+    path = PRESETS_DIR / f"{name}.env"
+    if not path.is_file():
+        raise ConfigError([f"--preset {name}: no such preset; choose one of {', '.join(preset_names())}."])
+    return read_dotenv(path)
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """A preset's settings as typed Config field values, e.g. for dataclasses.replace."""
+    known = config_fields()
+    return {known[key].name: parse_value(known[key], value) for key, value in preset_settings(name).items()}
+
+
+def unknown_keys(where: str, keys: Iterable[str]) -> list[str]:
+    """One problem per key that is neither a setting nor a launcher variable, with a "did you mean"."""
+    known = config_fields()
+    problems = []
+    for key in keys:
+        if key not in known and key not in LAUNCHER_NAMES:
+            close = difflib.get_close_matches(key, list(known) + sorted(LAUNCHER_NAMES), n=1)
+            hint = f" Did you mean {close[0]}?" if close else " See `avatarl config --env-example`."
+            problems.append(f"{where}: {key} is not a setting.{hint}")
+    return problems
+
+
 def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = None,
-                environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+                environ: Mapping[str, str] | None = None, preset: str | None = None
+                ) -> tuple[Config, dict[str, str]]:
     """Resolve every setting with its source. Returns (config, {VAR: source}).
 
-    `cli` maps UPPER_SNAKE names to the raw text of flags. `env_file` None means `./.env` when present.
+    `cli` maps UPPER_SNAKE names to the raw text of flags. `env_file` None means `./.env` when present;
+    `preset` names a file of avatarl/presets/ whose values replace the defaults.
     Raises ConfigError listing every problem, one per line.
     """
     environ = os.environ if environ is None else environ
@@ -306,15 +340,13 @@ def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLik
     if env_file is not None and not path.is_file():
         problems.append(f"--env-file {path}: no such file.")
     dotenv = dotenv_values_if_present(env_file)
-    for key in dotenv:
-        if key not in known and key not in LAUNCHER_NAMES:
-            close = difflib.get_close_matches(key, list(known) + sorted(LAUNCHER_NAMES), n=1)
-            hint = f" Did you mean {close[0]}?" if close else " See `avatarl config --env-example`."
-            problems.append(f"{path}: {key} is not a setting.{hint}")
+    problems += unknown_keys(str(path), dotenv)
+    presets = preset_settings(preset) if preset else {}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    layers = ((SOURCE_ENV, environ), (SOURCE_DOTENV, dotenv), (SOURCE_CLI, cli or {}), (SOURCE_PRESET, presets))
     for name, f in known.items():
-        for source, layer in ((SOURCE_ENV, environ), (SOURCE_DOTENV, dotenv), (SOURCE_CLI, cli or {})):
+        for source, layer in layers:
             if name in layer:
                 try:
                     values[f.name] = parse_value(f, layer[name])
@@ -336,48 +368,3 @@ def export_launcher_variables(env_file: str | os.PathLike | None, environ: dict[
     for name, value in dotenv_values_if_present(env_file).items():
         if name in LAUNCHER_NAMES and value and name not in environ:
             environ[name] = value
-
-
-def mask(name: str, value: Any) -> str:
-    text = str(value)
-    return "****" if is_secret(name) and text else text
-
-
-def describe(cfg: Config, sources: Mapping[str, str]) -> str:
-    """The resolved configuration, one `NAME=value  (source)` line per setting."""
-    rows = [(env_name(f.name), mask(f.name, getattr(cfg, f.name)), sources.get(env_name(f.name), "default"))
-            for f in fields(cfg)]
-    width = max(len(name) + len(value) for name, value, _ in rows) + 2
-    return "\n".join(f"{name}={value}".ljust(width) + f" ({source})" for name, value, source in rows)
-
-
-def format_value(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def env_example() -> str:
-    """A complete `.env.example`, generated from the field docs."""
-    lines = ["# avatarl settings. Generated by `avatarl config --env-example`; do not edit by hand.",
-             "# Precedence: process environment > .env > command-line flags > defaults.", ""]
-    group = None
-    for f in fields(Config):
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines += ["", f"# ---- {group}"]
-        allowed = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        lines.append(f"# {f.metadata['doc']}{allowed}")
-        lines.append(f"{env_name(f.name)}={format_value(default_of(f))}")
-    lines += ["", "", "# ---- launchers, containers and secrets (read by compose, Modal and libraries)"]
-    for name, default, doc in LAUNCHER_VARIABLES:
-        lines += [f"# {doc}", f"{name}={default}"]
-    return "\n".join(lines).replace("\n\n\n", "\n\n").lstrip() + "\n"
-
-
-def markdown_table() -> str:
-    """The settings as a Markdown table (README), generated from the same field docs."""
-    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
-    for f in fields(Config):
-        allowed = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
-        default = format_value(default_of(f)) or "(empty)"
-        rows.append(f"| `{env_name(f.name)}` | `{default}` | {f.metadata['doc']}{allowed} |")
-    return "\n".join(rows) + "\n"

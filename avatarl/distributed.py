@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from avatarl.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,16 +33,6 @@ class DistInfo:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device_preference: str) -> DistInfo:
@@ -101,14 +93,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return max_over_ranks(1.0 if flag else 0.0, device) > 0
 
 
-def broadcast_int(value: int, device: torch.device) -> int:
-    if not _active():
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(tensor, src=0)
-    return int(tensor.item())
-
-
 def barrier() -> None:
     if _active():
         dist.barrier()
@@ -121,11 +105,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, bucket_size_mb: int) -> tor
 
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_size_mb)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
 
 
 def gather_to_all(obj: object) -> list[object]:

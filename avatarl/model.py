@@ -8,6 +8,7 @@ otherwise on PyTorch's scaled_dot_product_attention. Neither path has dropout or
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +235,13 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_saved(cls, saved: dict, device: torch.device | str) -> GPT:
+        """The model of a checkpoint or exported referee: its `model_config` shape and `model` weights."""
+        model = cls(GPTConfig(**saved["model_config"])).to(device)
+        model.load_state_dict(saved["model"])
+        return model
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -363,3 +371,10 @@ class GPT(nn.Module):
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode without gradients: an old policy, or a referee that only scores."""
+    twin = copy.deepcopy(model).eval()
+    twin.requires_grad_(False)
+    return twin

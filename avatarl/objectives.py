@@ -1,26 +1,27 @@
-"""What one micro-step optimises: the GRPO student, the AvataRL student, or the supervised referee.
+"""What one micro-step optimises, as the trainer calls it: the GRPO student, the AvataRL student, or the
+supervised referee.
 
-Each objective turns a batch of corpus windows into (loss, on-device metrics) and owns the state
-that the algorithm carries between steps (old policy, KL controller, frozen referee).
+The maths lives in avatarl/algorithms/ as pure functions; an objective here is the stateful wrapper
+around it for one run. It turns a batch of corpus windows into (loss, on-device metrics), owns what
+the algorithm carries between steps (old policy, KL controller, frozen referee) with its
+`state_dict`, and says how many corpus chars one context reads (`window_len`).
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from avatarl.algorithms.avatarl import avatarl_micro_step, check_referee_compatible, referee_loss
-from avatarl.algorithms.grpo import AdaptiveKLController, grpo_micro_step, kl_warmup
-from avatarl.checkpoint import CheckpointError, load_checkpoint
-from avatarl.config import Config, ConfigError
+from avatarl.algorithms.avatarl import avatarl_micro_step, referee_loss
+from avatarl.algorithms.grpo import AdaptiveKLController, GRPOSettings, grpo_micro_step, kl_warmup
+from avatarl.algorithms.reference import build_reference
+from avatarl.config import Config
 from avatarl.cuda_graphs import GraphedDecoding
-from avatarl.data import Corpus
-from avatarl.model import GPT, GPTConfig
-from avatarl.reference import build_reference
+from avatarl.data.corpus import Corpus
+from avatarl.model import GPT, frozen_copy
+from avatarl.referee import load_referee
 
 
 class Objective(Protocol):
@@ -35,10 +36,11 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    twin = copy.deepcopy(model).eval()
-    twin.requires_grad_(False)
-    return twin
+def window_len(cfg: Config, role: str) -> int:
+    """Corpus chars one context reads, and adds to chars_seen: CONTEXT_LEN + HORIZON for a GRPO student
+    (context and true continuation), CONTEXT_LEN + 1 for AvataRL and the referee (every next char)."""
+    grpo = role == "student" and cfg.algorithm == "grpo"
+    return cfg.context_len + (cfg.horizon if grpo else 1)
 
 
 class GRPOObjective:
@@ -48,12 +50,14 @@ class GRPOObjective:
 
     def __init__(self, cfg: Config, corpus: Corpus, student: GPT, device: torch.device):
         self.cfg = cfg
-        self.window_len = cfg.context_len + cfg.horizon
+        self.settings = GRPOSettings.of(cfg)
+        self.window_len = window_len(cfg, "student")
         self.student = student
         self.old_policy = frozen_copy(student)
         use_graphs = cfg.use_cuda_graphs and device.type == "cuda"
         self.graphs = GraphedDecoding(self.old_policy, capture=True) if use_graphs else None
-        self.credit, self.kl_reference = build_reference(cfg, list(corpus.vocab.chars), corpus.train, device)
+        self.credit, self.kl_reference = build_reference(cfg.reference, cfg.ngram_order, cfg.reference_model,
+                                                         list(corpus.vocab.chars), corpus.train, device)
         chars_per_iter = cfg.batch * cfg.k_samples * cfg.horizon
         self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
                                                max_coef=cfg.kl_max_coef)
@@ -68,7 +72,7 @@ class GRPOObjective:
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         ctx, truth = window[:, :self.cfg.context_len], window[:, self.cfg.context_len:]
-        return grpo_micro_step(model, self.old_policy, self.kl_reference, ctx, truth, self.cfg, self.kl_coef,
+        return grpo_micro_step(model, self.old_policy, self.kl_reference, ctx, truth, self.settings, self.kl_coef,
                                credit_reference=self.credit, graphs=self.graphs)
 
     def after_log(self, metrics: dict[str, float]) -> None:
@@ -86,34 +90,12 @@ class GRPOObjective:
         self.controller.load_state_dict(state["kl_controller"])
 
 
-def referee_path(cfg: Config) -> Path:
-    return Path(cfg.referee_path or Path(cfg.checkpoint_dir) / "referee.pt").expanduser()
-
-
-def load_referee(cfg: Config, vocab_chars: list[str], device: torch.device) -> GPT:
-    """The frozen referee for ALGORITHM=avatarl, checked against this run's corpus and context."""
-    path = referee_path(cfg)
-    if not path.is_file():
-        raise ConfigError([f"REFEREE_PATH={str(path)!r}: no referee there. Train one first with "
-                           "`avatarl train-referee` (same DATA_PATH and CONTEXT_LEN), or set REFEREE_PATH."])
-    try:
-        saved = load_checkpoint(path, map_location=device)
-        check_referee_compatible(saved, vocab_chars, cfg.context_len)
-    except (CheckpointError, ValueError) as err:
-        raise ConfigError([f"REFEREE_PATH={str(path)!r}: {err}"]) from None
-    referee = GPT(GPTConfig(**saved["model_config"])).to(device)
-    referee.load_state_dict(saved["model"])
-    if device.type == "cuda" and cfg.use_amp and cfg.amp_dtype == "bfloat16":
-        referee = referee.to(torch.bfloat16)
-    return frozen_copy(referee)
-
-
 class NextCharObjective:
     """Scores every position of a window of CONTEXT_LEN + 1 chars; carries no state between steps."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, role: str):
         self.cfg = cfg
-        self.window_len = cfg.context_len + 1
+        self.window_len = window_len(cfg, role)
 
     def prepare_step(self, iteration: int, chars_seen: int) -> None:
         pass
@@ -136,9 +118,9 @@ class AvataRLObjective(NextCharObjective):
 
     name = "avatarl"
 
-    def __init__(self, cfg: Config, corpus: Corpus, device: torch.device):
-        super().__init__(cfg)
-        self.referee = load_referee(cfg, list(corpus.vocab.chars), device)
+    def __init__(self, cfg: Config, referee: nn.Module):
+        super().__init__(cfg, "student")
+        self.referee = referee
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg)
@@ -149,6 +131,9 @@ class RefereeObjective(NextCharObjective):
 
     name = "referee"
 
+    def __init__(self, cfg: Config):
+        super().__init__(cfg, "referee")
+
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = referee_loss(model(window[:, :-1]), window[:, 1:])
         return loss, {"train_ce": loss.detach()}
@@ -158,5 +143,5 @@ def build_objective(cfg: Config, role: str, corpus: Corpus, student: GPT, device
     if role == "referee":
         return RefereeObjective(cfg)
     if cfg.algorithm == "avatarl":
-        return AvataRLObjective(cfg, corpus, device)
+        return AvataRLObjective(cfg, load_referee(cfg, list(corpus.vocab.chars), device))
     return GRPOObjective(cfg, corpus, student, device)

@@ -1,37 +1,86 @@
-"""Export the trained referee: the newest referee-run checkpoint becomes REFEREE_PATH."""
+"""The AvataRL referee: where it lives, loading it frozen for a student run, and exporting a trained one.
+
+`avatarl train-referee` trains it (the one supervised model of the product) in CHECKPOINT_DIR/referee/;
+`export_referee` turns that run's newest checkpoint into REFEREE_PATH, which `load_referee` checks
+against the student's vocabulary and context before any step.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
+from typing import Any
 
-from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint, write_checkpoint_file
-from avatarl.config import Config
-from avatarl.objectives import referee_path
+import torch
+from torch import nn
 
-log = logging.getLogger("avatarl")
+from avatarl.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, write_checkpoint_file
+from avatarl.config import Config, ConfigError
+from avatarl.model import GPT, frozen_copy
+from avatarl.run_dir import METRICS, referee_path, run_dir
+from avatarl.tracking import read_metrics
+
+
+def check_referee_compatible(referee_meta: dict, vocab_chars: list[str], context_len: int) -> None:
+    """Raise ValueError when a referee checkpoint cannot score this run's student.
+
+    `referee_meta` must hold `vocab_chars` (list of the referee's symbols, in token order) and
+    `context_len` (the longest context it was trained for). The vocabularies must be identical
+    (same symbols, same order: token ids must mean the same character) and the referee's context
+    must be at least the student's. Messages do not name the path; the caller prefixes it.
+    """
+    missing = [key for key in ("vocab_chars", "context_len") if key not in referee_meta]
+    if missing:
+        raise ValueError(f"not a referee checkpoint: its metadata lacks {', '.join(missing)}; "
+                         "train one with `avatarl train-referee`.")
+    theirs = list(referee_meta["vocab_chars"])
+    if theirs != list(vocab_chars):
+        if len(theirs) != len(vocab_chars):
+            detail = f"{len(theirs)} vs {len(vocab_chars)} symbols"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(theirs, vocab_chars, strict=True)) if a != b)
+            detail = f"same {len(theirs)} symbols count, but token {i} is {theirs[i]!r} vs {vocab_chars[i]!r}"
+        raise ValueError(f"vocabulary differs ({detail}): the referee was trained on another corpus; "
+                         "retrain it on this DATA_PATH with `avatarl train-referee`.")
+    if int(referee_meta["context_len"]) < context_len:
+        raise ValueError(f"context length too short: the referee was trained with CONTEXT_LEN="
+                         f"{referee_meta['context_len']} but the student uses CONTEXT_LEN={context_len}; "
+                         "retrain it with `avatarl train-referee` at this CONTEXT_LEN, or lower CONTEXT_LEN.")
+
+
+def load_referee(cfg: Config, vocab_chars: list[str], device: torch.device) -> nn.Module:
+    """The frozen referee for ALGORITHM=avatarl, checked against this run's corpus and context."""
+    path = referee_path(cfg)
+    if not path.is_file():
+        raise ConfigError([f"REFEREE_PATH={str(path)!r}: no referee there. Train one first with "
+                           "`avatarl train-referee` (same DATA_PATH and CONTEXT_LEN), or set REFEREE_PATH."])
+    try:
+        saved = load_checkpoint(path, map_location=device)
+        check_referee_compatible(saved, vocab_chars, cfg.context_len)
+    except (CheckpointError, ValueError) as err:
+        raise ConfigError([f"REFEREE_PATH={str(path)!r}: {err}"]) from None
+    referee = GPT.from_saved(saved, device)
+    if device.type == "cuda" and cfg.use_amp and cfg.amp_dtype == "bfloat16":
+        referee = referee.to(torch.bfloat16)
+    return frozen_copy(referee)
 
 
 def last_val_ce(metrics_path: Path) -> float | None:
-    value = None
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            value = record.get("val_ce", value)
-    return value
+    """The newest validation CE a run logged, or None when it logged none."""
+    values = [record["val_ce"] for record in read_metrics(metrics_path) if "val_ce" in record]
+    return values[-1] if values else None
 
 
 def export_referee(cfg: Config) -> Path:
     """Write REFEREE_PATH (weights, model shape, vocabulary, context length, val CE) atomically."""
-    run_dir = Path(cfg.checkpoint_dir).expanduser() / "referee"
-    source = find_resume_checkpoint(run_dir)
+    directory = run_dir(cfg.checkpoint_dir, "referee")
+    source = find_resume_checkpoint(directory)
     if source is None:
-        raise FileNotFoundError(f"no referee checkpoint in {run_dir}")
+        raise FileNotFoundError(f"no referee checkpoint in {directory}")
     saved = load_checkpoint(source)
-    val_ce = last_val_ce(run_dir / "metrics.jsonl")
-    payload = {"model": saved["model"], "model_config": saved["model_config"], "vocab_chars": saved["vocab"],
-               "context_len": saved["config"]["context_len"], "val_ce": val_ce, "iteration": saved["iteration"]}
+    val_ce = last_val_ce(directory / METRICS)
+    payload: dict[str, Any] = {"model": saved["model"], "model_config": saved["model_config"],
+                               "vocab_chars": saved["vocab"], "context_len": saved["config"]["context_len"],
+                               "val_ce": val_ce, "iteration": saved["iteration"]}
     target = referee_path(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_checkpoint_file(target, payload)

@@ -1,4 +1,4 @@
-"""Where metrics go: stdout, CHECKPOINT_DIR/metrics.jsonl and optionally Weights & Biases.
+"""Where metrics go: stdout, CHECKPOINT_DIR/metrics.jsonl (and how to read it back), optionally wandb.
 
 One logger is chosen once at start-up; ranks other than 0 get a logger that does nothing,
 so the training loop never asks "should I log?".
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from avatarl.config import is_secret
+from avatarl.run_dir import METRICS
 
 log = logging.getLogger("avatarl")
 
@@ -46,7 +47,7 @@ class RunLogger(NullLogger):
     """Rank 0's logger: a JSON line per call in metrics.jsonl, a compact stdout line, wandb if enabled."""
 
     def __init__(self, run_dir: Path, wandb_run: Any | None = None):
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS
         self.wandb_run = wandb_run
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -102,3 +103,10 @@ def make_logger(is_main: bool, run_dir: Path, use_wandb: bool, project: str, nam
         return NullLogger()
     wandb_run = start_wandb(project, name, run_config, run_dir) if use_wandb else None
     return RunLogger(run_dir, wandb_run)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order; none when the file does not exist."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,79 +3,56 @@
     python -m avatarl train                                  # one process: CPU or one GPU
     torchrun --nproc-per-node=4 -m avatarl train             # DDP, NCCL on CUDA, gloo on CPU
 
-`train()` wires things together; `train_step()` is one optimizer step over BATCH contexts;
-what is optimised lives in `objectives.py`.
+`train()` sets the process up and turns failures into exit codes; `build()` makes a Run; `loop()` runs
+`train_step()` (one optimizer step over BATCH contexts) and the periodic duties of periodic.py; what is
+optimised lives in objectives.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from avatarl import distributed as D
-from avatarl.checkpoint import CheckpointError, RunDirectoryBusy, RunLock, find_resume_checkpoint, list_checkpoints
+from avatarl import exit_codes
+from avatarl.checkpoint import CheckpointError, RunDirectoryBusy, RunLock, find_resume_checkpoint
 from avatarl.config import Config, ConfigError
-from avatarl.data import Corpus, WindowSampler, eval_windows, load_corpus
+from avatarl.data.corpus import load_corpus
+from avatarl.data.sampler import WindowSampler
+from avatarl.device import check_device, mixed_precision
+from avatarl.faults import bad_iterations
 from avatarl.model import GPT, GPTConfig
-from avatarl.objectives import Objective, build_objective
-from avatarl.resume import RunState, restore_run, save_run, write_heartbeat
-from avatarl.runtime import StopSignal, bad_iterations_from_env, check_runtime, mixed_precision, seed_everything
+from avatarl.objectives import build_objective
+from avatarl.periodic import (
+    BAD_STEPS,
+    COMPLETED,
+    STOPPED,
+    Checkpoints,
+    Heartbeat,
+    MetricsLog,
+    TextSamples,
+    Throughput,
+    Validation,
+)
+from avatarl.resume import restore_run, save_run
+from avatarl.rng import seed_everything
+from avatarl.run import MetricBuffer, Run, RunState
+from avatarl.run_dir import clear_run, prepare_run_dir
 from avatarl.schedule import learning_rate
+from avatarl.signals import StopSignal
 from avatarl.tracking import make_logger, setup_logging
 
 log = logging.getLogger("avatarl")
 
-EXIT_OK, EXIT_CONFIG, EXIT_BAD_STEPS, EXIT_BUSY, EXIT_ABORTED = 0, 2, 3, 75, 130
-SAMPLE_PROMPTS = ("ROMEO:", "First Citizen:\n", "\n")
-
-
-@dataclass
-class MetricBuffer:
-    """On-device running sums of metrics, each with its own count; one host sync per log interval."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        for name, value in metrics.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def drain(self) -> dict[str, float]:
-        means = D.mean_over_ranks({name: total / self.counts[name] for name, total in self.sums.items()})
-        self.sums, self.counts = {}, {}
-        return means
-
-
-@dataclass
-class Run:
-    cfg: Config
-    info: D.DistInfo
-    corpus: Corpus
-    model: torch.nn.Module       # what forward/backward go through (DDP and/or compiled)
-    raw_model: GPT               # the plain module whose weights we save
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    sampler: WindowSampler
-    objective: Objective
-    run_dir: Path
-    state: RunState
-    metrics: MetricBuffer = field(default_factory=MetricBuffer)
-    bad_iterations: frozenset[int] = frozenset()
-
 
 def model_config(cfg: Config, vocab_size: int, role: str = "student") -> GPTConfig:
+    """The student's shape, or the referee's (REFEREE_N_*, each 0 = the student's)."""
     def pick(own: int, student: int) -> int:
         return own if role == "referee" and own > 0 else student
 
@@ -109,7 +86,7 @@ def build(cfg: Config, info: D.DistInfo, role: str, run_dir: Path) -> Run:
         where = "replayed from a CUDA graph" if info.device.type == "cuda" else "eager (CUDA graphs need CUDA)"
         D.print0(f"[avatarl] USE_CUDA_GRAPHS: rollout decode steps {where}")
     return Run(cfg, info, corpus, model, raw_model, optimizer, scaler, sampler, objective, run_dir, RunState(),
-               bad_iterations=bad_iterations_from_env())
+               MetricBuffer(info.device), bad_iterations=bad_iterations())
 
 
 def train_step(run: Run) -> bool:
@@ -148,73 +125,12 @@ def train_step(run: Run) -> bool:
     if finite:  # a skipped step has no loss or norm worth averaging in
         step_metrics.update(loss=total_loss / accum, grad_norm=grad_norm)
     run.metrics.add(step_metrics)
-    state.iteration += 1
-    state.chars_seen += cfg.batch * run.objective.window_len
-    state.bad_streak = 0 if finite else state.bad_streak + 1
-    state.bad_total += 0 if finite else 1
+    state.record_step(finite, cfg.batch * run.objective.window_len)
     return finite
 
 
-@torch.no_grad()
-def validation_ce(model: GPT, windows: torch.Tensor, chunk: int = 256) -> float:
-    """Mean next-char cross-entropy (nats/char) over fixed validation windows: a measurement only."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(windows), chunk):
-        batch = windows[start:start + chunk]
-        logits = model(batch[:, :-1]).float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total, count = total + loss.item(), count + batch[:, 1:].numel()
-    model.train(was_training)
-    return total / count
-
-
-def text_samples(run: Run, max_new_tokens: int = 120) -> str:
-    vocab, generator = run.corpus.vocab, torch.Generator(device=run.info.device)
-    generator.manual_seed(run.cfg.seed + run.state.iteration)  # own stream: sampling never shifts training RNG
-    outputs = []
-    known = set(vocab.chars)
-    prompts = [p for p in SAMPLE_PROMPTS if set(p) <= known] or [vocab.chars[0]]  # any corpus, any alphabet
-    for prompt in prompts:
-        ids = torch.tensor([vocab.encode(prompt)], device=run.info.device)
-        out = run.raw_model.generate(ids, max_new_tokens, temperature=0.8, top_k=None, generator=generator)
-        outputs.append(repr(vocab.decode(out[0])))
-    return "\n".join(outputs)
-
-
-def log_interval_metrics(run: Run, logger: Any, started: float, chars_at_start: int) -> dict[str, float]:
-    metrics = run.metrics.drain()
-    run.objective.after_log(metrics)
-    elapsed = max(1e-9, time.perf_counter() - started)
-    metrics.update(run.objective.host_metrics())
-    metrics.update(chars_seen=run.state.chars_seen, chars_per_s=(run.state.chars_seen - chars_at_start) / elapsed,
-                   bad_steps_total=run.state.bad_total)
-    logger.log(metrics, run.state.iteration)
-    if "entropy" in metrics and metrics["entropy"] < run.cfg.entropy_warn:
-        log.warning("Policy entropy %.3f nats/char is below ENTROPY_WARN=%s: the policy is collapsing.",
-                    metrics["entropy"], run.cfg.entropy_warn)
-    return metrics
-
-
-def prepare_run_dir(cfg: Config, role: str) -> Path:
-    run_dir = Path(cfg.checkpoint_dir).expanduser() / ("referee" if role == "referee" else "")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError([f"CHECKPOINT_DIR={cfg.checkpoint_dir!r} is not writable ({err.strerror}): "
-                           "choose a directory you can write to."]) from None
-    if cfg.resume == "never" and list_checkpoints(run_dir) and not cfg.overwrite:
-        raise ConfigError([f"RESUME=never but {run_dir} already holds a run ({list_checkpoints(run_dir)[0].name}): "
-                           "set RESUME=auto to continue it, OVERWRITE=true to start over, or another "
-                           "CHECKPOINT_DIR."])
-    return run_dir
-
-
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint RESUME names: the newest valid one (auto), none (never), or a file."""
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
@@ -234,7 +150,7 @@ def train(cfg: Config, role: str = "student") -> int:
     try:
         with stop:  # from here on, SIGTERM/SIGINT mean "stop cleanly", even while the model is being built
             cfg.check_world_size(info.world_size)
-            check_runtime(cfg, info)
+            check_device(cfg, info.device, info.world_size)
             run_dir = prepare_run_dir(cfg, role)
             if info.is_main:
                 lock.acquire()
@@ -243,85 +159,67 @@ def train(cfg: Config, role: str = "student") -> int:
             if checkpoint is not None:
                 restore_run(run, checkpoint)
             elif info.is_main and cfg.overwrite:
-                for stale in list_checkpoints(run_dir):
-                    stale.unlink()
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                clear_run(run_dir)
             return loop(run, stop)
     except KeyboardInterrupt:
         D.print0("[avatarl] aborted by a second interrupt: the step in progress is lost, the newest checkpoint "
                  "on disk is intact.")
-        return EXIT_ABORTED
+        return exit_codes.ABORTED
     except RunDirectoryBusy as err:
         D.print0(f"error: {err}")
-        return EXIT_BUSY
+        return exit_codes.BUSY
     except (ConfigError, CheckpointError) as err:
         for line in str(err).splitlines():
             D.print0(f"error: {line}")
-        return EXIT_CONFIG
+        return exit_codes.CONFIG
     except torch.cuda.OutOfMemoryError:
         D.print0(f"error: CUDA out of memory with MICRO_BATCH={cfg.micro_batch}: lower MICRO_BATCH (e.g. "
                  f"{max(1, cfg.micro_batch // 2)}) and keep BATCH a multiple of MICRO_BATCH x world size.")
-        return EXIT_CONFIG
+        return exit_codes.CONFIG
     finally:
         lock.release()
         D.cleanup()
 
 
 def loop(run: Run, stop: StopSignal) -> int:
+    """Steps until TOTAL_ITERS, a stop signal (checkpoint, exit 0) or MAX_BAD_STEPS (checkpoint, exit 3)."""
     cfg, state, info = run.cfg, run.state, run.info
     if D.any_rank(stop.requested, info.device):
         D.print0(f"[avatarl] stop requested before the first step: nothing new to save, exiting at iteration "
                  f"{state.iteration}.")
-        return EXIT_OK
+        return exit_codes.OK
     logger = make_logger(info.is_main, run.run_dir, cfg.use_wandb, cfg.wandb_project, cfg.wandb_name,
                          {**cfg.to_dict(), "model": asdict(run.raw_model.config)})
-    windows = eval_windows(run.corpus.val, cfg.context_len, cfg.eval_windows)
-    if state.iteration == 0:
-        logger.log({"val_ce": validation_ce(run.raw_model, windows), "chars_seen": 0}, 0)
-    started, chars_at_start, last_beat = time.perf_counter(), state.chars_seen, 0.0
-    bar = tqdm(total=cfg.total_iters, initial=state.iteration, disable=not (info.is_main and sys.stderr.isatty()),
-               desc=run.objective.name, dynamic_ncols=True)
-    exit_code = EXIT_OK
+    progress = tqdm(total=cfg.total_iters, initial=state.iteration, desc=run.objective.name, dynamic_ncols=True,
+                    disable=not (info.is_main and sys.stderr.isatty()))
+    throughput = Throughput()
+    # In this order: a checkpoint holds the metric sums and KL controller as they are after the log.
+    duties = [MetricsLog(logger, throughput, progress), Validation(logger, run), TextSamples(logger),
+              Checkpoints(), Heartbeat(throughput)]
+    for duty in duties:
+        duty.at_start(run)
+    throughput.start(run)
+    outcome = COMPLETED
     while state.iteration < cfg.total_iters:
         good = train_step(run)
-        bar.update(1)
-        it = state.iteration
-        if it % cfg.log_interval == 0 or it == cfg.total_iters:
-            metrics = log_interval_metrics(run, logger, started, chars_at_start)
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean") if k in metrics})
-        if it % cfg.eval_interval == 0 or it == cfg.total_iters:
-            val_ce = validation_ce(run.raw_model, windows)
-            logger.log({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)), "chars_seen": state.chars_seen},
-                       it)
-        if info.is_main and cfg.sample_interval and it % cfg.sample_interval == 0:
-            logger.log_text("samples", text_samples(run), it)
-        if info.is_main and time.monotonic() - last_beat >= cfg.heartbeat_interval:
-            last_beat = time.monotonic()
-            write_heartbeat(run, (state.chars_seen - chars_at_start) / (time.perf_counter() - started))
+        for duty in duties:
+            duty.after_step(run, good)
         if state.bad_streak >= cfg.max_bad_steps:
             D.print0(f"error: {state.bad_streak} consecutive non-finite steps (MAX_BAD_STEPS={cfg.max_bad_steps}):"
                      " stopping with the last good weights saved.")
-            exit_code = EXIT_BAD_STEPS
+            outcome = BAD_STEPS
             break
-        if cfg.save_intermediate_checkpoints and it % cfg.checkpoint_interval == 0 and good:
-            save_run(run)
         if D.any_rank(stop.requested, info.device):
             save_run(run)
-            D.print0(f"[avatarl] stop requested: checkpoint saved at iteration {it}, exiting.")
+            D.print0(f"[avatarl] stop requested: checkpoint saved at iteration {state.iteration}, exiting.")
+            outcome = STOPPED
             break
-    else:
-        if cfg.save_final_checkpoint:
-            save_run(run)
-        if info.is_main:
-            logger.log_text("samples", text_samples(run), state.iteration)
-    if exit_code == EXIT_BAD_STEPS:
-        save_run(run)
+    for duty in duties:
+        duty.at_end(run, outcome)
     divergence = D.replica_divergence(run.raw_model)
     if info.is_distributed:
         logger.log({"replica_divergence": divergence, "world_size": info.world_size}, state.iteration)
-    bar.close()
+    progress.close()
     logger.finish()
-    if info.is_main:
-        write_heartbeat(run, 0.0, finished=True)
     D.barrier()  # no rank tears the process group down while rank 0 is still writing
-    return exit_code
+    return exit_codes.BAD_STEPS if outcome == BAD_STEPS else exit_codes.OK

@@ -1,155 +1,83 @@
 """Small GRPO runs on Tiny Shakespeare to choose knob defaults that do not collapse the policy.
 
-One run = a fresh 2-layer student trained with avatarl.algorithms.grpo for --iters iterations of
---contexts random contexts from the first 90% of the corpus (K samples each), with a frozen old
-policy refreshed every --old-policy-interval iterations, AdamW at a constant learning rate after a
-short linear warmup (no decay, so a collapse is not hidden by a vanishing step size) and gradient
-clipping at 1.0. The KL weight is kl_warmup(AdaptiveKLController) updated every --log-interval
-iterations from the measured KL. Validation cross-entropy of the untempered student is measured
-without gradient on fixed windows of the last 10%.
+Each run is a real `avatarl train` (`trainer.train` with the GRPO objective the product ships: old
+policy refreshed every OLD_POLICY_INTERVAL, the adaptive KL controller, the n-gram reference) of a
+fresh student, at a constant learning rate after the warm-up (USE_LR_DECAY=false, so a collapse is not
+hidden by a vanishing step size). The study starts from the seed's knobs (STUDY_SETTINGS: BETA_KL 1e-3,
+KL_WARM 50k chars, KL_TARGET 0.02, a bigram reference) on a 2-layer, 128-wide student with 64 contexts
+per step; every avatarl setting flag (`--beta-kl 1.0`, `--ngram-order 3`, ...) overrides them.
+--reward-off sets EXACT_MATCH_REWARD=0 and PARTIAL_CREDIT=0: only the KL and entropy terms train.
 
---reward-off zeroes the reward (the true continuation is replaced by an impossible id and partial
-credit is 0), so the advantages vanish and only the KL/entropy terms train: pure distillation of the
-n-gram. Prints one line per evaluation and appends a JSON summary to --out.
+Prints the validation CE of each evaluation with the training metrics logged at that iteration, and
+appends a JSON summary to --out.
 
-    python scripts/grpo_defaults_study.py --label seed --iters 300 --out study.jsonl
+    python scripts/grpo_defaults_study.py --label seed --total-iters 300 --out study.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from avatarl.algorithms.grpo import AdaptiveKLController, grpo_micro_step, kl_warmup
-from avatarl.config import Config
-from avatarl.data import TRAIN_FRACTION, eval_windows
-from avatarl.model import GPT, GPTConfig
-from avatarl.reference import NgramReference
+from avatarl.cli import add_setting_flags, cli_settings
+from avatarl.config import load_config
+from avatarl.run_dir import METRICS
+from avatarl.tracking import read_metrics
+from avatarl.trainer import train
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+STUDY_SETTINGS = {
+    "N_LAYER": "2", "N_HEAD": "4", "N_EMB": "128", "CONTEXT_LEN": "32", "HORIZON": "8", "K_SAMPLES": "4",
+    "BATCH": "64", "MICRO_BATCH": "64", "TOTAL_ITERS": "300", "LR": "1e-3", "MIN_LR": "1e-3", "WARMUP_ITERS": "10",
+    "USE_LR_DECAY": "false", "BETA_KL": "1e-3", "KL_WARM": "50000", "KL_TARGET": "0.02", "NGRAM_ORDER": "2",
+    "LOG_INTERVAL": "5", "EVAL_INTERVAL": "25", "EVAL_WINDOWS": "512", "SAMPLE_INTERVAL": "0", "USE_WANDB": "false",
+    "DEVICE": "cpu", "SAVE_INTERMEDIATE_CHECKPOINTS": "false", "SAVE_FINAL_CHECKPOINT": "false", "RESUME": "never",
+    "OVERWRITE": "true",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--label", default="run")
-    p.add_argument("--data", default=str(DEFAULT_CORPUS))
-    p.add_argument("--out", default="")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--contexts", type=int, default=64)
-    p.add_argument("--context-len", type=int, default=32)
-    p.add_argument("--horizon", type=int, default=8)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-emb", type=int, default=128)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.2)
-    p.add_argument("--clip", type=float, default=0.2)
-    p.add_argument("--entropy-coef", type=float, default=0.01)
-    p.add_argument("--beta-kl", type=float, default=1e-3)
-    p.add_argument("--kl-warm", type=int, default=50000)
-    p.add_argument("--adaptive-kl", type=int, default=1)
-    p.add_argument("--kl-target", type=float, default=0.02)
-    p.add_argument("--kl-horizon", type=float, default=10000.0, help="controller horizon in chars")
-    p.add_argument("--kl-max-coef", type=float, default=100.0)
-    p.add_argument("--min-std", type=float, default=0.1)
-    p.add_argument("--partial-credit", type=float, default=1.0)
-    p.add_argument("--ngram-order", type=int, default=2)
-    p.add_argument("--reward-off", action="store_true")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--old-policy-interval", type=int, default=5)
-    p.add_argument("--log-interval", type=int, default=5)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-windows", type=int, default=512)
-    return p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--out", default="", help="append the JSON summary to this file")
+    parser.add_argument("--run-dir", default="study-runs", help="the runs go to RUN_DIR/LABEL")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--reward-off", action="store_true", help="EXACT_MATCH_REWARD=0 and PARTIAL_CREDIT=0")
+    add_setting_flags(parser)
+    return parser.parse_args(argv)
 
 
-@torch.no_grad()
-def val_ce(model: GPT, windows: torch.Tensor) -> float:
-    logits = model(windows[:, :-1]).float()
-    return float(F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()))
+def last_before(records: list[dict[str, Any]], iteration: int, name: str) -> float:
+    """The newest logged value of `name` at or before `iteration` (nan when none)."""
+    values = [r[name] for r in records if name in r and r["iter"] <= iteration]
+    return values[-1] if values else math.nan
 
 
-@torch.no_grad()
-def reference_ce(ref: NgramReference, windows: torch.Tensor) -> float:
-    logp = ref.log_probs(windows[:, :-1])
-    return float(-logp.gather(-1, windows[:, 1:, None]).mean())
-
-
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    text = Path(args.data).read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    index = {ch: i for i, ch in enumerate(chars)}
-    ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
-    split = int(len(ids) * TRAIN_FRACTION)
-    train, val = ids[:split].to(device), ids[split:].to(device)
-    V, C, H = len(chars), args.context_len, args.horizon
-
-    cfg = Config(k_samples=args.k, horizon=H, temperature=args.temperature, clip_ratio=args.clip,
-                 entropy_coef=args.entropy_coef, min_variance=args.min_std,
-                 partial_credit=0.0 if args.reward_off else args.partial_credit, context_len=C)
-    model = GPT(GPTConfig(V, C + H, args.n_layer, args.n_head, args.n_emb, use_flash_attn=False)).to(device)
-    old_policy = copy.deepcopy(model).requires_grad_(False)
-    ref = NgramReference(args.ngram_order, V, train, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    controller = AdaptiveKLController(args.beta_kl, args.kl_target, args.kl_horizon, args.kl_max_coef)
-    windows = eval_windows(val, C, args.eval_windows)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    offsets = torch.arange(C + H, device=device)
-    chars_per_iter = args.contexts * args.k * H
-
-    history: dict[int, float] = {0: val_ce(model, windows)}
-    print(f"[{args.label}] ngram-{args.ngram_order} val CE {reference_ce(ref, windows):.3f}; iter 0 val CE "
-          f"{history[0]:.3f}", flush=True)
-    interval: dict[str, list[torch.Tensor]] = {}
-    last: dict[str, float] = {}
-    start = time.time()
-    for it in range(1, args.iters + 1):
-        if (it - 1) % args.old_policy_interval == 0:
-            old_policy.load_state_dict(model.state_dict())
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, it / max(args.warmup, 1))
-        starts = torch.randint(0, len(train) - C - H, (args.contexts,), device=device, generator=gen)
-        window = train[starts[:, None] + offsets]
-        ctx, truth = window[:, :C], window[:, C:]
-        if args.reward_off:
-            truth = torch.full_like(truth, -1)  # no sample can match: exact-match reward is 0
-        kl_coef = kl_warmup(controller.value, (it - 1) * chars_per_iter, args.kl_warm)
-        loss, metrics = grpo_micro_step(model, old_policy, ref, ctx, truth, cfg, kl_coef, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        for name, value in metrics.items():
-            interval.setdefault(name, []).append(value)
-        if it % args.log_interval == 0:
-            last = {name: float(torch.stack(values).mean()) for name, values in interval.items()}
-            interval = {}
-            if args.adaptive_kl:
-                controller.update(last["kl"], args.log_interval * chars_per_iter)
-            last["kl_coef"] = kl_coef
-        if it % args.eval_every == 0 or it == args.iters:
-            history[it] = val_ce(model, windows)
-            print(f"[{args.label}] iter {it} val CE {history[it]:.3f} entropy {last.get('entropy', math.nan):.3f} "
-                  f"kl {last.get('kl', math.nan):.3f} kl_coef {last.get('kl_coef', math.nan):.4f} "
-                  f"reward {last.get('reward_mean', math.nan):.3f} match {last.get('exact_match', math.nan):.3f} "
-                  f"clip {last.get('clip_frac', math.nan):.3f} ({time.time() - start:.0f}s)", flush=True)
-    summary = {"label": args.label, "args": vars(args), "val_ce": history, "final": last,
-               "ref_ce": reference_ce(ref, windows), "seconds": time.time() - start}
+    run_dir = Path(args.run_dir) / args.label
+    settings = {**STUDY_SETTINGS, "DATA_PATH": str(DEFAULT_CORPUS), **cli_settings(args),
+                "CHECKPOINT_DIR": str(run_dir)}
+    if args.reward_off:
+        settings.update(EXACT_MATCH_REWARD="0", PARTIAL_CREDIT="0")
+    cfg, _ = load_config(settings, args.env_file)
+    started = time.time()
+    code = train(cfg)
+    records = read_metrics(run_dir / METRICS)
+    history = {r["iter"]: r["val_ce"] for r in records if "val_ce" in r}
+    for it, val_ce in history.items():
+        shown = " ".join(f"{name} {last_before(records, it, name):.3f}"
+                         for name in ("entropy", "kl", "kl_coef", "reward_mean", "exact_match", "clip_frac"))
+        print(f"[{args.label}] iter {it} val CE {val_ce:.3f} {shown}", flush=True)
+    summary = {"label": args.label, "exit_code": code, "settings": settings, "val_ce": history,
+               "final": next((r for r in reversed(records) if "entropy" in r), {}), "seconds": time.time() - started}
     if args.out:
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(summary) + "\n")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from avatarl.config import markdown_table
+from avatarl.config_docs import markdown_table
 
 START, END = "<!-- settings:start -->\n", "<!-- settings:end -->"
 

@@ -10,7 +10,6 @@ from avatarl.algorithms.avatarl import (
     action_rewards,
     action_set,
     avatarl_micro_step,
-    check_referee_compatible,
     ideal_distribution,
     mentor_distribution,
     policy_gradient_loss,
@@ -18,6 +17,7 @@ from avatarl.algorithms.avatarl import (
     referee_loss,
 )
 from avatarl.config import Config
+from avatarl.referee import check_referee_compatible
 
 LN2 = math.log(2.0)
 

@@ -11,7 +11,9 @@ from avatarl.checkpoint import load_checkpoint
 from avatarl.config import load_config
 from avatarl.referee import export_referee
 from avatarl.trainer import train
-from tests.conftest import run_cli
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 # 2-layer, 64-wide models on 32-char contexts; the referee trains once per module and serves all seeds.
 SMALL = {"N_LAYER": "2", "N_HEAD": "4", "N_EMB": "64", "CONTEXT_LEN": "32", "BATCH": "32", "MICRO_BATCH": "32",

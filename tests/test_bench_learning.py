@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from avatarl.bench_learning import (
+from avatarl.bench.learning import (
     METHODS,
     chars_to_beat,
     corpus_baselines,
@@ -21,7 +21,9 @@ from avatarl.bench_learning import (
 )
 from avatarl.checkpoint import load_checkpoint
 from avatarl.config import Config
-from avatarl.data import TRAIN_FRACTION
+from avatarl.data.corpus import TRAIN_FRACTION
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 TINY_BENCH = {"n_layer": 1, "n_head": 2, "n_emb": 32, "context_len": 16, "horizon": 4, "k_samples": 2, "batch": 16,
               "micro_batch": 16, "warmup_iters": 2, "log_interval": 2, "eval_windows": 32, "device": "cpu"}
@@ -68,7 +70,7 @@ def bench(tmp_path_factory, corpus_path):
     data.write_text(corpus_path.read_text()[:200_000])
     base = Config(**TINY_BENCH, data_path=str(data))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("avatarl.trainer.text_samples", lambda run: "")
+        patch.setattr("avatarl.periodic.training_samples", lambda *args: "")
         patch.chdir(root)
         code, report = learning_bench(base, root / "out", BUDGET_ITERS, REFEREE_ITERS, eval_points=2)
     assert code == 0

@@ -16,7 +16,7 @@ import torch
 
 from avatarl.algorithms.grpo import rollout
 from avatarl.bench import run_bench
-from avatarl.bench_throughput import (
+from avatarl.bench.throughput import (
     PEAK_BF16_TFLOPS,
     Timing,
     flop_counts,
@@ -29,7 +29,7 @@ from avatarl.bench_throughput import (
 )
 from avatarl.config import Config
 from avatarl.model import GPT, GPTConfig
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 ROWS = ("supervised_step", "grpo_iteration", "rollout_kv_cache", "grpo_scoring", "rollout_recompute",
         "grpo_full_rows", "avatarl_iteration")
@@ -159,9 +159,9 @@ def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytes
 
 
 def test_bench_dispatches_learning_lazily(monkeypatch: pytest.MonkeyPatch):
-    fake = types.ModuleType("avatarl.bench_learning")
+    fake = types.ModuleType("avatarl.bench.learning")
     fake.run_learning_bench = lambda cfg, args: 7 if args.which == "learning" else -1
-    monkeypatch.setitem(sys.modules, "avatarl.bench_learning", fake)
+    monkeypatch.setitem(sys.modules, "avatarl.bench.learning", fake)
     assert run_bench(Config(), argparse.Namespace(which="learning")) == 7
 
 

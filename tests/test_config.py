@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from avatarl.config import Config, ConfigError, describe, env_example, export_launcher_variables, load_config
-from tests.conftest import run_cli
+from avatarl.config import (
+    Config,
+    ConfigError,
+    export_launcher_variables,
+    load_config,
+    preset_names,
+    preset_settings,
+    preset_values,
+)
+from avatarl.config_docs import describe, env_example
+from tests.helpers import run_cli
 
 
 def test_defaults_match_the_seed():
@@ -139,9 +148,38 @@ def test_dotenv_typo_via_cli(tiny_env, tmp_path: Path):
 
 def test_secrets_are_masked_in_printed_config(tmp_path: Path):
     secret = "sk-live-very-secret-value"
-    (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\n")
+    (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\nWANDB_MODE=offline\n")
     result = run_cli(["config"], tmp_path, HF_TOKEN=secret)
     assert result.returncode == 0 and secret not in result.stdout + result.stderr
+    lines = {line.split("=")[0]: line for line in result.stdout.splitlines()}
+    # The keys are listed (set, and where), their values masked; a variable that is no secret is shown.
+    assert lines["WANDB_API_KEY"].split()[0] == "WANDB_API_KEY=****" and "(.env)" in lines["WANDB_API_KEY"]
+    assert lines["HF_TOKEN"].split()[0] == "HF_TOKEN=****" and "(env)" in lines["HF_TOKEN"]
+    assert lines["WANDB_MODE"].split()[0] == "WANDB_MODE=offline"
+
+
+def test_every_preset_is_valid_and_sits_below_flags_dotenv_and_env(tmp_path: Path):
+    assert preset_names() == ["bench-quick", "cpu-small", "tiny"]
+    for name in preset_names():
+        cfg, sources = load_config({}, None, environ={}, preset=name)
+        assert {k for k, v in sources.items() if v == "preset"} == set(preset_settings(name)), name
+        assert preset_values(name) == {k.lower(): getattr(cfg, k.lower()) for k in preset_settings(name)}
+    dotenv = tmp_path / "run.env"
+    dotenv.write_text("N_EMB=256\n")
+    cfg, sources = load_config({"N_LAYER": "3", "N_EMB": "64"}, dotenv, environ={"LR": "0.5"}, preset="cpu-small")
+    assert (cfg.n_layer, sources["N_LAYER"]) == (3, "cli")          # flag over preset
+    assert (cfg.n_emb, sources["N_EMB"]) == (256, ".env")           # .env over flag and preset
+    assert (cfg.lr, sources["LR"]) == (0.5, "env")                  # env over everything
+    assert (cfg.batch, sources["BATCH"]) == (64, "preset")          # the preset over the default
+
+
+def test_preset_flag_reaches_the_cli_and_an_unknown_one_is_refused(tmp_path: Path):
+    shown = run_cli(["config", "--preset", "cpu-small"], tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.startswith("N_EMB=128") and line.endswith("(preset)") for line in shown.stdout.splitlines())
+    refused = run_cli(["config", "--preset", "huge"], tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "invalid choice: 'huge'" in refused.stderr and "cpu-small" in refused.stderr
 
 
 def test_dotenv_library_variables_reach_the_process_environment_unless_set(tmp_path: Path):

@@ -12,7 +12,7 @@ import torch
 from avatarl.algorithms.grpo import rollout
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import GPT, GPTConfig
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 ATOL_FP32 = 1e-5
 

@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 CONTINUATION = "\\"
-# torchrun with clean stops (avatarl/runtime.py): the multi-process services exit 0 after `docker stop`.
+# torchrun with clean stops (avatarl/launchers/torchrun.py): the multi-process services exit 0 after `docker stop`.
 LAUNCH = ["avatarl", "launch", "--standalone"]
 TRAINING_SERVICES = ("train", "train-4gpu", "train-cpu", "train-cpu-2proc")
 # Python of the Ubuntu release the CUDA images are built on: the Dockerfile installs it with apt.
@@ -221,7 +221,7 @@ def env_example_file(tmp_path: Path) -> Path:
     committed = REPO / ".env.example"
     if committed.is_file():
         return committed
-    from avatarl.config import env_example
+    from avatarl.config_docs import env_example
 
     generated = tmp_path / ".env.example"
     generated.write_text(env_example())
@@ -329,6 +329,10 @@ def test_k8s_single_gpu_job():
     assert container["args"] == ["avatarl", "train"]
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    from avatarl import exit_codes
+
+    fail_fast = [rule["onExitCodes"] for rule in rules if rule["action"] == "FailJob"]
+    assert fail_fast == [{"containerName": "trainer", "operator": "In", "values": list(exit_codes.NOT_RETRYABLE)}]
 
 
 def test_k8s_pytorchjob_uses_plain_torchrun_and_shared_storage():

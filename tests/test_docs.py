@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from avatarl.config import env_example, markdown_table
+from avatarl.config_docs import env_example, markdown_table
 from scripts.update_readme import END, START
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def readme_settings_table() -> str:

@@ -18,10 +18,10 @@ from avatarl.algorithms.grpo import (
     rollout,
     token_rewards,
 )
-from avatarl.bench_throughput import FullRowsStudent
+from avatarl.algorithms.reference import NgramReference
+from avatarl.bench.throughput import FullRowsStudent
 from avatarl.config import Config
 from avatarl.model import GPT, GPTConfig
-from avatarl.reference import NgramReference
 
 V = 11
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from avatarl.config import load_config
 from avatarl.trainer import train
-from tests.conftest import run_cli
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 # GRPO on a 2-layer, 64-wide student, 48 contexts x K=4 per step, 40 steps (~15 s on one core).
 LEARN = {"N_LAYER": "2", "N_HEAD": "4", "N_EMB": "64", "CONTEXT_LEN": "32", "HORIZON": "8", "K_SAMPLES": "4",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from avatarl import modal_app
-from avatarl.modal_app import (
+from avatarl.launchers import modal as modal_app
+from avatarl.launchers.modal import (
     CheckpointCommitter,
     ModalSetupError,
     collect_settings,
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_imports_without_modal_and_says_how_to_install_it():
     code = ("import sys; sys.modules['modal'] = None\n"
-            "from avatarl import modal_app\n"
+            "from avatarl.launchers import modal as modal_app\n"
             "try:\n    modal_app.run_modal({})\n"
             "except modal_app.ModalSetupError as err:\n    print(err)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -2,12 +2,12 @@
 
 import math
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from avatarl.reference import HFReference, NgramReference, build_reference
+from avatarl.algorithms.reference import HFReference, NgramReference, build_reference
+from tests.helpers import HF_LINES
 
 A, B, C = 0, 1, 2
 CORPUS = torch.tensor([A, B, A, B, B, C])  # "ababbc", V = 3, alpha = 0.5 so alpha V = 1.5
@@ -84,29 +84,7 @@ def test_oversized_order_is_rejected_with_advice():
 # --- Hugging Face reference, offline
 
 CHARS = list("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-LINES = ["First Citizen:\nBefore we proceed any further, hear me speak.",
-         "All:\nSpeak, speak.", "You are all resolved rather to die than to famish?",
-         "We know't, we know't.", "Let us kill him, and we'll have corn at our own price."]
-
-
-@pytest.fixture
-def tiny_hf_dir(tmp_path):
-    pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(LINES * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    fast.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=128, vocab_size=len(fast),
-                        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    return tmp_path
+LINES = HF_LINES
 
 
 def encode(text):
@@ -151,10 +129,9 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 
 def test_build_reference_pairs(tiny_hf_dir):
     train = torch.tensor(encode("".join(LINES)))
-    cfg = SimpleNamespace(ngram_order=2, reference="ngram", reference_model=str(tiny_hf_dir))
-    credit, kl = build_reference(cfg, CHARS, train, "cpu")
+    credit, kl = build_reference("ngram", 2, str(tiny_hf_dir), CHARS, train, "cpu")
     assert credit is kl and isinstance(kl, NgramReference) and kl.order == 2
-    credit, kl = build_reference(SimpleNamespace(**{**vars(cfg), "reference": "gpt2"}), CHARS, train, "cpu")
+    credit, kl = build_reference("gpt2", 2, str(tiny_hf_dir), CHARS, train, "cpu")
     assert isinstance(credit, HFReference) and isinstance(kl, NgramReference)
     assert math.isfinite(float(credit.token_probs(torch.tensor([encode("We know")]),
                                                   torch.tensor([encode("'t")])).sum()))

@@ -1,165 +1,25 @@
-"""Exact continuation, proven with real processes: N iterations straight vs N/2 -> SIGKILL -> resume to N.
-
-Also the helpers of the other reliability tests (test_reliability_*.py): starting the real CLI or
-torchrun as a subprocess, waiting for files, killing a whole torchrun job, comparing checkpoints.
-"""
+"""Exact continuation, proven with real processes: N iterations straight vs N/2 -> SIGKILL -> resume to N."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import pytest
 import torch
 
-from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint
-from avatarl.runtime import child_pids
-from tests.conftest import TINY, clean_env
+from avatarl.checkpoint import load_checkpoint
+from tests.helpers import (
+    TORCHRUN,
+    TRAIN,
+    compare_runs,
+    kill_right_after_checkpoint,
+    metric_records,
+    run,
+    settings,
+    start,
+)
 
-TIMEOUT = 120.0  # seconds for one subprocess: generous, the 2 cores are shared with other work
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-TRAIN = [sys.executable, "-m", "avatarl", "train"]
-LONG = dict(TOTAL_ITERS=100_000, CHECKPOINT_INTERVAL=100_000, LOG_INTERVAL=2, EVAL_INTERVAL=1000)  # until stopped
-STOPPED = re.compile(r"stop requested: checkpoint saved at iteration (\d+)")
-
-
-def settings(tmp_path: Path, corpus: Path, name: str = "run", **overrides: Any) -> dict[str, str]:
-    """TINY settings for a run directory `tmp_path / name`, with overrides (values turned into text)."""
-    return {**TINY, "DATA_PATH": str(corpus), "CHECKPOINT_DIR": str(tmp_path / name),
-            **{key: str(value) for key, value in overrides.items()}}
-
-
-@dataclass
-class Job:
-    """A started subprocess whose stdout/stderr go to files (no pipe can fill up and block it)."""
-
-    proc: subprocess.Popen
-    out: Path
-    err: Path
-
-    @property
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_job(self)
-            raise AssertionError(f"timed out after {timeout}s\n{self.stdout}\n{self.stderr}") from None
-
-
-def start(command: list[str], env: dict[str, Any], cwd: Path, tag: str = "job") -> Job:
-    """Start `command` in its own session with clean_env + `env`; output in unique files under `cwd`."""
-    fd, name = tempfile.mkstemp(dir=cwd, prefix=f"{tag}-", suffix=".out")
-    out, err = Path(name), Path(name).with_suffix(".err")
-    with os.fdopen(fd, "wb") as stdout, open(err, "wb") as stderr:
-        proc = subprocess.Popen(command, cwd=cwd, env=clean_env(**{k: str(v) for k, v in env.items()}),
-                                stdout=stdout, stderr=stderr, start_new_session=True)
-    return Job(proc, out, err)
-
-
-def run(command: list[str], env: dict[str, Any], cwd: Path, tag: str = "job") -> Job:
-    job = start(command, env, cwd, tag)
-    job.wait()
-    return job
-
-
-def wait_for(condition: Callable[[], Any], job: Job, timeout: float = TIMEOUT, what: str = "") -> Any:
-    """Poll `condition` every 10 ms until it is truthy; fail if the job ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if job.proc.poll() is not None:
-            value = condition()
-            if value:
-                return value
-            raise AssertionError(f"the job exited ({job.proc.returncode}) before {what}\n{job.stdout}\n{job.stderr}")
-        time.sleep(0.01)
-    kill_job(job)
-    raise AssertionError(f"timed out waiting for {what}\n{job.stdout}\n{job.stderr}")
-
-
-def kill_job(job: Job, signum: int = signal.SIGKILL) -> None:
-    """Signal a job and, for torchrun, its workers (they run in sessions of their own): a lost machine."""
-    workers = child_pids(job.proc.pid)
-    for pid in [job.proc.pid, *workers]:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-    job.proc.wait(timeout=TIMEOUT)
-    for pid in workers:  # reap-free wait: the workers were reparented, poll until they are gone
-        deadline = time.monotonic() + TIMEOUT
-        while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
-    except (OSError, IndexError):
-        return "zombie"
-
-
-def metric_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def newest_state(run_dir: Path) -> dict[str, Any]:
-    path = find_resume_checkpoint(run_dir)
-    assert path is not None, f"no valid checkpoint in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
-    return load_checkpoint(path)
-
-
-def assert_identical(a: Any, b: Any, where: str = "checkpoint") -> int:
-    """Assert two loaded checkpoints (or parts) are equal, tensors bit for bit. Returns tensor bytes compared."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max():.3g})"
-        return a.numel() * a.element_size()
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        return sum(assert_identical(a[k], b[k], f"{where}.{k}") for k in a)
-    if isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        return sum(assert_identical(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
-    assert a == b, f"{where}: {a!r} != {b!r}"
-    return 0
-
-
-def compare_runs(straight: dict[str, Any], resumed: dict[str, Any]) -> int:
-    """Every saved tensor (model, optimizer, old policy, scaler, RNG and sampler of each rank, metric sums)
-    and every counter must match; only the run directory in the saved config may differ."""
-    assert straight["config"].pop("checkpoint_dir") != resumed["config"].pop("checkpoint_dir")
-    return assert_identical(straight, resumed)
-
-
-def kill_right_after_checkpoint(command: list[str], env: dict[str, str], cwd: Path, iteration: int) -> Job:
-    """Start a run whose writes are slowed down, SIGKILL it (all processes) while it writes the `latest`
-    pointer that follows checkpoint `iteration`: the run cannot have stepped past it."""
-    run_dir = Path(env["CHECKPOINT_DIR"])
-    job = start(command, {**env, "AVATARL_TEST_SLOW_WRITE": "1.5"}, cwd, "killed")
-    wait_for(lambda: (run_dir / f"ckpt_{iteration:08d}.pt").is_file(), job, what=f"checkpoint {iteration}")
-    kill_job(job)
-    assert job.proc.returncode == -signal.SIGKILL
-    return job
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 
 def check_equivalence(command: list[str], tmp_path: Path, corpus: Path) -> int:
@@ -190,29 +50,6 @@ def check_equivalence(command: list[str], tmp_path: Path, corpus: Path) -> int:
         ra.pop("chars_per_s", None), rb.pop("chars_per_s", None)
         assert ra == rb
     return compared
-
-
-def training(run_dir: Path, past: int = 4) -> Callable[[], bool]:
-    """A condition: the run has logged training metrics at iteration `past` or later."""
-    return lambda: any(r["iter"] >= past for r in metric_records(run_dir) if "reward_mean" in r)
-
-
-def stopped_at(stdout: str, run_dir: Path) -> int:
-    """The iteration of the stop message, checked against the newest checkpoint on disk."""
-    found = STOPPED.findall(stdout)
-    assert len(found) == 1, stdout
-    iteration = int(found[0])
-    saved = newest_state(run_dir)
-    assert saved["iteration"] == iteration and len(saved["rank_states"]) == 2
-    return iteration
-
-
-def worker_with_rank(launcher_pid: int, rank: int) -> int:
-    for pid in child_pids(launcher_pid):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
 
 
 def test_sigkill_and_resume_is_bit_identical_single_process(tmp_path, corpus_path):

@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from avatarl.checkpoint import MAGIC, CheckpointError, load_checkpoint
-from tests.conftest import run_cli
-from tests.test_reliability import (
+from tests.helpers import (
     TRAIN,
     assert_identical,
     metric_records,
     newest_state,
     run,
+    run_cli,
     settings,
 )
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 
 def ckpt(run_dir: Path, iteration: int) -> Path:

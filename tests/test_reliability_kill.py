@@ -11,8 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from avatarl.checkpoint import TEMP_PATTERN, list_checkpoints, verify
-from tests.test_reliability import TRAIN, newest_state, run, settings, start, wait_for
+from tests.helpers import TRAIN, newest_state, run, settings, start, wait_for
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 SLOW = 0.6  # seconds to write one checkpoint, and again the `latest` pointer after it
 KILLS_PER_DIR, DIRS = 10, 2  # two run directories killed in parallel: 20 kills

@@ -7,21 +7,24 @@ import secrets
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from avatarl.checkpoint import load_checkpoint
-from tests.conftest import run_cli
-from tests.test_reliability import (
+from tests.helpers import (
     TRAIN,
     assert_identical,
     kill_job,
     metric_records,
     newest_state,
     run,
+    run_cli,
     settings,
     start,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 
 def test_one_nan_step_is_skipped_and_counted(tmp_path, corpus_path):

@@ -7,8 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from avatarl.checkpoint import TEMP_PATTERN, load_checkpoint, verify
-from tests.test_reliability import (
+from avatarl.launchers.modal import run_finished
+from tests.helpers import (
     LONG,
     TORCHRUN,
     TRAIN,
@@ -20,6 +23,8 @@ from tests.test_reliability import (
     training,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 # The real CLI: every argument after `launch` goes to torchrun.
 LAUNCH = [sys.executable, "-m", "avatarl", "launch", "--standalone", "--nproc-per-node=2"]
@@ -34,11 +39,13 @@ def test_sigterm_to_the_launcher_exits_0_and_resume_continues(tmp_path, corpus_p
     assert job.wait() == 0, job.stdout + job.stderr
     iteration = stopped_at(job.stdout, run_dir)
     assert job.stderr.count("Received SIGTERM: finishing the current step") == 2  # each worker, once
+    assert not run_finished(run_dir), "a stopped run is not finished: Modal must run it again"
 
     resumed = run([*TORCHRUN, "-m", "avatarl", "train"], {**env, "TOTAL_ITERS": str(iteration + 2)}, tmp_path)
     assert resumed.proc.returncode == 0, resumed.stdout + resumed.stderr
     assert f"at iteration {iteration} " in resumed.stdout
     assert newest_state(run_dir)["iteration"] == iteration + 2
+    assert run_finished(run_dir)
 
 
 def test_second_sigint_aborts_without_waiting_for_the_save(tmp_path, corpus_path):

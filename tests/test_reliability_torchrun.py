@@ -6,7 +6,11 @@ import os
 import signal
 from pathlib import Path
 
-from tests.test_reliability import LONG, TORCHRUN, settings, start, stopped_at, training, wait_for, worker_with_rank
+import pytest
+
+from tests.helpers import LONG, TORCHRUN, settings, start, stopped_at, training, wait_for, worker_with_rank
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 
 def test_sigterm_to_plain_torchrun_still_checkpoints_at_the_step_reached(tmp_path, corpus_path):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint
-from tests.conftest import REPO, clean_env, run_cli
-from tests.test_reference import tiny_hf_dir  # noqa: F401  (fixture)
+from tests.helpers import REPO, clean_env, run_cli
+
+pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avatarl.algorithms.entropy import entropy
 from avatarl.config import Config
 
 # Ties with the mean (e.g. a uniform ideal) must not count as "above" because of rounding.
@@ -166,14 +167,13 @@ def _metrics(logits: Tensor, actions: Tensor, mask: Tensor, targets: Tensor,
     count = mask.sum().clamp(min=1)
     top = rewards.masked_fill(~mask, float("-inf")).amax(-1)
     true_reward = (rewards * ((actions == targets.unsqueeze(-1)) & mask)).sum(-1)
-    logp = F.log_softmax(logits, dim=-1)
     return {
         "reward_mean": (rewards * mask).sum() / count,
         "reward_max": top.max(),
         "reward_min": rewards.masked_fill(~mask, float("inf")).amin(),
         "action_set_size": mask.sum(-1).float().mean(),
         "true_top_frac": ((true_reward >= top) & (top > 0)).float().mean(),
-        "entropy": -(logp.exp() * logp).sum(-1).mean(),
+        "entropy": entropy(logits).mean(),
     }
 
 
@@ -184,30 +184,3 @@ def referee_loss(referee_logits: Tensor, y: Tensor) -> Tensor:
     referee; it is never applied to the student.
     """
     return F.cross_entropy(referee_logits.reshape(-1, referee_logits.size(-1)).float(), y.reshape(-1))
-
-
-def check_referee_compatible(referee_meta: dict, vocab_chars: list[str], context_len: int) -> None:
-    """Raise ValueError when a referee checkpoint cannot score this run's student.
-
-    `referee_meta` must hold `vocab_chars` (list of the referee's symbols, in token order) and
-    `context_len` (the longest context it was trained for). The vocabularies must be identical
-    (same symbols, same order: token ids must mean the same character) and the referee's context
-    must be at least the student's. Messages do not name the path; the caller prefixes it.
-    """
-    missing = [key for key in ("vocab_chars", "context_len") if key not in referee_meta]
-    if missing:
-        raise ValueError(f"not a referee checkpoint: its metadata lacks {', '.join(missing)}; "
-                         "train one with `avatarl train-referee`.")
-    theirs = list(referee_meta["vocab_chars"])
-    if theirs != list(vocab_chars):
-        if len(theirs) != len(vocab_chars):
-            detail = f"{len(theirs)} vs {len(vocab_chars)} symbols"
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(theirs, vocab_chars, strict=True)) if a != b)
-            detail = f"same {len(theirs)} symbols count, but token {i} is {theirs[i]!r} vs {vocab_chars[i]!r}"
-        raise ValueError(f"vocabulary differs ({detail}): the referee was trained on another corpus; "
-                         "retrain it on this DATA_PATH with `avatarl train-referee`.")
-    if int(referee_meta["context_len"]) < context_len:
-        raise ValueError(f"context length too short: the referee was trained with CONTEXT_LEN="
-                         f"{referee_meta['context_len']} but the student uses CONTEXT_LEN={context_len}; "
-                         "retrain it with `avatarl train-referee` at this CONTEXT_LEN, or lower CONTEXT_LEN.")

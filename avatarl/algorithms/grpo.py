@@ -14,13 +14,14 @@ the exact-match reward. Shapes: B contexts, K samples each, C context chars, H h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avatarl.algorithms.entropy import entropy
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
 
@@ -31,6 +32,25 @@ class CreditReference(Protocol):
 
 class KLReference(CreditReference, Protocol):
     def log_probs(self, history: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """The settings one GRPO micro-step reads (the same names as the Config fields, K_SAMPLES etc.)."""
+
+    k_samples: int             # K rollouts per context
+    horizon: int               # H chars per rollout
+    temperature: float         # T of the rollouts and of the importance ratio
+    clip_ratio: float          # PPO clip range
+    entropy_coef: float        # weight of the entropy bonus
+    min_variance: float        # floor of the group reward std
+    partial_credit: float      # weight of p_ref(char) in the reward
+    exact_match_reward: float  # reward for the true char
+
+    @classmethod
+    def of(cls, settings: Any) -> GRPOSettings:
+        """Pick these fields from any object that has them (a Config)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -131,12 +151,6 @@ def ppo_clip_loss(new_logp: Tensor, old_logp: Tensor, adv: Tensor, clip_ratio: f
     return loss, stats
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """H = -sum_v p_v log p_v with p = softmax(logits), in nats, per position: [..., V] -> [...]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
 def kl_to_reference(student_logp: Tensor, ref_logp: Tensor) -> Tensor:
     """KL(student || reference) = sum_v p_v (log p_v - log q_v), in nats, per position: [..., V] -> [...].
 
@@ -198,7 +212,7 @@ class Scored:
 
 
 @torch.no_grad()
-def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReference, cfg: Any,
+def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReference, settings: GRPOSettings,
                   credit_reference: CreditReference | None = None) -> Scored:
     """Reference log-probs, per-char rewards and group advantages of a rollout (no gradient).
 
@@ -211,18 +225,19 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
     ctx_rep = ctx.repeat_interleave(K, dim=0)
     inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
     ref_logp = reference.log_probs(inputs)[:, C - 1:].float()
-    if cfg.partial_credit == 0:
+    if settings.partial_credit == 0:
         ref_prob = torch.zeros_like(flat, dtype=torch.float32)
     elif credit_reference is None or credit_reference is reference:
         ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
     else:
         ref_prob = credit_reference.token_probs(ctx_rep, flat)
-    rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), cfg.partial_credit, cfg.exact_match_reward)
-    return Scored(inputs, ref_logp, rewards, group_advantages(rewards, cfg.min_variance))
+    rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), settings.partial_credit,
+                            settings.exact_match_reward)
+    return Scored(inputs, ref_logp, rewards, group_advantages(rewards, settings.min_variance))
 
 
 def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLReference, ctx: Tensor,
-                    truth: Tensor, cfg: Any, kl_coef: float | Tensor,
+                    truth: Tensor, settings: GRPOSettings, kl_coef: float | Tensor,
                     generator: torch.Generator | None = None, credit_reference: CreditReference | None = None,
                     graphs: GraphedDecoding | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One GRPO micro-batch: returns (loss, metrics); the caller runs backward and the optimizer.
@@ -236,19 +251,19 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     policy_loss, kl, entropy, ratio_mean, ratio_max, clip_frac.
     """
     B = ctx.size(0)
-    K, H, T = cfg.k_samples, cfg.horizon, cfg.temperature
+    K, H, T = settings.k_samples, settings.horizon, settings.temperature
     ro = rollout(old_policy, ctx, K, H, T, generator, graphs)
-    scored = score_rollout(ro, ctx, truth, reference, cfg, credit_reference)
+    scored = score_rollout(ro, ctx, truth, reference, settings, credit_reference)
     rewards = scored.rewards
 
     flat = ro.samples.view(B * K, H)
     # The K samples of a context share it: run each context once and only the samples per row.
     logits = policy(flat[:, :-1], prefix=ctx).float()  # [B*K, H, V], the same as policy(scored.inputs)[:, C-1:]
     new_logp = F.log_softmax(logits / T, dim=-1).gather(-1, flat[..., None]).view(B, K, H)
-    policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, cfg.clip_ratio)
+    policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, settings.clip_ratio)
     ent = entropy(logits).mean()
     kl = kl_to_reference(F.log_softmax(logits, dim=-1), scored.ref_logp).mean()
-    loss = policy_loss - cfg.entropy_coef * ent + kl_coef * kl
+    loss = policy_loss - settings.entropy_coef * ent + kl_coef * kl
 
     metrics = {
         "reward_mean": rewards.mean(),

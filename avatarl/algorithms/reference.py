@@ -9,7 +9,6 @@ provides per-char credit only; the KL then stays with the n-gram.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,10 +174,12 @@ class HFReference:
         return (token_logp.gather(1, owner_t) / share_t).exp().to(samples.device)
 
 
-def build_reference(cfg: Any, vocab_chars: Sequence[str], train_ids: Tensor, device: torch.device | str
+def build_reference(kind: str, ngram_order: int, model_name_or_path: str, vocab_chars: Sequence[str],
+                    train_ids: Tensor, device: torch.device | str
                     ) -> tuple[NgramReference | HFReference, NgramReference]:
-    """(credit_reference, kl_reference): the n-gram always anchors the KL; REFERENCE picks the credit."""
-    kl_reference = NgramReference(cfg.ngram_order, len(vocab_chars), train_ids, device)
-    if cfg.reference == "gpt2":
-        return HFReference(cfg.reference_model, vocab_chars, device), kl_reference
+    """(credit_reference, kl_reference): the NGRAM_ORDER n-gram always anchors the KL; REFERENCE=ngram|gpt2
+    picks the credit (the same n-gram, or the causal LM REFERENCE_MODEL)."""
+    kl_reference = NgramReference(ngram_order, len(vocab_chars), train_ids, device)
+    if kind == "gpt2":
+        return HFReference(model_name_or_path, vocab_chars, device), kl_reference
     return kl_reference, kl_reference

@@ -40,14 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from avatarl import distributed as D
+from avatarl import exit_codes
 from avatarl.algorithms.grpo import Rollout, draw_tempered, rollout, score_rollout
 from avatarl.config import Config
-from avatarl.data import WindowSampler
-from avatarl.model import GPT, attention_backend_available
-from avatarl.objectives import AvataRLObjective, NextCharObjective, RefereeObjective, frozen_copy
-from avatarl.resume import RunState
-from avatarl.runtime import mixed_precision
-from avatarl.trainer import MetricBuffer, Run, build, model_config, train_step
+from avatarl.data.sampler import WindowSampler
+from avatarl.device import mixed_precision, resolve_device
+from avatarl.model import GPT, attention_backend_available, frozen_copy
+from avatarl.objectives import AvataRLObjective, RefereeObjective
+from avatarl.run import MetricBuffer, Run, RunState
+from avatarl.trainer import build, model_config, train_step
 
 SCHEMA = "avatarl.bench.throughput/1"
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity) from the vendors' datasheets; T4 has no bf16, its fp16 peak.
@@ -160,36 +161,28 @@ class FullRowsStudent(nn.Module):
         return self.model(rows)[:, prefix.size(1) - 1:]
 
 
-class InMemoryAvataRL(AvataRLObjective):
-    """The AvataRL objective around a referee given in memory instead of loaded from REFEREE_PATH."""
-
-    def __init__(self, cfg: Config, referee: nn.Module):
-        NextCharObjective.__init__(self, cfg)
-        self.referee = referee
-
-
 def derived_runs(grpo: Run) -> tuple[Run, Run]:
     """(supervised, avatarl) runs sharing the GRPO run's model and optimizer, each with its own sampler."""
     cfg, device = grpo.cfg, grpo.info.device
     rows = cfg.micro_batch * cfg.k_samples  # C + H input chars, then the next one, in B x K windows
     sup_cfg = dataclasses.replace(cfg, context_len=cfg.seq_len, micro_batch=rows, batch=rows)
     supervised = dataclasses.replace(
-        grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(),
+        grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(device),
         sampler=WindowSampler(grpo.corpus.train, sup_cfg.context_len + 1, cfg.seed))
     referee = GPT(model_config(cfg, grpo.corpus.vocab.size, "referee")).to(device)
     if mixed_precision(cfg, device) == torch.bfloat16:
-        referee = referee.to(torch.bfloat16)  # as load_referee does for a bf16 run
+        referee = referee.to(torch.bfloat16)  # as referee.load_referee does for a bf16 run
     av_cfg = dataclasses.replace(cfg, algorithm="avatarl")
     avatarl = dataclasses.replace(
-        grpo, cfg=av_cfg, objective=InMemoryAvataRL(av_cfg, frozen_copy(referee)), state=RunState(),
-        metrics=MetricBuffer(), sampler=WindowSampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed))
+        grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, frozen_copy(referee)), state=RunState(),
+        metrics=MetricBuffer(device), sampler=WindowSampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed))
     return supervised, avatarl
 
 
 def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
     """The scoring phase of a GRPO step: reference log-probs, credit, rewards, advantages."""
     objective = grpo.objective
-    return score_rollout(ro, ctx, truth, objective.kl_reference, grpo.cfg, objective.credit).advantages
+    return score_rollout(ro, ctx, truth, objective.kl_reference, objective.settings, objective.credit).advantages
 
 
 def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bool = True) -> dict[str, Any]:
@@ -211,7 +204,7 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
 
     ro = amp(rollout, old, ctx, K, H, T, None, graphs)
     full_rows = dataclasses.replace(grpo, model=FullRowsStudent(grpo.model), state=RunState(),
-                                    metrics=MetricBuffer())
+                                    metrics=MetricBuffer(device))
     calls: dict[str, Callable[[], object]] = {"supervised_step": lambda: train_step(supervised),
                                               "grpo_iteration": lambda: train_step(grpo)}
     if full:
@@ -353,7 +346,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:
     """Measure, print the table, write JSON to args.json_path when given. Exit 1 on non-finite metrics."""
-    device = D.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     warmup = (5 if cuda else 1) + (2 if cfg.use_torch_compile else 0)
     iters = args.iters or (2 if args.quick else 20 if cuda else 5)
@@ -369,5 +362,5 @@ def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:
         path.write_text(json.dumps(report, indent=2) + "\n")
     if not report["finite"]:
         print("error: a benchmarked step produced non-finite metrics", file=sys.stderr)
-        return 1
-    return 0
+        return exit_codes.FAILED
+    return exit_codes.OK

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from avatarl import exit_codes
 from avatarl.config import (
     LAUNCHER_NAMES,
     LAUNCHER_VARIABLES,
@@ -37,7 +38,10 @@ from avatarl.config import (
     default_of,
     dotenv_values_if_present,
     is_secret,
+    preset_settings,
 )
+from avatarl.run_dir import heartbeat_age
+from avatarl.signals import STOP_SIGNALS, forwarding_signals, send
 
 APP_NAME = "avatarl"
 DOCKERFILE = "docker/Dockerfile"
@@ -47,8 +51,6 @@ MAX_GPUS = 8  # GPUs Modal attaches to one container
 MAX_TIMEOUT_HOURS = 24.0  # Modal's limit for one function call
 RETRIES = 3
 COMMIT_POLL_SECONDS = 30.0
-# Exit codes that a rerun cannot fix: bad settings (2) and a run stopped by non-finite losses (3).
-NO_RETRY_EXIT_CODES = (2, 3)
 # Keys the remote trainer reads from the environment, sent only inside a Modal secret.
 SECRET_KEYS = ("WANDB_API_KEY", "HF_TOKEN")
 # Settings that describe this machine, not the container.
@@ -68,19 +70,21 @@ def in_modal_container(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def collect_settings(env_file: str | os.PathLike | None = None, cli: Mapping[str, str] | None = None,
-                     environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Settings and launcher variables as text, with the precedence of `load_config`: env > .env > cli."""
+                     environ: Mapping[str, str] | None = None, preset: str | None = None) -> dict[str, str]:
+    """Settings and launcher variables as text, with the precedence of `load_config`:
+    env > .env > cli > preset."""
     environ = os.environ if environ is None else environ
     known = set(config_fields()) | LAUNCHER_NAMES
     merged: dict[str, str] = {}
-    for layer in (cli or {}, dotenv_values_if_present(env_file), environ):
+    presets = preset_settings(preset) if preset else {}
+    for layer in (presets, cli or {}, dotenv_values_if_present(env_file), environ):
         merged.update({name: value for name, value in layer.items() if name in known})
     return merged
 
 
 def repo_root() -> Path:
     """The source checkout holding docker/Dockerfile, which is also the image's build context."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / DOCKERFILE).is_file():
         raise ModalSetupError(f"{root / DOCKERFILE} not found: run Modal training from a source checkout "
                               "(git clone ...; pip install -e '.[modal]').")
@@ -167,6 +171,22 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
                      local_secrets={key: settings[key] for key in SECRET_KEYS if settings.get(key)})
 
 
+def hand_over_to_modal(env_file: str | None, cli: Mapping[str, str], preset: str | None = None) -> int:
+    """TRAINING_MODE=modal: start the Modal run with this machine's settings (env > .env > flags); secrets
+    travel as a Modal secret, never as function arguments. Returns the remote trainer's exit code."""
+    try:
+        import modal  # noqa: F401
+    except ImportError:
+        print("error: TRAINING_MODE=modal needs the Modal client: pip install 'avatarl[modal]' and run "
+              "`modal setup` (or use TRAINING_MODE=generic to train on this machine).", file=sys.stderr)
+        return exit_codes.CONFIG
+    try:
+        return run_modal(collect_settings(env_file, cli, preset=preset))
+    except ModalSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_codes.CONFIG
+
+
 def _import_modal() -> Any:
     try:
         import modal
@@ -246,10 +266,9 @@ def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any
     signalled, stop = threading.Event(), threading.Event()
     started: list[subprocess.Popen] = []
 
-    def forward(signum: int, frame: Any) -> None:
+    def to_trainer(signum: int) -> None:
         signalled.set()
-        for process in started:
-            process.send_signal(signal.SIGTERM)
+        send([process.pid for process in started], signal.SIGTERM)
 
     def keep_polling() -> None:
         while not stop.wait(interval):
@@ -258,28 +277,23 @@ def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any
     # Handlers go in before the child starts, so a signal during its start is not lost. They can only
     # be set from the main thread; elsewhere the child gets signals only directly.
     main_thread = threading.current_thread() is threading.main_thread()
-    signums = (signal.SIGTERM, signal.SIGINT) if main_thread else ()
-    previous = {signum: signal.signal(signum, forward) for signum in signums}
     poller = threading.Thread(target=keep_polling, daemon=True)
-    try:
-        started.append(subprocess.Popen(command, env=dict(env)))
-        if signalled.is_set():
-            started[0].send_signal(signal.SIGTERM)
-        poller.start()
-        code = started[0].wait()
-    finally:
-        stop.set()
-        if poller.is_alive():
-            poller.join()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with forwarding_signals(to_trainer, STOP_SIGNALS if main_thread else ()):
+        try:
+            started.append(subprocess.Popen(command, env=dict(env)))
+            if signalled.is_set():
+                started[0].send_signal(signal.SIGTERM)
+            poller.start()
+            code = started[0].wait()
+        finally:
+            stop.set()
+            if poller.is_alive():
+                poller.join()
     return code, signalled.is_set()
 
 
 def run_finished(checkpoint_dir: Path) -> bool:
     """Whether the trainer marked its run complete in the heartbeat (and not just stopped early)."""
-    from avatarl.resume import heartbeat_age
-
     try:
         _, beat = heartbeat_age(checkpoint_dir)
     except (OSError, ValueError, KeyError):
@@ -299,8 +313,8 @@ def train_in_container(settings: dict[str, str]) -> int:
     code, signalled = supervise(trainer_command(int(settings["N_GPUS"])), {**os.environ, **settings}, committer.poll)
     checkpoint_volume.commit()
     modal.Volume.from_name(settings["MODAL_DATA_VOLUME"]).commit()
-    if code == 0 and signalled and not run_finished(checkpoint_dir):
+    if code == exit_codes.OK and signalled and not run_finished(checkpoint_dir):
         raise RuntimeError("stopped by a signal before the end (preemption): Modal reruns it and it resumes")
-    if code not in (0, *NO_RETRY_EXIT_CODES):
+    if code not in (exit_codes.OK, *exit_codes.NOT_RETRYABLE):
         raise RuntimeError(f"avatarl train exited with {code}: Modal retries it and it resumes from its checkpoint")
     return code

@@ -1,4 +1,4 @@
-"""Corpus, character vocabulary, train/validation split and the device-resident window sampler."""
+"""The corpus: read (or downloaded once and verified), checked, encoded and split into train/validation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from avatarl.checkpoint import atomic_write
 from avatarl.config import Config, ConfigError
+from avatarl.data.vocab import Vocab
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -65,30 +66,6 @@ def read_corpus(cfg: Config) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Vocab:
-    chars: tuple[str, ...]
-
-    @classmethod
-    def from_text(cls, text: str) -> Vocab:
-        return cls(tuple(sorted(set(text))))
-
-    @property
-    def size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        index = {ch: i for i, ch in enumerate(self.chars)}
-        unknown = sorted({ch for ch in text if ch not in index})
-        if unknown:
-            raise ValueError(f"characters not in the vocabulary: {''.join(unknown)!r}")
-        return [index[ch] for ch in text]
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        values = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return "".join(self.chars[i] for i in values)
-
-
 @dataclass
 class Corpus:
     vocab: Vocab
@@ -102,37 +79,3 @@ def load_corpus(cfg: Config, device: torch.device) -> Corpus:
     ids = torch.tensor(vocab.encode(text), dtype=torch.long)
     split = int(len(ids) * TRAIN_FRACTION)
     return Corpus(vocab, ids[:split].to(device), ids[split:].to(device))
-
-
-class WindowSampler:
-    """Random windows of `length` consecutive chars, drawn on the device from a seeded generator.
-
-    Each rank gets its own stream (seed offset by rank); the generator state is the whole sampler
-    position, so saving and restoring it continues the exact same sequence of batches.
-    """
-
-    def __init__(self, ids: torch.Tensor, length: int, seed: int, rank: int = 0):
-        self.ids, self.length = ids, length
-        self.generator = torch.Generator(device=ids.device)
-        self.generator.manual_seed(seed + 7919 * rank)
-        self.offsets = torch.arange(length, device=ids.device)
-
-    def sample(self, count: int) -> torch.Tensor:
-        """[count, length] windows."""
-        high = len(self.ids) - self.length + 1
-        starts = torch.randint(0, high, (count,), device=self.ids.device, generator=self.generator)
-        return self.ids[starts[:, None] + self.offsets]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"].cpu())
-
-
-def eval_windows(val: torch.Tensor, context_len: int, count: int) -> torch.Tensor:
-    """Fixed, evenly spaced validation windows of context_len + 1 chars: [count, context_len + 1]."""
-    length = context_len + 1
-    count = min(count, len(val) - length + 1)
-    starts = torch.linspace(0, len(val) - length, count, device=val.device).long()
-    return val[starts[:, None] + torch.arange(length, device=val.device)]

@@ -17,10 +17,11 @@ Reference lines, computed from the corpus: uniform = ln V; unigram and bigram = 
 on the validation split of add-one-smoothed counts from the training split; also GRPO's own KL
 anchor (the NGRAM_ORDER n-gram) and the referee's validation CE.
 
-`--quick` swaps in a 2-layer, 64-wide model, its learning rate and a budget that fits a few minutes
-on 2 CPU cores; otherwise the model, batch, LR and TOTAL_ITERS (the supervised step count that sets
-the budget) come from the settings. Every other setting (GRPO and AvataRL knobs) is the user's, the
-same for every method. Outputs: OUT/learning.json, OUT/learning.png, and each run under OUT/runs/.
+`--quick` swaps in the `bench-quick` preset (avatarl/presets/bench-quick.env: a 2-layer, 64-wide model,
+its learning rate and a budget that fits a few minutes on 2 CPU cores); otherwise the model, batch, LR,
+TOTAL_ITERS (the supervised step count that sets the budget) and REFEREE_ITERS come from the settings.
+Every other setting (GRPO and AvataRL knobs) is the user's, the same for every method. Outputs:
+OUT/learning.json, OUT/learning.png, and each run under OUT/runs/.
 """
 
 from __future__ import annotations
@@ -36,22 +37,20 @@ from typing import Any
 
 import torch
 
-from avatarl.config import Config
-from avatarl.data import load_corpus
+from avatarl import exit_codes
+from avatarl.algorithms.reference import NgramReference
+from avatarl.config import Config, preset_values
+from avatarl.data.corpus import load_corpus
+from avatarl.objectives import window_len
 from avatarl.referee import export_referee
-from avatarl.reference import NgramReference
-from avatarl.trainer import EXIT_CONFIG, EXIT_OK, train
+from avatarl.run_dir import METRICS, run_dir
+from avatarl.tracking import read_metrics
+from avatarl.trainer import train
 
 SCHEMA = "avatarl.bench.learning/1"
 SMOOTHING = 1.0  # add-one: every char of the vocabulary keeps a count, so no validation char costs infinity
 
-# The --quick setting: 2-layer, 64-wide student; 600 supervised steps of 32 contexts = 633,600 chars.
-# A model this small trains at a higher learning rate than the 6-layer default (as in the GRPO study).
-QUICK_MODEL = (("n_layer", 2), ("n_head", 4), ("n_emb", 64), ("context_len", 32), ("horizon", 8),
-               ("k_samples", 4), ("batch", 32), ("micro_batch", 32), ("warmup_iters", 30), ("lr", 1e-3),
-               ("min_lr", 1e-4), ("eval_windows", 512))
-QUICK_BUDGET_ITERS, QUICK_REFEREE_ITERS = 600, 300
-EXIT_STOPPED = 1
+QUICK_PRESET = "bench-quick"  # avatarl/presets/bench-quick.env: model, LR and budget of --quick
 EVAL_POINTS = 12
 SETTINGS_RECORDED = frozenset({
     "seed", "data_path", "device", "context_len", "horizon", "k_samples", "batch", "micro_batch", "lr", "min_lr",
@@ -113,45 +112,34 @@ def chars_to_beat(curve: list[tuple[int, float]], threshold: float) -> int | Non
     return next((chars for chars, ce in curve if ce < threshold), None)
 
 
-def read_metrics(path: Path) -> tuple[list[tuple[int, float]], float | None]:
-    """(validation curve [(chars_seen, val_ce)], last logged policy entropy or None) of a run."""
-    curve, entropy = [], None
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if "val_ce" in record:
-            curve.append((int(record["chars_seen"]), float(record["val_ce"])))
-        entropy = record.get("entropy", entropy)
-    return curve, entropy
+def curve_of(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], float | None]:
+    """(validation curve [(chars_seen, val_ce)], last logged policy entropy or None) of a run's metrics."""
+    curve = [(int(r["chars_seen"]), float(r["val_ce"])) for r in records if "val_ce" in r]
+    entropies = [r["entropy"] for r in records if "entropy" in r]
+    return curve, entropies[-1] if entropies else None
 
 
-def window_len(cfg: Config, role: str) -> int:
-    """Corpus chars one context costs (what the trainer adds to chars_seen per context)."""
-    grpo = role == "student" and cfg.algorithm == "grpo"
-    return cfg.context_len + (cfg.horizon if grpo else 1)
-
-
-def method_config(base: Config, method: Method, run_dir: Path, iters: int, warmup: int, eval_points: int,
+def method_config(base: Config, method: Method, directory: Path, iters: int, warmup: int, eval_points: int,
                   referee_path: Path) -> Config:
     settings: dict[str, Any] = dict(method.overrides)
     if method.role == "referee":  # the supervised baseline has the student's shape, not the referee's
         settings.update(referee_n_layer=base.n_layer, referee_n_head=base.n_head, referee_n_emb=base.n_emb)
-    return dataclasses.replace(base, **settings, checkpoint_dir=str(run_dir), referee_path=str(referee_path),
+    return dataclasses.replace(base, **settings, checkpoint_dir=str(directory), referee_path=str(referee_path),
                                total_iters=iters, warmup_iters=warmup,
                                eval_interval=max(1, iters // eval_points))
 
 
-def run_method(cfg: Config, method: Method, run_dir: Path) -> tuple[int, dict[str, Any]]:
-    """Train one method; exit code EXIT_STOPPED when a stop signal ended it before its last step."""
+def run_method(cfg: Config, method: Method) -> tuple[int, dict[str, Any]]:
+    """Train one method; exit code FAILED when a stop signal ended it before its last step."""
     print(f"[bench] {method.label}: {cfg.total_iters} steps of {cfg.batch} contexts", flush=True)
     started = time.perf_counter()
     code = train(cfg, role=method.role)
     wall = time.perf_counter() - started
-    metrics = run_dir / ("referee" if method.role == "referee" else "") / "metrics.jsonl"
-    curve, entropy = read_metrics(metrics) if metrics.is_file() else ([], None)
+    curve, entropy = curve_of(read_metrics(run_dir(cfg.checkpoint_dir, method.role) / METRICS))
     planned = cfg.total_iters * cfg.batch * window_len(cfg, method.role)
-    if code == EXIT_OK and (not curve or curve[-1][0] != planned):
+    if code == exit_codes.OK and (not curve or curve[-1][0] != planned):
         print(f"error: {method.label} stopped before its last step: the benchmark stops too.", file=sys.stderr)
-        code = EXIT_STOPPED
+        code = exit_codes.FAILED
     return code, {"label": method.label, "exit_code": code, "iters": cfg.total_iters,
                   "chars_seen": curve[-1][0] if curve else 0, "curve": curve,
                   "final_val_ce": curve[-1][1] if curve else None, "final_entropy": entropy,
@@ -161,11 +149,10 @@ def run_method(cfg: Config, method: Method, run_dir: Path) -> tuple[int, dict[st
 def train_referee(base: Config, out: Path, iters: int, eval_points: int
                   ) -> tuple[int, dict[str, Any], Path | None]:
     """The AvataRL referee (REFEREE_N_* shape), trained and exported exactly as `avatarl train-referee`."""
-    run_dir = out / "runs" / "referee"
-    cfg = dataclasses.replace(base, checkpoint_dir=str(run_dir), referee_path="", total_iters=iters,
+    cfg = dataclasses.replace(base, checkpoint_dir=str(out / "runs" / "referee"), referee_path="", total_iters=iters,
                               eval_interval=max(1, iters // eval_points), save_final_checkpoint=True)
-    code, result = run_method(cfg, Method("referee", "referee for AvataRL (supervised)", "referee"), run_dir)
-    path = export_referee(cfg) if code == EXIT_OK else None
+    code, result = run_method(cfg, Method("referee", "referee for AvataRL (supervised)", "referee"))
+    path = export_referee(cfg) if code == exit_codes.OK else None
     result["shape"] = {"n_layer": cfg.referee_n_layer or cfg.n_layer, "n_head": cfg.referee_n_head or cfg.n_head,
                        "n_emb": cfg.referee_n_emb or cfg.n_emb}
     return code, result, path
@@ -194,16 +181,15 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
         "torch_threads": torch.get_num_threads(), "methods": {}}
     started = time.perf_counter()
     code, report["referee"], referee_path = train_referee(base, out, referee_iters, eval_points)
-    if code != EXIT_OK or referee_path is None:
+    if code != exit_codes.OK or referee_path is None:
         return code, report
     for method in METHODS:
         window = window_len(dataclasses.replace(base, **dict(method.overrides)), method.role)
         iters = max(1, round(budget / (base.batch * window)))
         warmup = round(base.warmup_iters * iters / budget_iters)
-        run_dir = out / "runs" / method.name
-        cfg = method_config(base, method, run_dir, iters, warmup, eval_points, referee_path)
-        code, result = run_method(cfg, method, run_dir)
-        if code in (EXIT_CONFIG, EXIT_STOPPED):
+        cfg = method_config(base, method, out / "runs" / method.name, iters, warmup, eval_points, referee_path)
+        code, result = run_method(cfg, method)
+        if code in (exit_codes.CONFIG, exit_codes.FAILED):
             return code, report
         result["chars_to_beat_unigram"] = chars_to_beat(result["curve"], baselines["unigram"])
         result["chars_to_beat_bigram"] = chars_to_beat(result["curve"], baselines["bigram"])
@@ -212,7 +198,7 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     done = report["methods"]
     if done.get("avatarl", {}).get("final_val_ce") is not None:
         report["gap_avatarl_minus_supervised"] = done["avatarl"]["final_val_ce"] - done["supervised"]["final_val_ce"]
-    return EXIT_OK, report
+    return exit_codes.OK, report
 
 
 def require_pyplot() -> Any:
@@ -296,21 +282,18 @@ def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
         require_pyplot()
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exit_codes.CONFIG
     if args.quick:
-        cfg = dataclasses.replace(cfg, **dict(QUICK_MODEL))
-        budget_iters, referee_iters = QUICK_BUDGET_ITERS, QUICK_REFEREE_ITERS
-    else:
-        budget_iters, referee_iters = cfg.total_iters, cfg.referee_iters
+        cfg = dataclasses.replace(cfg, **preset_values(QUICK_PRESET))
     out = Path(args.out).expanduser()
-    code, report = learning_bench(cfg, out, budget_iters, referee_iters)
-    if code != EXIT_OK:
+    code, report = learning_bench(cfg, out, cfg.total_iters, cfg.referee_iters)
+    if code != exit_codes.OK:
         return code
     report["argv"] = sys.argv[1:]
     write_outputs(report, out, Path(args.json_path).expanduser() if args.json_path else None)
     print(markdown_table(report), end="", flush=True)
     print(f"[bench] wrote {out / 'learning.json'} and {out / 'learning.png'}", flush=True)
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def write_outputs(report: dict[str, Any], out: Path, json_path: Path | None = None) -> None:

@@ -1,0 +1,149 @@
+"""The training loop's duties around the optimizer steps: log metrics, validate, print text samples,
+beat the heart, save checkpoints. Each decides for itself when it is due, so the loop only calls them.
+
+    at_start(run)            once, before the first step of this process
+    after_step(run, good)    after every optimizer step (good: the step was finite and applied)
+    at_end(run, outcome)     once, when the loop ends: COMPLETED, STOPPED (by a signal) or BAD_STEPS
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from avatarl.data.sampler import eval_windows
+from avatarl.evaluation import validation_ce
+from avatarl.generate import training_samples
+from avatarl.resume import save_run
+from avatarl.run import Run
+from avatarl.run_dir import write_heartbeat
+from avatarl.tracking import NullLogger
+
+log = logging.getLogger("avatarl")
+
+COMPLETED, STOPPED, BAD_STEPS = "completed", "stopped", "bad_steps"
+
+
+def every(interval: int, run: Run) -> bool:
+    """Due every `interval` iterations and at the last one."""
+    return run.state.iteration % interval == 0 or run.state.iteration == run.cfg.total_iters
+
+
+class Duty:
+    """A duty that does nothing; subclasses override the moments they care about."""
+
+    def at_start(self, run: Run) -> None:
+        pass
+
+    def after_step(self, run: Run, good: bool) -> None:
+        pass
+
+    def at_end(self, run: Run, outcome: str) -> None:
+        pass
+
+
+class Throughput:
+    """Corpus chars per second since `start` (called once the loop's first step is next; a resumed run
+    counts afresh)."""
+
+    def __init__(self) -> None:
+        self.started, self.chars_at_start = time.perf_counter(), 0
+
+    def start(self, run: Run) -> None:
+        self.started, self.chars_at_start = time.perf_counter(), run.state.chars_seen
+
+    def chars_per_s(self, run: Run) -> float:
+        return (run.state.chars_seen - self.chars_at_start) / max(1e-9, time.perf_counter() - self.started)
+
+
+class MetricsLog(Duty):
+    """Every LOG_INTERVAL: drain the on-device metrics (one all-reduce), feed the objective, log them."""
+
+    def __init__(self, logger: NullLogger, throughput: Throughput, progress: Any):
+        self.logger, self.throughput, self.progress = logger, throughput, progress
+
+    def after_step(self, run: Run, good: bool) -> None:
+        self.progress.update(1)
+        if not every(run.cfg.log_interval, run):
+            return
+        metrics = run.metrics.drain()
+        run.objective.after_log(metrics)
+        metrics.update(run.objective.host_metrics())
+        metrics.update(chars_seen=run.state.chars_seen, chars_per_s=self.throughput.chars_per_s(run),
+                       bad_steps_total=run.state.bad_total)
+        self.logger.log(metrics, run.state.iteration)
+        self.progress.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean")
+                                   if k in metrics})
+        if "entropy" in metrics and metrics["entropy"] < run.cfg.entropy_warn:
+            log.warning("Policy entropy %.3f nats/char is below ENTROPY_WARN=%s: the policy is collapsing.",
+                        metrics["entropy"], run.cfg.entropy_warn)
+
+
+class Validation(Duty):
+    """At iteration 0 and every EVAL_INTERVAL: cross-entropy on EVAL_WINDOWS fixed validation windows."""
+
+    def __init__(self, logger: NullLogger, run: Run):
+        self.logger = logger
+        self.windows = eval_windows(run.corpus.val, run.cfg.context_len, run.cfg.eval_windows)
+
+    def at_start(self, run: Run) -> None:
+        if run.state.iteration == 0:
+            self.logger.log({"val_ce": validation_ce(run.raw_model, self.windows), "chars_seen": 0}, 0)
+
+    def after_step(self, run: Run, good: bool) -> None:
+        if every(run.cfg.eval_interval, run):
+            val_ce = validation_ce(run.raw_model, self.windows)
+            self.logger.log({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)),
+                             "chars_seen": run.state.chars_seen}, run.state.iteration)
+
+
+class TextSamples(Duty):
+    """Rank 0, every SAMPLE_INTERVAL (0 = never) and when the run completes: a few generated lines."""
+
+    def __init__(self, logger: NullLogger):
+        self.logger = logger
+
+    def _log(self, run: Run) -> None:
+        text = training_samples(run.raw_model, run.corpus.vocab, run.info.device, run.cfg.seed + run.state.iteration)
+        self.logger.log_text("samples", text, run.state.iteration)
+
+    def after_step(self, run: Run, good: bool) -> None:
+        interval = run.cfg.sample_interval
+        if run.info.is_main and interval and run.state.iteration % interval == 0:
+            self._log(run)
+
+    def at_end(self, run: Run, outcome: str) -> None:
+        if run.info.is_main and outcome == COMPLETED:
+            self._log(run)
+
+
+class Heartbeat(Duty):  # listed after Checkpoints: a run is marked finished only once its last checkpoint is saved
+    """Rank 0, every HEARTBEAT_INTERVAL seconds: heartbeat.json; at the end, whether the run completed."""
+
+    def __init__(self, throughput: Throughput):
+        self.throughput, self.last_beat = throughput, 0.0
+
+    def after_step(self, run: Run, good: bool) -> None:
+        if run.info.is_main and time.monotonic() - self.last_beat >= run.cfg.heartbeat_interval:
+            self.last_beat = time.monotonic()
+            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.total_iters, self.throughput.chars_per_s(run))
+
+    def at_end(self, run: Run, outcome: str) -> None:
+        if run.info.is_main:
+            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.total_iters, 0.0,
+                            finished=outcome == COMPLETED)
+
+
+class Checkpoints(Duty):
+    """Every CHECKPOINT_INTERVAL after a good step, and at the end (a stop signal saves in the loop)."""
+
+    def after_step(self, run: Run, good: bool) -> None:
+        cfg = run.cfg
+        if cfg.save_intermediate_checkpoints and good and run.state.iteration % cfg.checkpoint_interval == 0:
+            save_run(run)
+
+    def at_end(self, run: Run, outcome: str) -> None:
+        if outcome == BAD_STEPS or (outcome == COMPLETED and run.cfg.save_final_checkpoint):
+            save_run(run)

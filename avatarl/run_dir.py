@@ -1,0 +1,83 @@
+"""The run directory: where each file of a run lives, its checks before a run starts, and the heartbeat.
+
+    CHECKPOINT_DIR/            the student's run (`avatarl train`)
+        ckpt_<iter>.pt, latest     checkpoints (see checkpoint.py)
+        metrics.jsonl              one JSON object per logged step (see tracking.py)
+        heartbeat.json             liveness, read by `avatarl health`, Kubernetes and Modal
+        .lock                      held by the live trainer
+        referee.pt                 the exported referee, the default REFEREE_PATH
+        referee/                   the referee's own run (`avatarl train-referee`), same layout
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from avatarl.checkpoint import atomic_write, list_checkpoints
+from avatarl.config import Config, ConfigError
+
+log = logging.getLogger("avatarl")
+
+METRICS = "metrics.jsonl"
+HEARTBEAT = "heartbeat.json"
+REFEREE_RUN = "referee"
+REFEREE_FILE = "referee.pt"
+
+
+def run_dir(checkpoint_dir: str | os.PathLike, role: str = "student") -> Path:
+    """The directory of a student run or (role "referee") of a referee run under CHECKPOINT_DIR."""
+    root = Path(checkpoint_dir).expanduser()
+    return root / REFEREE_RUN if role == "referee" else root
+
+
+def referee_path(cfg: Config) -> Path:
+    """REFEREE_PATH, or CHECKPOINT_DIR/referee.pt when it is empty."""
+    return Path(cfg.referee_path or Path(cfg.checkpoint_dir) / REFEREE_FILE).expanduser()
+
+
+def prepare_run_dir(cfg: Config, role: str) -> Path:
+    """The run directory, created and checked writable; RESUME=never refuses one that holds a run."""
+    directory = run_dir(cfg.checkpoint_dir, role)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError([f"CHECKPOINT_DIR={cfg.checkpoint_dir!r} is not writable ({err.strerror}): "
+                           "choose a directory you can write to."]) from None
+    existing = list_checkpoints(directory)
+    if cfg.resume == "never" and existing and not cfg.overwrite:
+        raise ConfigError([f"RESUME=never but {directory} already holds a run ({existing[0].name}): "
+                           "set RESUME=auto to continue it, OVERWRITE=true to start over, or another "
+                           "CHECKPOINT_DIR."])
+    return directory
+
+
+def clear_run(directory: Path) -> None:
+    """OVERWRITE=true: remove the checkpoints and metrics of the previous run (the lock holder only)."""
+    for stale in list_checkpoints(directory):
+        stale.unlink()
+    (directory / METRICS).unlink(missing_ok=True)
+
+
+def write_heartbeat(directory: Path, iteration: int, total_iters: int, chars_per_s: float,
+                    finished: bool = False) -> None:
+    """Replace heartbeat.json atomically; a failure (full disk) is a warning, the probe will notice."""
+    beat = {"iteration": iteration, "time": time.time(), "chars_per_s": chars_per_s,
+            "total_iters": total_iters, "finished": finished}
+    try:
+        atomic_write(directory / HEARTBEAT, [json.dumps(beat).encode()])
+    except OSError as err:
+        log.warning("Could not write %s: %s", directory / HEARTBEAT, err)
+
+
+def heartbeat_age(directory: Path) -> tuple[float, dict[str, Any]]:
+    """Seconds since the last heartbeat in `directory`, and its content; raises OSError/ValueError."""
+    beat = json.loads((directory / HEARTBEAT).read_text())
+    return time.time() - float(beat["time"]), beat
