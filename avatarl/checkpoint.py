@@ -235,13 +235,10 @@ def resolve_checkpoint_arg(value: str, directory: Path) -> Path:
     return path
 
 
-def incompatible_settings(saved: dict[str, Any], current: dict[str, Any], saved_vocab: list[str],
-                          vocab: list[str]) -> list[str]:
-    differences = [f"{name.upper()}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
-                   for name in SHAPE_SETTINGS if saved.get(name) != current[name]]
-    if list(saved_vocab) != list(vocab):
-        differences.append(f"vocabulary: checkpoint {len(saved_vocab)} symbols, now {len(vocab)} (DATA_PATH)")
-    return differences
+def incompatible_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The SHAPE_SETTINGS that differ between a checkpoint's config and the current one."""
+    return [f"{name.upper()}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+            for name in SHAPE_SETTINGS if saved.get(name) != current[name]]
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""`avatarl` command line: train, train-referee, sample, config, health, bench, launch.
+"""`avatarl` command line: train, train-referee, sample, config, health, bench, prepare, tokenizer, launch.
 
 Settings come from the environment, `.env`, flags and a preset (in that order of precedence); run
 `avatarl config` to see each resolved value and where it came from. Each command's work is imported
@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from avatarl import exit_codes
 from avatarl.checkpoint import CheckpointError
@@ -136,6 +137,51 @@ def command_bench(args: argparse.Namespace) -> int:
     return run_bench(cfg, args)
 
 
+def hf_source(args: argparse.Namespace) -> Any:
+    from avatarl.data.sources import HFSource
+
+    if not args.hf_dataset:
+        return None
+    return HFSource(args.hf_dataset, args.hf_config, args.split, args.streaming)
+
+
+def command_prepare(args: argparse.Namespace) -> int:
+    from avatarl.data.prepare import prepare
+
+    cfg, _ = resolve(args)
+    # --tokenizer names the BPE outright; TOKENIZER (env, .env) stands in for it unless it is the default char,
+    # which prepare cannot use and which a .env made from .env.example always holds.
+    spec = args.tokenizer or cfg.tokenizer
+    meta = prepare(args.sources, Path(args.output).expanduser(), spec, hf_source(args), args.text_column,
+                   args.num_proc, args.val_fraction, args.dtype)
+    print(f"[avatarl] prepared {args.output}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+          f"({meta['dtype']}) from {meta['documents']:,} documents in {meta['seconds']:.1f}s, "
+          f"{meta['tokens_per_s']:,.0f} tokens/s with {meta['num_proc']} process(es)")
+    return exit_codes.OK
+
+
+def command_tokenizer_train(args: argparse.Namespace) -> int:
+    from avatarl.data.sources import documents, expand
+    from avatarl.data.tokenizers import train_bpe
+
+    if not args.sources and not args.hf_dataset:
+        raise ConfigError(["avatarl tokenizer train: name at least one source (a file, directory or glob) or "
+                           "--hf-dataset."])
+    path = train_bpe(documents(expand(args.sources), hf_source(args), args.text_column), args.vocab_size,
+                     Path(args.output).expanduser())
+    print(f"[avatarl] byte-level BPE of {args.vocab_size} ids saved to {path} (use TOKENIZER={args.output})")
+    return exit_codes.OK
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", help="UTF-8 .txt files, .jsonl / .parquet files, directories or globs")
+    parser.add_argument("--hf-dataset", help="a Hugging Face dataset: hub name or local directory")
+    parser.add_argument("--hf-config", help="its configuration (e.g. sample-10BT of FineWeb-Edu)")
+    parser.add_argument("--split", default="train", help="its split (default train)")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
+    parser.add_argument("--text-column", default="text", help="the column or JSON key holding the text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatarl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     add_setting_flags(sample, only=("CHECKPOINT_DIR", "DEVICE"))
     sample.set_defaults(handler=command_sample)
+
+    prep = commands.add_parser("prepare", help="tokenize a corpus into DIR/train.bin, val.bin and meta.json "
+                               "(the nanoGPT layout; DATA_PATH=DIR trains from it)")
+    add_source_arguments(prep)
+    prep.add_argument("--output", required=True, help="the directory to write")
+    prep.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens in val.bin")
+    prep.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                      help="token id type (auto: uint16 when the vocabulary fits)")
+    prep.add_argument("--tokenizer", help="gpt2, a .tiktoken rank file or a Hugging Face tokenizer (default: "
+                      "TOKENIZER when it is not char)")
+    prep.add_argument("--env-file", help="dotenv file to read (default: ./.env when present)")
+    prep.set_defaults(handler=command_prepare)
+
+    tok = commands.add_parser("tokenizer", help="tokenizers: `avatarl tokenizer train` makes a byte-level BPE")
+    tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tok_train = tok_commands.add_parser("train", help="train a byte-level BPE on a corpus with Hugging Face "
+                                        "tokenizers (offline) and save it as tokenizer.json")
+    add_source_arguments(tok_train)
+    tok_train.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary (at least 257)")
+    tok_train.add_argument("--output", required=True, help="the directory to write tokenizer.json to")
+    tok_train.set_defaults(handler=command_tokenizer_train)
 
     commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 -m avatarl "
                         "train` (every argument goes to torchrun) exits 0 after a SIGTERM checkpoint")

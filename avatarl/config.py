@@ -48,9 +48,14 @@ def setting(default: Any, doc: str, group: str, *, choices: tuple[str, ...] = ()
 @dataclass
 class Config:
     # --- data
-    data_path: str = setting("", "UTF-8 text file to train on; empty = Tiny Shakespeare, downloaded once "
-                             "into DATA_CACHE_DIR and checked against its sha256.", "data")
-    data_cache_dir: str = setting("~/.cache/avatarl", "Where the default corpus is cached.", "data")
+    data_path: str = setting("", "UTF-8 text file, or a directory made by `avatarl prepare` (train.bin, val.bin, "
+                             "meta.json; a nanoGPT one works too); empty = Tiny Shakespeare, shipped in the package.",
+                             "data")
+    tokenizer: str = setting("char", "char (the corpus's characters), gpt2 (tiktoken), a .tiktoken rank file, or a "
+                             "Hugging Face tokenizer.json / directory; with prepared data, char = the data's own.",
+                             "data")
+    data_cache_dir: str = setting("~/.cache/avatarl", "Where the default corpus is downloaded when the packaged "
+                                  "copy is missing.", "data")
     seed: int = setting(1337, "Random seed: same seed, same batches, same weights.", "data", low=0)
 
     # --- model

@@ -8,18 +8,22 @@ import torch
 
 from avatarl.checkpoint import load_checkpoint, resolve_checkpoint_arg
 from avatarl.config import ConfigError
-from avatarl.data.vocab import Vocab
+from avatarl.data.tokenizers import CharTokenizer, Tokenizer, TokenizerIdentity, tokenizer_from_identity
 from avatarl.device import resolve_device
 from avatarl.model import GPT
 
 TRAINING_PROMPTS = ("ROMEO:", "First Citizen:\n", "\n")
 
 
-def load_model(path: Path, device: torch.device) -> tuple[GPT, Vocab]:
-    """The model of a student or referee checkpoint, in eval mode, with its vocabulary."""
+def load_model(path: Path, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """The model of a student or referee checkpoint, in eval mode, with its tokenizer (refused when the
+    tokenizer it names is no longer the one it was trained with)."""
     saved = load_checkpoint(path, map_location=device)
     model = GPT.from_saved(saved, device).eval()
-    return model, Vocab(tuple(saved.get("vocab") or saved["vocab_chars"]))
+    chars = saved.get("vocab") or saved.get("vocab_chars")
+    if not saved.get("tokenizer"):  # a char checkpoint from before tokenizers were recorded
+        return model, CharTokenizer(tuple(chars))
+    return model, tokenizer_from_identity(TokenizerIdentity.from_dict(saved["tokenizer"]), chars)
 
 
 def sample_from_checkpoint(checkpoint: str, checkpoint_dir: Path, prompt: str, max_new_tokens: int,
@@ -27,27 +31,27 @@ def sample_from_checkpoint(checkpoint: str, checkpoint_dir: Path, prompt: str, m
                            device_preference: str) -> list[str]:
     """`num_samples` continuations of `prompt` from a checkpoint file, or `latest` in checkpoint_dir."""
     device = resolve_device(device_preference)
-    model, vocab = load_model(resolve_checkpoint_arg(checkpoint, checkpoint_dir.expanduser()), device)
+    model, tokenizer = load_model(resolve_checkpoint_arg(checkpoint, checkpoint_dir.expanduser()), device)
     try:
-        ids = torch.tensor([vocab.encode(prompt)] * num_samples, device=device)
+        ids = torch.tensor([tokenizer.encode(prompt)] * num_samples, device=device)
     except ValueError as err:
         raise ConfigError([f"--prompt: {err}; use characters of the training corpus."]) from None
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return [vocab.decode(row) for row in out]
+    return [tokenizer.decode(row) for row in out]
 
 
-def training_samples(model: GPT, vocab: Vocab, device: torch.device, seed: int, max_new_tokens: int = 120) -> str:
+def training_samples(model: GPT, tokenizer: Tokenizer, device: torch.device, seed: int,
+                     max_new_tokens: int = 120) -> str:
     """One continuation per training prompt the corpus can encode, drawn from an own generator so that
     sampling never shifts the training RNG; one repr()'d sample per line."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    known = set(vocab.chars)
-    prompts = [p for p in TRAINING_PROMPTS if set(p) <= known] or [vocab.chars[0]]  # any corpus, any alphabet
+    prompts = [p for p in TRAINING_PROMPTS if tokenizer.can_encode(p)] or [tokenizer.decode([0])]  # any alphabet
     outputs = []
     for prompt in prompts:
-        ids = torch.tensor([vocab.encode(prompt)], device=device)
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         out = model.generate(ids, max_new_tokens, temperature=0.8, top_k=None, generator=generator)
-        outputs.append(repr(vocab.decode(out[0])))
+        outputs.append(repr(tokenizer.decode(out[0])))
     return "\n".join(outputs)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FlashFn = Callable[..., Tensor]
+# Logit of padding ids: exp() is exactly 0 in float32 and bfloat16, yet p log p stays 0 (no -inf * 0).
+PAD_LOGIT = -1e4
 
 
 @dataclass
@@ -29,6 +31,9 @@ class GPTConfig:
     n_head: int
     n_emb: int
     use_flash_attn: bool = True
+    # Ids the tokenizer produces (0 = all of vocab_size): the ids above, padding that rounds a BPE vocabulary
+    # up to a multiple of 64, get logit PAD_LOGIT, so sampling, rewards, losses and entropy never see them.
+    valid_vocab_size: int = 0
 
 
 def _load_flash_attn() -> FlashFn | None:
@@ -128,6 +133,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(F, "rms_norm"):  # torch >= 2.4, fused: in float32 the same bits as the formula below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -135,12 +142,11 @@ class RMSNorm(nn.Module):
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each (x1_j, x2_j) pair of halves of the head dim by angle pos * theta_j.
 
-    x [B, T, H, D]; cos, sin [T, D/2]. y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos, so that
-    q_m . k_n depends on positions only through m - n.
+    x [B, T, H, D]; cos, sin [T, H, D] = (cos, cos), (-sin, sin) of the angles (GPT's tables), used in x's
+    dtype. y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos, so that q_m . k_n depends on positions only through
+    m - n; as x * cos + (x2, x1) * sin: whole-tensor products, in float32 the same bits as the halves.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, H, D/2] each
-    cos, sin = cos[:, None, :].float(), sin[:, None, :].float()  # [T, 1, D/2] broadcasts over heads
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, -1) * sin.to(x.dtype)  # roll by D/2: (x2, x1)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, flash_fn: FlashFn | None, key_mask: Tensor | None = None
@@ -223,12 +229,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_emb, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
 
-        # theta_j = 10000^(-2j/D); angle[t, j] = t * theta_j. Non-persistent: rebuilt, never checkpointed.
+        # apply_rotary's [block, H, D] tables, angle[t, j] = t * 10000^(-2j/D). Non-persistent: never checkpointed.
         head_dim = config.n_emb // config.n_head
         theta = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [D/2]
         angle = torch.outer(torch.arange(config.block_size, dtype=torch.float32), theta)  # [block, D/2]
-        self.register_buffer("cos", angle.cos(), persistent=False)
-        self.register_buffer("sin", angle.sin(), persistent=False)
+        cos, sin = (torch.cat(pair, -1)[:, None].expand(-1, config.n_head, -1).contiguous()
+                    for pair in ((angle.cos(), angle.cos()), (-angle.sin(), angle.sin())))
+        valid = config.valid_vocab_size
+        pad = torch.arange(config.vocab_size) >= valid if 0 < valid < config.vocab_size else None
+        self.register_buffer("pad_mask", pad, persistent=False)  # [vocab] bool, or None without padding
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
         self.apply(self._init_weights)
         for block in self.blocks:  # each residual branch adds variance; keep the stream's growth O(1)
@@ -265,7 +276,14 @@ class GPT(nn.Module):
         if cache is not None and (B != cache.batch_size or pos + T > cache.max_len):
             raise ValueError(f"cache of batch {cache.batch_size}, max_len {cache.max_len} cannot take "
                              f"{B} x {T} tokens at pos {pos}")
-        return self.lm_head(self.norm_f(self._hidden(idx, cache)))  # [B, T, vocab]
+        return self._head(self._hidden(idx, cache))  # [B, T, vocab]
+
+    def _head(self, x: Tensor) -> Tensor:
+        """Final hidden states [..., C] -> logits [..., vocab], the padding ids masked to PAD_LOGIT."""
+        logits = self.lm_head(self.norm_f(x))
+        if self.pad_mask is not None:
+            logits = logits.masked_fill(self.pad_mask, PAD_LOGIT)
+        return logits
 
     def _hidden(self, idx: Tensor, cache: KVCache | SharedPrefixKV | None) -> Tensor:
         """idx [B, T] at positions cache.pos .. (0 .. without a cache) -> final hidden states [B, T, C]."""
@@ -279,7 +297,7 @@ class GPT(nn.Module):
         return x
 
     def _blocks(self, idx: Tensor, cos: Tensor, sin: Tensor, cache: AnyCache | None) -> Tensor:
-        """Embed idx [B, T] and run every block with rotary tables cos, sin [T, D/2] -> [B, T, C]."""
+        """Embed idx [B, T] and run every block with rotary tables cos, sin [T, H, D] -> [B, T, C]."""
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
@@ -294,7 +312,7 @@ class GPT(nn.Module):
         shared = SharedPrefixKV(group)
         last = self._hidden(prefix, shared)[:, -1:].repeat_interleave(group, dim=0)  # [B, 1, C]
         x = last if idx.size(1) == 0 else torch.cat((last, self._hidden(idx, shared)), dim=1)  # [B, 1 + T, C]
-        return self.lm_head(self.norm_f(x))
+        return self._head(x)
 
     def decode_at(self, token: Tensor, cache: KVCache, pos: Tensor) -> Tensor:
         """One cached decode step at a device-tensor position: token [B, 1] at pos -> logits [B, vocab].
@@ -305,7 +323,7 @@ class GPT(nn.Module):
         """
         index = pos.view(1)
         x = self._blocks(token, self.cos[index], self.sin[index], DecodeAt(cache, pos))  # [B, 1, C]
-        return self.lm_head(self.norm_f(x))[:, -1]
+        return self._head(x)[:, -1]
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from avatarl.algorithms.avatarl import avatarl_micro_step, referee_loss
 from avatarl.algorithms.grpo import AdaptiveKLController, GRPOSettings, grpo_micro_step, kl_warmup
 from avatarl.algorithms.reference import build_reference
-from avatarl.config import Config
+from avatarl.config import Config, ConfigError
 from avatarl.cuda_graphs import GraphedDecoding
-from avatarl.data.corpus import Corpus
+from avatarl.data.corpus import Corpus, reference_ids
+from avatarl.data.tokenizers import char_vocabulary
 from avatarl.model import GPT, frozen_copy
 from avatarl.referee import load_referee
 
@@ -56,8 +57,12 @@ class GRPOObjective:
         self.old_policy = frozen_copy(student)
         use_graphs = cfg.use_cuda_graphs and device.type == "cuda"
         self.graphs = GraphedDecoding(self.old_policy, capture=True) if use_graphs else None
-        self.credit, self.kl_reference = build_reference(cfg.reference, cfg.ngram_order, cfg.reference_model,
-                                                         list(corpus.vocab.chars), corpus.train, device)
+        try:
+            self.credit, self.kl_reference = build_reference(
+                cfg.reference, cfg.ngram_order, cfg.reference_model, corpus.model_vocab_size,
+                char_vocabulary(corpus.tokenizer), reference_ids(corpus.train), device)
+        except ValueError as err:
+            raise ConfigError([str(err)]) from None
         chars_per_iter = cfg.batch * cfg.k_samples * cfg.horizon
         self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
                                                max_coef=cfg.kl_max_coef)
@@ -143,5 +148,5 @@ def build_objective(cfg: Config, role: str, corpus: Corpus, student: GPT, device
     if role == "referee":
         return RefereeObjective(cfg)
     if cfg.algorithm == "avatarl":
-        return AvataRLObjective(cfg, load_referee(cfg, list(corpus.vocab.chars), device))
+        return AvataRLObjective(cfg, load_referee(cfg, corpus.tokenizer, device))
     return GRPOObjective(cfg, corpus, student, device)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 from typing import Any
 
 from avatarl.data.sampler import eval_windows
-from avatarl.evaluation import validation_ce
+from avatarl.evaluation import validation_metrics
 from avatarl.generate import training_samples
 from avatarl.resume import save_run
 from avatarl.run import Run
@@ -24,6 +25,11 @@ from avatarl.tracking import NullLogger
 log = logging.getLogger("avatarl")
 
 COMPLETED, STOPPED, BAD_STEPS = "completed", "stopped", "bad_steps"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def every(interval: int, run: Run) -> bool:
@@ -72,7 +78,7 @@ class MetricsLog(Duty):
         run.objective.after_log(metrics)
         metrics.update(run.objective.host_metrics())
         metrics.update(chars_seen=run.state.chars_seen, chars_per_s=self.throughput.chars_per_s(run),
-                       bad_steps_total=run.state.bad_total)
+                       bad_steps_total=run.state.bad_total, peak_rss_mib=peak_rss_mib())
         self.logger.log(metrics, run.state.iteration)
         self.progress.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean")
                                    if k in metrics})
@@ -82,20 +88,23 @@ class MetricsLog(Duty):
 
 
 class Validation(Duty):
-    """At iteration 0 and every EVAL_INTERVAL: cross-entropy on EVAL_WINDOWS fixed validation windows."""
+    """At iteration 0 and every EVAL_INTERVAL: val_ce and val_bpb on EVAL_WINDOWS fixed validation windows."""
 
     def __init__(self, logger: NullLogger, run: Run):
         self.logger = logger
-        self.windows = eval_windows(run.corpus.val, run.cfg.context_len, run.cfg.eval_windows)
+        self.windows = eval_windows(run.corpus.val, run.cfg.context_len, run.cfg.eval_windows, run.info.device)
+
+    def _measure(self, run: Run) -> dict[str, float]:
+        return validation_metrics(run.raw_model, self.windows, run.corpus.token_bytes)
 
     def at_start(self, run: Run) -> None:
         if run.state.iteration == 0:
-            self.logger.log({"val_ce": validation_ce(run.raw_model, self.windows), "chars_seen": 0}, 0)
+            self.logger.log({**self._measure(run), "chars_seen": 0}, 0)
 
     def after_step(self, run: Run, good: bool) -> None:
         if every(run.cfg.eval_interval, run):
-            val_ce = validation_ce(run.raw_model, self.windows)
-            self.logger.log({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)),
+            measured = self._measure(run)
+            self.logger.log({**measured, "val_ppl": math.exp(min(measured["val_ce"], 50.0)),
                              "chars_seen": run.state.chars_seen}, run.state.iteration)
 
 
@@ -106,7 +115,8 @@ class TextSamples(Duty):
         self.logger = logger
 
     def _log(self, run: Run) -> None:
-        text = training_samples(run.raw_model, run.corpus.vocab, run.info.device, run.cfg.seed + run.state.iteration)
+        text = training_samples(run.raw_model, run.corpus.tokenizer, run.info.device,
+                                run.cfg.seed + run.state.iteration)
         self.logger.log_text("samples", text, run.state.iteration)
 
     def after_step(self, run: Run, good: bool) -> None:

@@ -15,39 +15,36 @@ from torch import nn
 
 from avatarl.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, write_checkpoint_file
 from avatarl.config import Config, ConfigError
+from avatarl.data.tokenizers import Tokenizer, vocabulary_difference
 from avatarl.model import GPT, frozen_copy
 from avatarl.run_dir import METRICS, referee_path, run_dir
 from avatarl.tracking import read_metrics
 
 
-def check_referee_compatible(referee_meta: dict, vocab_chars: list[str], context_len: int) -> None:
-    """Raise ValueError when a referee checkpoint cannot score this run's student.
+def check_referee_compatible(referee_meta: dict, tokenizer: Tokenizer, context_len: int) -> None:
+    """Raise ValueError when a referee file cannot score this run's student.
 
-    `referee_meta` must hold `vocab_chars` (list of the referee's symbols, in token order) and
-    `context_len` (the longest context it was trained for). The vocabularies must be identical
-    (same symbols, same order: token ids must mean the same character) and the referee's context
-    must be at least the student's. Messages do not name the path; the caller prefixes it.
+    `referee_meta` holds `tokenizer` (its identity) or, for a char referee, `vocab_chars` (its symbols in
+    token order), and `context_len` (the longest context it was trained for). Token ids must mean the same
+    in both (same tokenizer; for chars the same symbols in the same order) and the referee's context must
+    be at least the student's. Messages do not name the path; the caller prefixes it.
     """
-    missing = [key for key in ("vocab_chars", "context_len") if key not in referee_meta]
+    missing = [key for key in ("vocab_chars", "context_len") if key not in referee_meta
+               and not (key == "vocab_chars" and referee_meta.get("tokenizer"))]
     if missing:
         raise ValueError(f"not a referee checkpoint: its metadata lacks {', '.join(missing)}; "
                          "train one with `avatarl train-referee`.")
-    theirs = list(referee_meta["vocab_chars"])
-    if theirs != list(vocab_chars):
-        if len(theirs) != len(vocab_chars):
-            detail = f"{len(theirs)} vs {len(vocab_chars)} symbols"
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(theirs, vocab_chars, strict=True)) if a != b)
-            detail = f"same {len(theirs)} symbols count, but token {i} is {theirs[i]!r} vs {vocab_chars[i]!r}"
-        raise ValueError(f"vocabulary differs ({detail}): the referee was trained on another corpus; "
-                         "retrain it on this DATA_PATH with `avatarl train-referee`.")
+    difference = vocabulary_difference(referee_meta, tokenizer)
+    if difference:
+        raise ValueError(f"vocabulary differs ({difference}): the referee was trained on other data; "
+                         "retrain it on this DATA_PATH and TOKENIZER with `avatarl train-referee`.")
     if int(referee_meta["context_len"]) < context_len:
         raise ValueError(f"context length too short: the referee was trained with CONTEXT_LEN="
                          f"{referee_meta['context_len']} but the student uses CONTEXT_LEN={context_len}; "
                          "retrain it with `avatarl train-referee` at this CONTEXT_LEN, or lower CONTEXT_LEN.")
 
 
-def load_referee(cfg: Config, vocab_chars: list[str], device: torch.device) -> nn.Module:
+def load_referee(cfg: Config, tokenizer: Tokenizer, device: torch.device) -> nn.Module:
     """The frozen referee for ALGORITHM=avatarl, checked against this run's corpus and context."""
     path = referee_path(cfg)
     if not path.is_file():
@@ -55,7 +52,7 @@ def load_referee(cfg: Config, vocab_chars: list[str], device: torch.device) -> n
                            "`avatarl train-referee` (same DATA_PATH and CONTEXT_LEN), or set REFEREE_PATH."])
     try:
         saved = load_checkpoint(path, map_location=device)
-        check_referee_compatible(saved, vocab_chars, cfg.context_len)
+        check_referee_compatible(saved, tokenizer, cfg.context_len)
     except (CheckpointError, ValueError) as err:
         raise ConfigError([f"REFEREE_PATH={str(path)!r}: {err}"]) from None
     referee = GPT.from_saved(saved, device)
@@ -79,7 +76,8 @@ def export_referee(cfg: Config) -> Path:
     saved = load_checkpoint(source)
     val_ce = last_val_ce(directory / METRICS)
     payload: dict[str, Any] = {"model": saved["model"], "model_config": saved["model_config"],
-                               "vocab_chars": saved["vocab"], "context_len": saved["config"]["context_len"],
+                               "vocab_chars": saved["vocab"], "tokenizer": saved.get("tokenizer"),
+                               "context_len": saved["config"]["context_len"],
                                "val_ce": val_ce, "iteration": saved["iteration"]}
     target = referee_path(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from avatarl.checkpoint import (
     save_checkpoint,
     set_aside_newer,
 )
+from avatarl.data.tokenizers import vocabulary_difference
 from avatarl.run import Run
 
 log = logging.getLogger("avatarl")
@@ -50,8 +51,10 @@ def save_run(run: Run) -> Path | None:
 
 def shape_differences(saved: dict[str, Any], run: Run) -> list[str]:
     """Why the checkpoint cannot be loaded into this run's model and objective; empty when it can."""
-    problems = incompatible_settings(saved["config"], run.cfg.to_dict(), saved["vocab"],
-                                     list(run.corpus.vocab.chars))
+    problems = incompatible_settings(saved["config"], run.cfg.to_dict())
+    vocabulary = vocabulary_difference(saved, run.corpus.tokenizer)
+    if vocabulary:
+        problems.append(f"vocabulary: checkpoint and now differ, {vocabulary} (DATA_PATH, TOKENIZER)")
     if not problems:  # a backstop for shapes not named by a setting (e.g. REFEREE_N_EMB of a referee run)
         current = vars(run.raw_model.config)
         problems = [f"model {name}: checkpoint {saved['model_config'].get(name)!r}, now {current[name]!r}"

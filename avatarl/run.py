@@ -13,6 +13,7 @@ from avatarl import distributed as D
 from avatarl.config import Config
 from avatarl.data.corpus import Corpus
 from avatarl.data.sampler import WindowSampler
+from avatarl.data.tokenizers import char_vocabulary
 from avatarl.model import GPT
 from avatarl.objectives import Objective
 from avatarl.rng import capture_rng, restore_rng
@@ -92,7 +93,8 @@ class Run:
     def state_dict(self) -> dict[str, Any]:
         """What every rank holds alike: settings, shapes, vocabulary, weights, optimizer, scaler, objective."""
         return {"kind": self.objective.name, **self.state.state_dict(), "config": self.cfg.to_dict(),
-                "model_config": vars(self.raw_model.config).copy(), "vocab": list(self.corpus.vocab.chars),
+                "model_config": vars(self.raw_model.config).copy(), "vocab": char_vocabulary(self.corpus.tokenizer),
+                "tokenizer": self.corpus.tokenizer.identity.to_dict(),
                 "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "objective": self.objective.state_dict()}
 

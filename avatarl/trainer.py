@@ -24,7 +24,7 @@ from avatarl import exit_codes
 from avatarl.checkpoint import CheckpointError, RunDirectoryBusy, RunLock, find_resume_checkpoint
 from avatarl.config import Config, ConfigError
 from avatarl.data.corpus import load_corpus
-from avatarl.data.sampler import WindowSampler
+from avatarl.data.sampler import make_sampler
 from avatarl.device import check_device, mixed_precision
 from avatarl.faults import bad_iterations
 from avatarl.model import GPT, GPTConfig
@@ -51,14 +51,15 @@ from avatarl.tracking import make_logger, setup_logging
 log = logging.getLogger("avatarl")
 
 
-def model_config(cfg: Config, vocab_size: int, role: str = "student") -> GPTConfig:
-    """The student's shape, or the referee's (REFEREE_N_*, each 0 = the student's)."""
+def model_config(cfg: Config, vocab_size: int, role: str = "student", valid_vocab_size: int = 0) -> GPTConfig:
+    """The student's shape, or the referee's (REFEREE_N_*, each 0 = the student's); ids from valid_vocab_size
+    up to vocab_size are padding (see GPTConfig)."""
     def pick(own: int, student: int) -> int:
         return own if role == "referee" and own > 0 else student
 
     return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=pick(cfg.referee_n_layer, cfg.n_layer),
                      n_head=pick(cfg.referee_n_head, cfg.n_head), n_emb=pick(cfg.referee_n_emb, cfg.n_emb),
-                     use_flash_attn=cfg.use_flash_attn)
+                     use_flash_attn=cfg.use_flash_attn, valid_vocab_size=valid_vocab_size)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -72,13 +73,13 @@ def build(cfg: Config, info: D.DistInfo, role: str, run_dir: Path) -> Run:
     """Everything a run needs, in the order that fails fastest: data, objective, model, optimizer."""
     seed_everything(cfg.seed + info.rank)
     corpus = load_corpus(cfg, info.device)
-    raw_model = GPT(model_config(cfg, corpus.vocab.size, role)).to(info.device)
+    raw_model = GPT(model_config(cfg, corpus.model_vocab_size, role, corpus.tokenizer.size)).to(info.device)
     objective = build_objective(cfg, role, corpus, raw_model, info.device)
     model = torch.compile(raw_model) if cfg.use_torch_compile else raw_model
     model = D.wrap_ddp(model, info, cfg.bucket_size_mb)
     optimizer = make_optimizer(raw_model, cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=mixed_precision(cfg, info.device) == torch.float16)
-    sampler = WindowSampler(corpus.train, objective.window_len, cfg.seed, info.rank)
+    sampler = make_sampler(corpus.train, objective.window_len, cfg.seed, info.rank, info.device)
     D.print0(f"[avatarl] {role}: {raw_model.num_params() / 1e6:.2f}M parameters, attention via "
              f"{raw_model.attention_backend}, device {info.device}, world size {info.world_size}, "
              f"{cfg.grad_accum_steps(info.world_size)} micro-batch(es) of {cfg.micro_batch} per step")

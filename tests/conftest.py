@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from avatarl.cli import main as avatarl_main
 from tests.helpers import CORPUS, TINY, make_tiny_hf_model
 
 
@@ -26,3 +27,22 @@ def tiny_hf_dir(tmp_path: Path) -> Path:
     """A tiny GPT-2 and its BPE tokenizer, saved with save_pretrained (no network)."""
     pytest.importorskip("transformers")
     return make_tiny_hf_model(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory, corpus_path: Path) -> Path:
+    """A 512-id byte-level BPE trained by `avatarl tokenizer train` on the first 200k chars of the corpus."""
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "slice.txt").write_text(corpus_path.read_text()[:200_000])
+    assert avatarl_main(["tokenizer", "train", "--vocab-size", "512", "--output", str(root / "tok"),
+                         str(root / "slice.txt")]) == 0
+    return root / "tok"
+
+
+@pytest.fixture(scope="session")
+def prepared_shakespeare(tmp_path_factory, corpus_path: Path, bpe_dir: Path) -> Path:
+    """Tiny Shakespeare through `avatarl prepare` with that BPE (2 worker processes)."""
+    out = tmp_path_factory.mktemp("prepared") / "shakespeare"
+    assert avatarl_main(["prepare", str(corpus_path), "--output", str(out), "--tokenizer", str(bpe_dir),
+                         "--num-proc", "2"]) == 0
+    return out

@@ -17,6 +17,7 @@ from avatarl.algorithms.avatarl import (
     referee_loss,
 )
 from avatarl.config import Config
+from avatarl.data.tokenizers import CharTokenizer
 from avatarl.referee import check_referee_compatible
 
 LN2 = math.log(2.0)
@@ -278,8 +279,8 @@ VOCAB = list("\n !abc")
 
 
 def test_compatible_referee_passes():
-    check_referee_compatible({"vocab_chars": VOCAB, "context_len": 64}, VOCAB, 32)
-    check_referee_compatible({"vocab_chars": VOCAB, "context_len": 32}, VOCAB, 32)
+    check_referee_compatible({"vocab_chars": VOCAB, "context_len": 64}, CharTokenizer(VOCAB), 32)
+    check_referee_compatible({"vocab_chars": VOCAB, "context_len": 32}, CharTokenizer(VOCAB), 32)
 
 
 @pytest.mark.parametrize("meta,match", [
@@ -290,4 +291,4 @@ def test_compatible_referee_passes():
 ])
 def test_incompatible_referee_raises(meta, match):
     with pytest.raises(ValueError, match=match):
-        check_referee_compatible(meta, VOCAB, 32)
+        check_referee_compatible(meta, CharTokenizer(VOCAB), 32)

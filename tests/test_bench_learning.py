@@ -91,6 +91,8 @@ def test_every_method_trains_at_the_same_budget(bench):
         chars = [c for c, _ in result["curve"]]
         assert chars[0] == 0 and chars == sorted(chars) and len(chars) >= 3
         assert result["final_val_ce"] == result["curve"][-1][1]
+        # Tiny Shakespeare is ASCII: one byte per char, so bits per byte = nats per char / ln 2.
+        assert result["final_val_bpb"] == pytest.approx(result["final_val_ce"] / math.log(2))
         for baseline in ("unigram", "bigram"):
             assert result[f"chars_to_beat_{baseline}"] == chars_to_beat(result["curve"],
                                                                         report["baselines"][baseline])

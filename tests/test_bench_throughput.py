@@ -1,4 +1,4 @@
-"""`avatarl bench throughput`: JSON schema, ratios computed from the measured times, timing helpers."""
+"""`avatarl bench throughput`: JSON schema, ratios computed from the measured times, the peer row, timing helpers."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from avatarl.bench.throughput import (
     format_table,
     gpu_peak_tflops,
     measure,
+    ratios_of,
     rollout_recompute,
     summarise,
     time_interleaved,
@@ -32,7 +33,9 @@ from avatarl.model import GPT, GPTConfig
 from tests.helpers import run_cli
 
 ROWS = ("supervised_step", "grpo_iteration", "rollout_kv_cache", "grpo_scoring", "rollout_recompute",
-        "grpo_full_rows", "avatarl_iteration")
+        "grpo_full_rows", "avatarl_iteration", "peer_step")
+RATIOS = ("grpo_over_supervised", "kv_cache_speedup", "shared_prefix_speedup", "avatarl_over_supervised",
+          "supervised_over_peer")
 
 
 def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Path, corpus_path: Path):
@@ -42,7 +45,9 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
                     "--horizon", "5", "--context-len", "12", "--device", "cpu", "--data-path", str(corpus_path)],
                    cwd=tmp_path, timeout=120, USE_WANDB="false")
     assert done.returncode == 0, done.stderr
-    assert "grpo_over_supervised" in done.stdout.splitlines()[-4]  # the four ratios come last in the table
+    table = done.stdout.splitlines()
+    assert [line.split()[0] for line in table[-5:]] == list(RATIOS)  # the five ratios come last in the table
+    assert any(line.startswith("peer step (HF GPT-2") for line in table)
     report = json.loads(out.read_text())
 
     assert report["schema"] == "avatarl.bench.throughput/1" and report["finite"] is True
@@ -58,6 +63,11 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
         assert row["median_s"] == statistics.median(row["times_s"]) and row["min_s"] == min(row["times_s"])
     t = {name: row["median_s"] for name, row in timings.items()}
     ratios = report["ratios"]
+    assert list(ratios) == list(RATIOS)
+    assert ratios["supervised_over_peer"] == pytest.approx(t["supervised_step"] / t["peer_step"], rel=1e-12)
+    peer = report["peer"]  # transformers is installed in the dev environment: the row ran
+    assert peer["model"] == "transformers.GPT2LMHeadModel" and peer["attention"] == "sdpa"
+    assert peer["params"] > 0 and peer["transformers"]
     assert ratios["grpo_over_supervised"] == pytest.approx(t["grpo_iteration"] / t["supervised_step"], rel=1e-12)
     assert ratios["kv_cache_speedup"] == pytest.approx(t["rollout_recompute"] / t["rollout_kv_cache"], rel=1e-12)
     assert ratios["avatarl_over_supervised"] == pytest.approx(t["avatarl_iteration"] / t["supervised_step"],
@@ -69,14 +79,48 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
     cpu_ratios = report["cpu_time_ratios"]
     assert cpu_ratios["grpo_over_supervised"] == pytest.approx(cpu["grpo_iteration"] / cpu["supervised_step"])
     assert cpu_ratios["kv_cache_speedup"] == pytest.approx(cpu["rollout_recompute"] / cpu["rollout_kv_cache"])
+    assert cpu_ratios["supervised_over_peer"] == pytest.approx(cpu["supervised_step"] / cpu["peer_step"])
     B, C, K, H = 4, 12, 3, 5
     throughput = report["throughput"]
     assert throughput["grpo_contexts_per_s"] == pytest.approx(B / t["grpo_iteration"])
     assert throughput["grpo_sampled_chars_per_s"] == pytest.approx(B * K * H / t["grpo_iteration"])
     assert throughput["supervised_tokens_per_s"] == pytest.approx(B * K * (C + H) / t["supervised_step"])
+    assert throughput["peer_tokens_per_s"] == pytest.approx(B * K * (C + H) / t["peer_step"])
     split = report["grpo_split_s"]
     assert split["rollout"] == t["rollout_kv_cache"] and split["scoring"] == t["grpo_scoring"]
     assert split["update"] == pytest.approx(t["grpo_iteration"] - t["rollout_kv_cache"] - t["grpo_scoring"])
+
+
+def tiny_bench_config(corpus_path: Path) -> Config:
+    return Config(n_layer=1, n_head=2, n_emb=32, micro_batch=2, batch=2, k_samples=2, horizon=3, context_len=6,
+                  device="cpu", data_path=str(corpus_path), use_wandb=False)
+
+
+def test_peer_row_is_skipped_with_a_note_without_transformers(monkeypatch: pytest.MonkeyPatch, corpus_path: Path):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    cfg, device = tiny_bench_config(corpus_path), torch.device("cpu")
+    result = measure(cfg, device, warmup=1, iters=2)
+    assert set(result["timings"]) == set(ROWS) - {"peer_step"} and result["finite"]
+    assert "transformers is not importable" in result["peer"]["skipped"]
+    report = summarise(cfg, device, result, warmup=1, iters=2)
+    assert "supervised_over_peer" not in report["ratios"] and "supervised_over_peer" not in report["cpu_time_ratios"]
+    assert list(report["ratios"]) == list(RATIOS[:-1]) and "peer_tokens_per_s" not in report["throughput"]
+    table = format_table(report)
+    assert "peer step skipped: transformers is not importable" in table and "peer step (HF" not in table
+    json.dumps(report)  # still serialisable
+
+
+def test_measure_of_the_two_steps_only_has_no_peer(corpus_path: Path):
+    result = measure(tiny_bench_config(corpus_path), torch.device("cpu"), warmup=1, iters=1, full=False)
+    assert set(result["timings"]) == {"supervised_step", "grpo_iteration"} and result["peer"] is None
+
+
+def test_supervised_over_peer_is_the_ratio_of_the_given_times():
+    times = {"supervised_step": 3.0, "grpo_iteration": 1.5, "rollout_kv_cache": 0.5, "rollout_recompute": 5.0,
+             "grpo_full_rows": 3.0, "avatarl_iteration": 0.75, "grpo_scoring": 0.1}
+    assert "supervised_over_peer" not in ratios_of(times)
+    ratios = ratios_of({**times, "peer_step": 4.0})
+    assert ratios["supervised_over_peer"] == 0.75 and ratios["grpo_over_supervised"] == 0.5
 
 
 def test_time_interleaved_warms_each_call_then_takes_turns():

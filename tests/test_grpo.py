@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from avatarl.algorithms.entropy import entropy, entropy_of_log_probs
 from avatarl.algorithms.grpo import (
     AdaptiveKLController,
-    entropy,
     group_advantages,
     grpo_micro_step,
     kl_to_reference,
@@ -129,6 +129,7 @@ def test_entropy_hand_values():
     expected = torch.tensor([math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))])
     torch.testing.assert_close(entropy(logits), expected)
     assert entropy(torch.zeros(2, 3, 4)).shape == (2, 3)
+    torch.testing.assert_close(entropy_of_log_probs(torch.log_softmax(logits.float(), -1)), expected)
 
 
 def test_kl_to_reference_hand_values():
@@ -232,6 +233,9 @@ class ModelReference:
 
     def log_probs(self, history):
         return F.log_softmax(self.model(history).float(), -1)
+
+    def log_probs_from(self, history, first):
+        return self.log_probs(history)[:, first:]
 
     def token_probs(self, ctx, samples):
         seq = torch.cat((ctx, samples), 1)

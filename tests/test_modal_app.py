@@ -8,11 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from avatarl.launchers import modal as modal_app
+from avatarl.launchers import modal_prepare
 from avatarl.launchers.modal import (
     CheckpointCommitter,
     ModalSetupError,
@@ -226,3 +229,151 @@ def test_run_finished_reads_the_trainers_final_heartbeat(tmp_path: Path):
     assert modal_app.run_finished(tmp_path)
     (tmp_path / "heartbeat.json").write_text('{"iter')  # torn by hand: not finished
     assert not modal_app.run_finished(tmp_path)
+
+
+# ---------------------------------------------------------------- `avatarl prepare` on Modal
+
+PREPARE_OWT = ["--hf-dataset", "Skylion007/openwebtext", "--tokenizer", "gpt2", "--output", "/data/owt"]
+
+
+def test_prepare_app_is_cpu_only_with_the_image_and_the_data_volume(recorded_modal: dict[str, list]):
+    import modal
+
+    plan = modal_prepare.plan_modal_prepare({"MODAL_DATA_VOLUME": "corpora", "HF_TOKEN": "hf-456"}, PREPARE_OWT,
+                                            cpu=8, memory_gb=16, timeout_hours=2)
+    assert plan.args == (*PREPARE_OWT, "--num-proc", "8")  # not the container's os.cpu_count() (the host's)
+    assert "hf-456" not in repr(plan)
+    app, function = modal_prepare.build_prepare_app(plan)
+    assert isinstance(app, modal.App) and isinstance(function, modal.Function)
+    assert app.name == "avatarl-prepare"
+
+    (args, kwargs), = recorded_modal["image"]
+    assert Path(args[0]) == REPO / "docker" / "Dockerfile" and Path(kwargs["context_dir"]) == REPO
+    assert [(a, k) for a, k in recorded_modal["volume"]] == [(("corpora",), {"create_if_missing": True})]
+    assert recorded_modal["secret_dict"] == [(({"HF_TOKEN": "hf-456"},), {})]
+    (_, options), = recorded_modal["function"]
+    assert options.get("gpu") is None
+    assert (options["cpu"], options["memory"], options["timeout"]) == (8, 16 * 1024, 2 * 3600)
+    assert set(options["volumes"]) == {"/data"} and len(options["secrets"]) == 1
+    assert isinstance(options["retries"], modal.Retries) and options["retries"].max_retries == modal_prepare.RETRIES
+    assert options["image"] is not None and options["include_source"] is False
+
+
+def test_prepare_plan_defaults_and_an_explicit_num_proc():
+    plan = modal_prepare.plan_modal_prepare({}, ["/data/corpus", "--output=/data/prepared", "--num-proc=3"])
+    assert plan.args == ("/data/corpus", "--output=/data/prepared", "--num-proc=3")
+    assert (plan.cpu, plan.timeout_s, plan.data_volume) == (modal_prepare.DEFAULT_CPU, 24 * 3600, "avatarl-data")
+    assert plan.local_secrets == {} and plan.named_secret == ""
+    assert modal_prepare.plan_modal_prepare({"MODAL_TIMEOUT_HOURS": "3"}, PREPARE_OWT).timeout_s == 3 * 3600
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--hf-dataset", "x", "--output", "/tmp/out"], "--output /tmp/out: write under /data/"),
+    (["--hf-dataset", "x", "--output", "/data"], "--output /data: write under /data/"),
+    (["./poems.txt", "--output", "/data/o"], "./poems.txt: not in the data volume; upload it first"),
+    (["/data/c", "--output", "/data/o", "--tokenizer", "/home/me/tok"], "/home/me/tok: not in the data volume"),
+    (["--hf-dataset", "/srv/ds", "--output", "/data/o"], "/srv/ds: not in the data volume"),
+    (["/data/c", "--output", "/data/o", "--env-file", "/tmp/.env"], "--env-file names a file on this machine"),
+    (["--hf-dataset", "x"], "arguments of `avatarl prepare` above are not valid"),
+    (["--hf-dataset", "x", "--output", "/data/o", "--bogus"], "not valid"),
+])
+def test_prepare_plan_refuses_what_cannot_work_in_the_container(args: list[str], fragment: str):
+    with pytest.raises(ModalSetupError) as err:
+        modal_prepare.plan_modal_prepare({}, args)
+    assert fragment in str(err.value)
+
+
+def test_prepare_plan_refuses_bad_resources():
+    with pytest.raises(ModalSetupError, match="above 0 and at most 24"):
+        modal_prepare.plan_modal_prepare({}, PREPARE_OWT, timeout_hours=30)
+    with pytest.raises(ModalSetupError, match="both must be above 0"):
+        modal_prepare.plan_modal_prepare({}, PREPARE_OWT, cpu=0)
+
+
+class FakeVolume:
+    commits: list[str] = []
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    def from_name(cls, name: str, **_: object) -> FakeVolume:
+        return cls(name)
+
+    def commit(self) -> None:
+        FakeVolume.commits.append(self.name)
+
+
+@dataclass
+class FakeContainer:
+    """What prepare_in_container did: the commands it ran, and the exit codes they are to return."""
+
+    runs: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
+    codes: list[int] = field(default_factory=lambda: [0])
+
+
+@pytest.fixture
+def fake_container(monkeypatch: pytest.MonkeyPatch) -> FakeContainer:
+    """prepare_in_container with a stand-in modal (volumes that record commits) and a recorded subprocess."""
+    fake_modal = types.ModuleType("modal")
+    fake_modal.Volume = FakeVolume
+    monkeypatch.setitem(sys.modules, "modal", fake_modal)
+    monkeypatch.setattr(FakeVolume, "commits", [])
+    container = FakeContainer()
+
+    def fake_supervise(command: list[str], env: dict[str, str], *_: object, **__: object) -> tuple[int, bool]:
+        container.runs.append((command, dict(env)))
+        return container.codes.pop(0), False
+
+    monkeypatch.setattr(modal_prepare, "supervise", fake_supervise)
+    return container
+
+
+def test_prepare_in_container_runs_avatarl_prepare_then_commits(fake_container: FakeContainer):
+    args = [*PREPARE_OWT, "--num-proc", "8"]
+    assert modal_prepare.prepare_in_container(args, "corpora") == 0
+    (command, env), = fake_container.runs
+    assert command == ["avatarl", "prepare", *args]
+    assert env["HF_HOME"] == "/data/hf" and env["DATA_CACHE_DIR"] == "/data/cache"
+    assert FakeVolume.commits == ["corpora"]
+
+
+@pytest.mark.parametrize("code,retried", [(2, False), (1, True), (-15, True)])
+def test_prepare_in_container_retries_only_what_a_rerun_can_fix(fake_container: FakeContainer, code: int,
+                                                                retried: bool):
+    fake_container.codes = [code]
+    if retried:
+        with pytest.raises(RuntimeError, match=f"exited with {code}"):
+            modal_prepare.prepare_in_container(PREPARE_OWT, "corpora")
+    else:
+        assert modal_prepare.prepare_in_container(PREPARE_OWT, "corpora") == code
+    assert FakeVolume.commits == ["corpora"], "the volume is committed after a failure too (the downloads)"
+
+
+def test_prepare_main_splits_its_options_from_avatarl_prepares(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MODAL_DATA_VOLUME=corpora\nN_LAYER=3\n")
+    calls = []
+    monkeypatch.setattr(modal_prepare, "run_modal_prepare", lambda *a: calls.append(a) or 0)
+    assert modal_prepare.main(["--cpu", "4", "--env-file", str(dotenv), *PREPARE_OWT, "--streaming"]) == 0
+    assert modal_prepare.main(["--timeout-hours=2", "--", "/data/c", "--output", "/data/o", "--cpu", "9"]) == 0
+    (settings, args, cpu, memory, hours), second = calls
+    assert settings["MODAL_DATA_VOLUME"] == "corpora" and (cpu, memory, hours) == (4.0, 32.0, None)
+    assert args == [*PREPARE_OWT, "--streaming"]
+    assert second[1:] == (["/data/c", "--output", "/data/o", "--cpu", "9"], 16.0, 32.0, 2.0)
+
+    monkeypatch.undo()
+    assert modal_prepare.main(["/tmp/corpus", "--output", "/data/o"]) == 2
+    assert "error: /tmp/corpus: not in the data volume" in capsys.readouterr().err
+
+
+def test_prepare_module_runs_as_a_script_and_without_modal():
+    help_out = subprocess.run([sys.executable, "-m", "avatarl.launchers.modal_prepare", "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    assert help_out.returncode == 0 and "avatarl prepare" in help_out.stdout
+    code = ("import sys; sys.modules['modal'] = None\n"
+            "from avatarl.launchers import modal_prepare\n"
+            f"sys.exit(modal_prepare.main({PREPARE_OWT!r}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "pip install 'avatarl[modal]'" in out.stderr

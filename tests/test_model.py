@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from avatarl.model import GPT, GPTConfig, attention_backend_available
+import avatarl.model as model_module
+from avatarl.model import GPT, GPTConfig, RMSNorm, apply_rotary, attention_backend_available
 
 ATOL_FP32 = 1e-5  # KV-cache vs full recompute in float32: same math, only summation order differs
 
@@ -61,6 +62,71 @@ def test_rotary_makes_order_matter(model: GPT):
     idx = tokens(1, 10)
     swapped = idx[:, [1, 0, *range(2, 10)]]
     assert (model(idx)[:, -1] - model(swapped)[:, -1]).abs().max() > 1e-4
+
+
+def test_rotary_is_the_rotation_of_each_pair_of_halves():
+    # the written-out rotation of the pairs (x1_j, x2_j) by t theta_j: the same float32 bits as apply_rotary
+    B, T, H, D = 3, 9, 4, 8
+    x = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(0))
+    theta = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+    angle = torch.outer(torch.arange(T, dtype=torch.float32), theta)[:, None, :]  # [T, 1, D/2]
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()), dim=-1)
+    tables = GPT(GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=H, n_emb=H * D, use_flash_attn=False))
+    cos, sin = tables.cos, tables.sin
+    assert cos.shape == sin.shape == (T, H, D) and cos.dtype == torch.float32
+    assert torch.equal(apply_rotary(x, cos, sin), expected)
+    # in bf16 the tables are used in bf16 too, and the result stays bf16, a few bf16 ulps from float32
+    rotated = apply_rotary(x.bfloat16(), cos.bfloat16(), sin.bfloat16())
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_rotary_runs_in_the_compute_dtype_under_autocast(model: GPT, monkeypatch: pytest.MonkeyPatch):
+    seen = []
+    original = model_module.apply_rotary
+
+    def spy(x, cos, sin):
+        y = original(x, cos, sin)
+        seen.append((x.dtype, cos.dtype, y.dtype))
+        return y
+
+    monkeypatch.setattr(model_module, "apply_rotary", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens(2, 8))
+    # q and k come out of the bf16 matmul and are rotated in bf16 with float32 tables cast to it: no round trip
+    assert len(seen) == 2 * 2 and all(dtypes == (torch.bfloat16, torch.float32, torch.bfloat16) for dtypes in seen)
+
+
+def test_rmsnorm_matches_the_formula_forward_and_backward(monkeypatch: pytest.MonkeyPatch):
+    norm = RMSNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
+    x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(0)) * 3
+
+    def run() -> tuple[torch.Tensor, ...]:
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y))
+        grads = (xi.grad, norm.weight.grad.clone())
+        norm.weight.grad = None
+        return (y.detach(), *grads)
+
+    fused = run()
+    monkeypatch.delattr(model_module.F, "rms_norm")  # torch < 2.4: the written-out formula
+    formula = run()
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.detach()
+    torch.testing.assert_close(formula[0], expected, rtol=0, atol=0)
+    for got, want in zip(fused, formula, strict=True):  # the same bits in float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_state_dict_names_are_the_parameters_only(model: GPT):
+    # the rotary tables are non-persistent buffers: checkpoints hold the same names as before
+    names = set(model.state_dict())
+    assert {name for name, _ in model.named_parameters()} | {"lm_head.weight"} <= names
+    assert not any(name.rsplit(".", 1)[-1] in ("cos", "sin") for name in names)
+    assert {"blocks.0.norm1.weight", "blocks.1.attn.qkv.weight", "norm_f.weight"} <= names
 
 
 @pytest.mark.parametrize("batch", [1, 3])

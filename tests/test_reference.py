@@ -129,9 +129,21 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 
 def test_build_reference_pairs(tiny_hf_dir):
     train = torch.tensor(encode("".join(LINES)))
-    credit, kl = build_reference("ngram", 2, str(tiny_hf_dir), CHARS, train, "cpu")
+    credit, kl = build_reference("ngram", 2, str(tiny_hf_dir), len(CHARS), CHARS, train, "cpu")
     assert credit is kl and isinstance(kl, NgramReference) and kl.order == 2
-    credit, kl = build_reference("gpt2", 2, str(tiny_hf_dir), CHARS, train, "cpu")
+    credit, kl = build_reference("gpt2", 2, str(tiny_hf_dir), len(CHARS), CHARS, train, "cpu")
+    with pytest.raises(ValueError, match="REFERENCE=gpt2 .* needs TOKENIZER=char"):
+        build_reference("gpt2", 2, str(tiny_hf_dir), 512, [], train, "cpu")
     assert isinstance(credit, HFReference) and isinstance(kl, NgramReference)
     assert math.isfinite(float(credit.token_probs(torch.tensor([encode("We know")]),
                                                   torch.tensor([encode("'t")])).sum()))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_log_probs_from_reads_only_the_chars_that_reach_the_rows(order):
+    gen = torch.Generator().manual_seed(order)
+    train = torch.randint(0, 5, (400,), generator=gen)
+    ref = NgramReference(order, 5, train, "cpu")
+    history = torch.randint(0, 5, (3, 40), generator=gen)
+    for first in (0, 1, 2, 30, 39):
+        torch.testing.assert_close(ref.log_probs_from(history, first), ref.log_probs(history)[:, first:])

@@ -95,7 +95,7 @@ def test_changed_model_shape_is_refused_listing_the_differences(finished_run, tm
                   tmp_path)
     assert refused.proc.returncode == 2
     assert "N_EMB: checkpoint 32, now 64" in refused.stdout and "N_LAYER: checkpoint 1, now 2" in refused.stdout
-    assert "vocabulary: checkpoint 65 symbols, now 66 (DATA_PATH)" in refused.stdout
+    assert "vocabulary: checkpoint and now differ, 65 vs 66 symbols (DATA_PATH, TOKENIZER)" in refused.stdout
     assert "TOTAL_ITERS" not in refused.stdout.split("the settings differ")[1], "harmless settings are not listed"
     assert "Traceback" not in refused.stderr
     assert newest_state(run_dir)["iteration"] == 4

@@ -155,6 +155,7 @@ def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Ten
         mentor = mentor_distribution(ref, actions, mask)
         ideal = ideal_distribution(reality, mentor, mask, cfg.reality_weight, cfg.mentor_weight)
         rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
+    del referee_logits, ref  # [B, T, V] each: not needed past the rewards, so not held through the loss
     loss = policy_gradient_loss(flat, actions, mask, rewards, cfg.entropy_coef)
     with torch.no_grad():
         metrics = _metrics(flat.detach().float(), actions, mask, targets, rewards)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatarl.algorithms.entropy import entropy
+from avatarl.algorithms.entropy import entropy_of_log_probs
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
 
@@ -31,7 +31,7 @@ class CreditReference(Protocol):
 
 
 class KLReference(CreditReference, Protocol):
-    def log_probs(self, history: Tensor) -> Tensor: ...
+    def log_probs_from(self, history: Tensor, first: int) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -151,13 +151,14 @@ def ppo_clip_loss(new_logp: Tensor, old_logp: Tensor, adv: Tensor, clip_ratio: f
     return loss, stats
 
 
-def kl_to_reference(student_logp: Tensor, ref_logp: Tensor) -> Tensor:
+def kl_to_reference(student_logp: Tensor, ref_logp: Tensor, p: Tensor | None = None) -> Tensor:
     """KL(student || reference) = sum_v p_v (log p_v - log q_v), in nats, per position: [..., V] -> [...].
 
-    Both arguments are full log-distributions over the next char. Terms with p_v = 0 contribute 0.
+    Both arguments are full log-distributions over the next char; p = exp(student_logp) when the caller
+    already holds it. Terms with p_v = 0 contribute 0.
     """
-    p = student_logp.exp()
-    return torch.where(p > 0, p * (student_logp - ref_logp), torch.zeros_like(p)).sum(dim=-1)
+    p = student_logp.exp() if p is None else p
+    return torch.where(p > 0, p * (student_logp - ref_logp), 0.0).sum(dim=-1)
 
 
 class AdaptiveKLController:
@@ -224,7 +225,7 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
     flat = ro.samples.view(B * K, H)
     ctx_rep = ctx.repeat_interleave(K, dim=0)
     inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
-    ref_logp = reference.log_probs(inputs)[:, C - 1:].float()
+    ref_logp = reference.log_probs_from(inputs, C - 1).float()  # [B*K, H, V]: only the generated positions
     if settings.partial_credit == 0:
         ref_prob = torch.zeros_like(flat, dtype=torch.float32)
     elif credit_reference is None or credit_reference is reference:
@@ -261,8 +262,10 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     logits = policy(flat[:, :-1], prefix=ctx).float()  # [B*K, H, V], the same as policy(scored.inputs)[:, C-1:]
     new_logp = F.log_softmax(logits / T, dim=-1).gather(-1, flat[..., None]).view(B, K, H)
     policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, settings.clip_ratio)
-    ent = entropy(logits).mean()
-    kl = kl_to_reference(F.log_softmax(logits, dim=-1), scored.ref_logp).mean()
+    logp = F.log_softmax(logits, dim=-1)  # [B*K, H, V] and its exp: one copy each for the entropy and the KL
+    p = logp.exp()
+    ent = entropy_of_log_probs(logp, p).mean()
+    kl = kl_to_reference(logp, scored.ref_logp, p).mean()
     loss = policy_loss - settings.entropy_coef * ent + kl_coef * kl
 
     metrics = {

@@ -87,12 +87,20 @@ class NgramReference:
             out[..., i, :] = self.tables[i + 1][self._index(history, i + 1, 1)[..., 0]]
         return out
 
+    def log_probs_from(self, history: Tensor, first: int) -> Tensor:
+        """log_probs(history)[..., first:, :], computed from only the chars that reach those rows: [..., L - first, V].
+
+        Row i needs the n-1 chars up to i, so the older ones are dropped before the tables are read; at
+        CONTEXT_LEN 1024 and GPT-2's 50k ids the whole-history tensor would be [rows, 1024, 50k].
+        """
+        start = max(0, first - (self.order - 2)) if self.order > 1 else first
+        return self.log_probs(history[..., start:])[..., first - start:, :]
+
     def token_probs(self, ctx: Tensor, samples: Tensor) -> Tensor:
         """p(samples[:, h] | ctx, samples[:, :h]) for ctx [N, C] and samples [N, H] -> [N, H]."""
         C = ctx.size(1)
-        start = max(0, C - max(self.order - 1, 1))  # older chars never reach the n-gram
         seq = torch.cat((ctx, samples), dim=1).to(self.device, torch.long)
-        logp = self.log_probs(seq[:, start:-1])[:, C - 1 - start:]  # [N, H, V]
+        logp = self.log_probs_from(seq[:, :-1], C - 1)  # [N, H, V]
         return logp.gather(-1, seq[:, C:, None]).squeeze(-1).exp()
 
 
@@ -174,12 +182,16 @@ class HFReference:
         return (token_logp.gather(1, owner_t) / share_t).exp().to(samples.device)
 
 
-def build_reference(kind: str, ngram_order: int, model_name_or_path: str, vocab_chars: Sequence[str],
-                    train_ids: Tensor, device: torch.device | str
+def build_reference(kind: str, ngram_order: int, model_name_or_path: str, vocab_size: int,
+                    vocab_chars: Sequence[str], train_ids: Tensor, device: torch.device | str
                     ) -> tuple[NgramReference | HFReference, NgramReference]:
-    """(credit_reference, kl_reference): the NGRAM_ORDER n-gram always anchors the KL; REFERENCE=ngram|gpt2
-    picks the credit (the same n-gram, or the causal LM REFERENCE_MODEL)."""
-    kl_reference = NgramReference(ngram_order, len(vocab_chars), train_ids, device)
+    """(credit_reference, kl_reference): the NGRAM_ORDER n-gram over `vocab_size` ids always anchors the KL;
+    REFERENCE=ngram|gpt2 picks the credit (the same n-gram, or the causal LM REFERENCE_MODEL, which scores the
+    decoded `vocab_chars` of a char run: ValueError without them)."""
+    kl_reference = NgramReference(ngram_order, vocab_size, train_ids, device)
     if kind == "gpt2":
+        if not vocab_chars:
+            raise ValueError("REFERENCE=gpt2 scores decoded characters: it needs TOKENIZER=char (with a BPE "
+                             "student use REFERENCE=ngram)")
         return HFReference(model_name_or_path, vocab_chars, device), kl_reference
     return kl_reference, kl_reference

@@ -39,7 +39,7 @@ import torch
 
 from avatarl import exit_codes
 from avatarl.algorithms.reference import NgramReference
-from avatarl.config import Config, preset_values
+from avatarl.config import Config, ConfigError, preset_values
 from avatarl.data.corpus import load_corpus
 from avatarl.objectives import window_len
 from avatarl.referee import export_referee
@@ -112,11 +112,13 @@ def chars_to_beat(curve: list[tuple[int, float]], threshold: float) -> int | Non
     return next((chars for chars, ce in curve if ce < threshold), None)
 
 
-def curve_of(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], float | None]:
-    """(validation curve [(chars_seen, val_ce)], last logged policy entropy or None) of a run's metrics."""
+def curve_of(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], float | None, float | None]:
+    """(validation curve [(chars_seen, val_ce)], last val_bpb, last logged policy entropy) of a run's metrics;
+    None for what it never logged."""
     curve = [(int(r["chars_seen"]), float(r["val_ce"])) for r in records if "val_ce" in r]
+    bpb = [r["val_bpb"] for r in records if "val_bpb" in r]
     entropies = [r["entropy"] for r in records if "entropy" in r]
-    return curve, entropies[-1] if entropies else None
+    return curve, bpb[-1] if bpb else None, entropies[-1] if entropies else None
 
 
 def method_config(base: Config, method: Method, directory: Path, iters: int, warmup: int, eval_points: int,
@@ -135,14 +137,14 @@ def run_method(cfg: Config, method: Method) -> tuple[int, dict[str, Any]]:
     started = time.perf_counter()
     code = train(cfg, role=method.role)
     wall = time.perf_counter() - started
-    curve, entropy = curve_of(read_metrics(run_dir(cfg.checkpoint_dir, method.role) / METRICS))
+    curve, bpb, entropy = curve_of(read_metrics(run_dir(cfg.checkpoint_dir, method.role) / METRICS))
     planned = cfg.total_iters * cfg.batch * window_len(cfg, method.role)
     if code == exit_codes.OK and (not curve or curve[-1][0] != planned):
         print(f"error: {method.label} stopped before its last step: the benchmark stops too.", file=sys.stderr)
         code = exit_codes.FAILED
     return code, {"label": method.label, "exit_code": code, "iters": cfg.total_iters,
                   "chars_seen": curve[-1][0] if curve else 0, "curve": curve,
-                  "final_val_ce": curve[-1][1] if curve else None, "final_entropy": entropy,
+                  "final_val_ce": curve[-1][1] if curve else None, "final_val_bpb": bpb, "final_entropy": entropy,
                   "wall_s": round(wall, 2), "settings": {k.upper(): v for k, v in method.overrides}}
 
 
@@ -170,12 +172,15 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     base = dataclasses.replace(base, use_wandb=False, resume="never", overwrite=True,
                                save_intermediate_checkpoints=False, sample_interval=0)
     corpus = load_corpus(base, torch.device("cpu"))
-    baselines = corpus_baselines(corpus.train, corpus.val, corpus.vocab.size)
+    if not isinstance(corpus.train, torch.Tensor):
+        raise ConfigError([f"DATA_PATH={base.data_path!r}: the learning benchmark counts its n-gram baselines on a "
+                           "text corpus held in memory; give it a text file (TOKENIZER may be a BPE)."])
+    baselines = corpus_baselines(corpus.train, corpus.val, corpus.tokenizer.size)
     budget = budget_iters * base.batch * (base.context_len + 1)
     kl_reference = {"order": base.ngram_order,
-                    "val_ce": reference_ce(base, corpus.train, corpus.val, corpus.vocab.size)}
+                    "val_ce": reference_ce(base, corpus.train, corpus.val, corpus.tokenizer.size)}
     report: dict[str, Any] = {
-        "schema": SCHEMA, "budget_chars": budget, "vocab_size": corpus.vocab.size, "baselines": baselines,
+        "schema": SCHEMA, "budget_chars": budget, "vocab_size": corpus.tokenizer.size, "baselines": baselines,
         "kl_reference": kl_reference, "model": {"n_layer": base.n_layer, "n_head": base.n_head, "n_emb": base.n_emb},
         "settings": {k.upper(): v for k, v in base.to_dict().items() if k in SETTINGS_RECORDED},
         "torch_threads": torch.get_num_threads(), "methods": {}}
@@ -261,12 +266,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     kl = report["kl_reference"]
     rows = [f"Reference lines: uniform {b['uniform']:.3f}, unigram {b['unigram']:.3f}, bigram {b['bigram']:.3f} "
             f"nats/char; GRPO's KL reference ({kl['order']}-gram) {kl['val_ce']:.3f}.", "",
-            "| Method | Chars seen | Val CE | Chars to beat unigram | Chars to beat bigram |",
-            "| --- | ---: | ---: | ---: | ---: |"]
+            "| Method | Chars seen | Val CE (nats/char) | Val bits/byte | Chars to beat unigram | "
+            "Chars to beat bigram |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for result in report["methods"].values():
         ce = "n/a" if result["final_val_ce"] is None else f"{result['final_val_ce']:.3f}"
+        bpb = "n/a" if result.get("final_val_bpb") is None else f"{result['final_val_bpb']:.3f}"
         beat = [format_chars(result[f"chars_to_beat_{name}"]) for name in ("unigram", "bigram")]
-        rows.append(f"| {result['label']} | {result['chars_seen']:,} | {ce} | {beat[0]} | {beat[1]} |")
+        rows.append(f"| {result['label']} | {result['chars_seen']:,} | {ce} | {bpb} | {beat[0]} | {beat[1]} |")
     ref = report["referee"]
     rows += ["", f"Referee (supervised, trained apart for AvataRL): {ref['iters']} steps, {ref['chars_seen']:,} chars, "
              f"val CE {ref['final_val_ce']:.3f}."]

@@ -16,10 +16,13 @@ timed iterations.
     rollout, recompute the same sampling, re-running the whole prefix at every step (no KV cache)
     AvataRL iteration  referee forward + student update on B contexts of C chars, with a random-init
                        referee of the configured size (timing does not need a trained one)
+    peer step          the supervised step's work on a Hugging Face GPT2LMHeadModel of the same shape
+                       (bench/peer.py); skipped, with a note, when transformers is not importable
 
 ratios: grpo_over_supervised = GRPO iteration / supervised step, kv_cache_speedup = recompute /
-KV-cached rollout, shared_prefix_speedup = full-rows / shared-prefix GRPO iteration, and on CUDA
-mfu = FLOP/s of the GRPO iteration / the GPU's peak bf16 dense FLOP/s.
+KV-cached rollout, shared_prefix_speedup = full-rows / shared-prefix GRPO iteration, supervised_over_peer = supervised
+step / peer step (with the peer row), and on CUDA mfu = FLOP/s of the GRPO iteration / the GPU's peak
+bf16 dense FLOP/s.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from torch import Tensor, nn
 from avatarl import distributed as D
 from avatarl import exit_codes
 from avatarl.algorithms.grpo import Rollout, draw_tempered, rollout, score_rollout
+from avatarl.bench.peer import build_peer, peer_step_fn
 from avatarl.config import Config
-from avatarl.data.sampler import WindowSampler
+from avatarl.data.sampler import make_sampler
 from avatarl.device import mixed_precision, resolve_device
 from avatarl.model import GPT, attention_backend_available, frozen_copy
 from avatarl.objectives import AvataRLObjective, RefereeObjective
@@ -168,14 +172,14 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
     sup_cfg = dataclasses.replace(cfg, context_len=cfg.seq_len, micro_batch=rows, batch=rows)
     supervised = dataclasses.replace(
         grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(device),
-        sampler=WindowSampler(grpo.corpus.train, sup_cfg.context_len + 1, cfg.seed))
-    referee = GPT(model_config(cfg, grpo.corpus.vocab.size, "referee")).to(device)
+        sampler=make_sampler(grpo.corpus.train, sup_cfg.context_len + 1, cfg.seed, 0, device))
+    referee = GPT(model_config(cfg, grpo.corpus.model_vocab_size, "referee")).to(device)
     if mixed_precision(cfg, device) == torch.bfloat16:
         referee = referee.to(torch.bfloat16)  # as referee.load_referee does for a bf16 run
     av_cfg = dataclasses.replace(cfg, algorithm="avatarl")
     avatarl = dataclasses.replace(
         grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, frozen_copy(referee)), state=RunState(),
-        metrics=MetricBuffer(device), sampler=WindowSampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed))
+        metrics=MetricBuffer(device), sampler=make_sampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed, 0, device))
     return supervised, avatarl
 
 
@@ -187,6 +191,7 @@ def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
 
 def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bool = True) -> dict[str, Any]:
     """Time the rows of the module docstring for one configuration; `full=False` times only the two steps."""
+    peer: dict[str, Any] | None = None
     cfg = dataclasses.replace(cfg, batch=cfg.micro_batch, algorithm="grpo")
     with tempfile.TemporaryDirectory(prefix="avatarl-bench-") as tmp:
         cfg = dataclasses.replace(cfg, checkpoint_dir=tmp)
@@ -213,12 +218,22 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
                      rollout_recompute=lambda: amp(rollout_recompute, old, ctx, K, H, T),
                      grpo_full_rows=lambda: train_step(full_rows),
                      avatarl_iteration=lambda: train_step(avatarl))
+        built = build_peer(cfg, grpo.corpus.model_vocab_size, device)
+        if isinstance(built, str):
+            peer = {"skipped": built}
+        else:
+            peer = built[1]
+            # C + H + 1 ids per window, as the supervised row's
+            windows = make_sampler(grpo.corpus.train, cfg.seq_len + 1, cfg.seed + 1, 0, device)
+            calls["peer_step"], peer_losses = peer_step_fn(cfg, built[0], windows, device)
     timings = time_interleaved(calls, device, warmup, iters)
     finite = all(math.isfinite(value) for run in (supervised, grpo, full_rows, avatarl)
                  for value in run.metrics.drain().values())
+    if "peer_step" in calls:
+        finite = finite and bool(torch.isfinite(torch.stack(peer_losses)).all())
     return {"timings": timings, "finite": finite, "params": grpo.raw_model.num_params(),
             "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model, "cuda_graphs": graphs is not None,
-            "referee": avatarl.objective.referee}
+            "referee": avatarl.objective.referee, "peer": peer}
 
 
 def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
@@ -237,11 +252,14 @@ def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
 
 
 def ratios_of(t: dict[str, float]) -> dict[str, float]:
-    """The key ratios from per-row times t (seconds)."""
-    return {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
-            "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
-            "shared_prefix_speedup": t["grpo_full_rows"] / t["grpo_iteration"],
-            "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]}
+    """The key ratios from per-row times t (seconds); supervised_over_peer only when the peer row ran."""
+    ratios = {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
+              "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
+              "shared_prefix_speedup": t["grpo_full_rows"] / t["grpo_iteration"],
+              "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]}
+    if "peer_step" in t:
+        ratios["supervised_over_peer"] = t["supervised_step"] / t["peer_step"]
+    return ratios
 
 
 def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
@@ -264,11 +282,14 @@ def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup:
                        "grpo_sampled_chars_per_s": B * K * H / t["grpo_iteration"],
                        "avatarl_contexts_per_s": B / t["avatarl_iteration"],
                        "avatarl_positions_per_s": B * C / t["avatarl_iteration"]},
+        "peer": result.get("peer"),
         "grpo_split_s": {"rollout": t["rollout_kv_cache"], "scoring": t["grpo_scoring"],
                          "update": t["grpo_iteration"] - t["rollout_kv_cache"] - t["grpo_scoring"]},
         "finite": result["finite"],
         "ratios": ratios_of(t),
     }
+    if "peer_step" in t:
+        report["throughput"]["peer_tokens_per_s"] = B * K * (C + H) / t["peer_step"]
     if device.type == "cpu":  # on a shared machine, CPU time is the steadier measure of the work
         report["cpu_time_ratios"] = ratios_of({name: timing.cpu_median_s
                                               for name, timing in result["timings"].items()})
@@ -320,6 +341,8 @@ def format_table(report: dict[str, Any]) -> str:
             ("rollout, recompute prefix", "rollout_recompute", ""),
             ("GRPO iteration, full rows", "grpo_full_rows", ""),
             ("AvataRL iteration", "avatarl_iteration", f"{_rate(thr['avatarl_contexts_per_s'])} contexts/s")]
+    if "peer_step" in tm:
+        rows.append(("peer step (HF GPT-2, same work)", "peer_step", f"{_rate(thr['peer_tokens_per_s'])} tokens/s"))
     for label, key, extra in rows:
         if key is None:
             lines.append(f"{label:<36}{split['update'] * 1e3:>11.2f}")
@@ -332,6 +355,12 @@ def format_table(report: dict[str, Any]) -> str:
         for name, value in gpu["achieved_tflops"].items():
             lines.append(f"  {name:<32}{value:>8.1f} TFLOP/s  MFU {gpu['mfu'][name]:6.1%}  "
                          f"peak memory {gpu['peak_memory_mib'][name]:,.0f} MiB")
+    peer = report.get("peer") or {}
+    if "skipped" in peer:
+        lines.append(f"peer step skipped: {peer['skipped']}")
+    elif peer:
+        lines.append(f"peer: {peer['model']} (transformers {peer['transformers']}, {peer['attention']}, "
+                     f"{peer['params'] / 1e6:.2f}M params)")
     for backend, row in report.get("attention_backends", {}).items():
         lines.append(f"  attention {backend:<11} supervised {row['supervised_step_s'] * 1e3:.2f} ms, "
                      f"GRPO iteration {row['grpo_iteration_s'] * 1e3:.2f} ms")

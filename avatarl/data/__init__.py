@@ -1,2 +1,3 @@
-"""Training data: the corpus and its split (corpus.py), its vocabulary (vocab.py), and the windows drawn
-from it for training and validation (sampler.py)."""
+"""Training data: tokenizers (tokenizers.py), the corpus and its split (corpus.py), prepared directories made by
+`avatarl prepare` (sources.py -> prepare.py -> prepared.py), and the windows drawn for training and validation
+(sampler.py)."""

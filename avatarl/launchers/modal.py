@@ -15,6 +15,7 @@ Volume commits: a thread polls CHECKPOINT_DIR/latest every COMMIT_POLL_SECONDS a
 checkpoint volume when it names a new checkpoint; both volumes are committed again when the trainer
 exits. A run stopped by Modal's preemption signal before it finished raises, so Modal runs it again.
 
+Data preparation (`avatarl prepare` into the data volume, on CPUs) is avatarl/launchers/modal_prepare.py.
 `modal` is imported only inside the functions that need it: this module imports without it.
 """
 
@@ -195,11 +196,16 @@ def _import_modal() -> Any:
     return modal
 
 
+def dockerfile_image(modal: Any) -> Any:
+    """The image of docker/Dockerfile, built by Modal from this checkout (training and `modal_prepare`)."""
+    root = repo_root()
+    return modal.Image.from_dockerfile(str(root / DOCKERFILE), context_dir=str(root))
+
+
 def build_app(plan: ModalPlan) -> tuple[Any, Any]:
     """The Modal app and its training function for `plan` (defined offline; nothing runs yet)."""
     modal = _import_modal()
-    root = repo_root()
-    image = modal.Image.from_dockerfile(str(root / DOCKERFILE), context_dir=str(root))
+    image = dockerfile_image(modal)
     volumes = {DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True),
                CHECKPOINT_MOUNT: modal.Volume.from_name(plan.checkpoint_volume, create_if_missing=True)}
     secrets = [modal.Secret.from_name(plan.named_secret)] if plan.named_secret else []
