@@ -19,14 +19,13 @@ import os
 import pickle
 import re
 import socket
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from avatarl.faults import write_slowly_if_asked
+from avatarl.files import atomic_write
 
 log = logging.getLogger("avatarl")
 
@@ -49,41 +48,6 @@ class RunDirectoryBusy(CheckpointError):
 
 def checkpoint_name(iteration: int) -> str:
     return f"ckpt_{iteration:08d}.pt"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(handle: Any, blobs: list[bytes]) -> None:
-    for blob in blobs:
-        handle.write(blob)
-
-
-def atomic_write(path: Path, blobs: list[bytes], write: Callable[[Any, list[bytes]], None] = _write_all) -> None:
-    """Write blobs to `path` so that readers only ever see the old or the complete new file.
-
-    A temporary file beside `path` is written with `write`, fsynced and renamed over `path`, and the
-    directory is fsynced so the rename survives a power loss. Checkpoint files pass
-    `faults.write_slowly_if_asked`, which carries the slow-write test hook; other files (corpus,
-    heartbeat) never slow down.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle, blobs)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_or_explain(path: Path, blobs: list[bytes]) -> None:

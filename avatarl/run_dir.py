@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from avatarl.checkpoint import atomic_write, list_checkpoints
+from avatarl.checkpoint import list_checkpoints
 from avatarl.config import Config, ConfigError
+from avatarl.files import atomic_write
 
 log = logging.getLogger("avatarl")
 

@@ -150,7 +150,8 @@ if [ "$(cat "$WHEELS/.key" 2> /dev/null)" != "$KEY" ]; then
 print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' "$REPO/pyproject.toml")
     # shellcheck disable=SC2086  # SMOKE_PIP_ARGS is a list of flags
     "$PYTHON" -m pip download -q -d "$WHEELS" --only-binary=:all: --python-version 3.11 \
-        --implementation cp --platform manylinux_2_28_x86_64 $SMOKE_PIP_ARGS \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 $SMOKE_PIP_ARGS \
         "$TORCH_SPEC" "${DEPENDENCIES[@]}" "setuptools>=68" wheel
     if compgen -G "$WHEELS/nvidia*" > /dev/null; then
         fail "the wheelhouse got a CUDA torch; set TORCH_SPEC/SMOKE_PIP_ARGS to reach a CPU wheel"

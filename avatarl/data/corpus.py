@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatarl.checkpoint import atomic_write
 from avatarl.config import Config, ConfigError
 from avatarl.data.prepared import is_prepared_dir, open_prepared
 from avatarl.data.tokenizers import CharTokenizer, Tokenizer, load_tokenizer
+from avatarl.files import atomic_write, sha256_of
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -28,14 +28,6 @@ TRAIN_FRACTION = 0.9
 PACKAGED_CORPUS = Path(__file__).resolve().parent / "tinyshakespeare.txt.xz"
 REFERENCE_TOKENS = 4_000_000  # of a prepared directory, for GRPO's n-gram reference
 VOCAB_MULTIPLE = 64  # BPE vocabularies are padded up to a multiple of this (nanoGPT's 50,304 for GPT-2)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_tiny_shakespeare(cache_dir: str | os.PathLike, url: str = TINY_SHAKESPEARE_URL) -> Path:

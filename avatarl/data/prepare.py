@@ -12,7 +12,6 @@ complete, and a rerun starts over from the sources and writes the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from avatarl.config import ConfigError
 from avatarl.data.prepared import FORMAT, META, TRAIN_BIN, VAL_BIN, token_dtype
 from avatarl.data.sources import HFSource, documents, expand
 from avatarl.data.tokenizers import CharTokenizer, Tokenizer, load_tokenizer
+from avatarl.files import fsync_path, sha256_of
 
 CHUNK_CHARS = 1 << 16
 MIN_CHUNK_CHARS = 1 << 10
@@ -68,22 +68,6 @@ def _encode(piece: tuple[str, bool]) -> tuple[list[int], bool, int]:
     if last:
         ids.append(_WORKER_TOKENIZER.eot_id)
     return ids, last, len(text.encode("utf-8"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_tokenizer(spec: str) -> Tokenizer:
@@ -150,7 +134,7 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
     os.truncate(everything, cut * dtype.itemsize)
     os.replace(everything, train_tmp)
     for path in (train_tmp, val_tmp):
-        _fsync(path)
+        fsync_path(path)
     elapsed = time.perf_counter() - started
     meta = {"format": FORMAT, "tokenizer": tokenizer.identity.to_dict(), "dtype": dtype.name,
             "vocab_size": tokenizer.size, "eot_id": tokenizer.eot_id, "train_tokens": cut, "val_tokens": total - cut,
@@ -158,12 +142,13 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
             "split": {"val_fraction": val_fraction, "rule": f"chunks of up to {limit} chars in source order; "
                       "val.bin = the trailing whole chunks holding at least val_fraction of the tokens"},
             "sources": [str(path) for path in files] + ([f"hf:{hf.name}:{hf.config or ''}:{hf.split}"] if hf else []),
-            "sha256": {TRAIN_BIN: _sha256(train_tmp), VAL_BIN: _sha256(val_tmp)},
+            "sha256": {TRAIN_BIN: sha256_of(train_tmp), VAL_BIN: sha256_of(val_tmp)},
             "tokens_per_s": total / elapsed, "seconds": round(elapsed, 2), "num_proc": num_proc}
     meta_tmp = output / f"{META}{TEMP_SUFFIX}"
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync(meta_tmp)
+    fsync_path(meta_tmp)
     os.replace(val_tmp, output / VAL_BIN)
     os.replace(meta_tmp, output / META)
     os.replace(train_tmp, output / TRAIN_BIN)  # last: only now does the directory look complete
+    fsync_path(output)
     return meta
