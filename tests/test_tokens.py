@@ -269,3 +269,17 @@ def test_prepare_tokenizer_flag_wins_over_a_char_tokenizer_setting(tmp_path: Pat
     assert json.loads((tmp_path / "out" / META).read_text())["tokenizer"]["kind"] == "huggingface"
     refused = run_cli(["prepare", "a.txt", "--output", "out2", "--num-proc", "1"], tmp_path)
     assert refused.returncode == 2 and "needs a BPE" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_prepared_directory_whose_tokenizer_moved_says_so(tmp_path: Path, corpus_path: Path, bpe_dir: Path):
+    import shutil
+
+    moved = tmp_path / "tok"
+    shutil.copytree(bpe_dir, moved)
+    (tmp_path / "a.txt").write_text(corpus_path.read_text()[:30_000])
+    prepare([str(tmp_path / "a.txt")], tmp_path / "out", str(moved), num_proc=1)
+    shutil.rmtree(moved)
+    with pytest.raises(ConfigError, match="the data in .* cannot be loaded from there any more: set TOKENIZER"):
+        open_prepared(tmp_path / "out", "char")
+    data, _ = open_prepared(tmp_path / "out", str(bpe_dir))  # the same tokenizer, found elsewhere
+    assert len(data.train) > 0

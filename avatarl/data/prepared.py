@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from avatarl.config import ConfigError
-from avatarl.data.tokenizers import Tokenizer, TokenizerIdentity, check_same_tokenizer, load_tokenizer
+from avatarl.data.tokenizers import (
+    Tokenizer,
+    TokenizerIdentity,
+    check_same_tokenizer,
+    load_tokenizer,
+    tokenizer_from_identity,
+)
 
 META = "meta.json"
 TRAIN_BIN, VAL_BIN = "train.bin", "val.bin"
@@ -74,8 +80,11 @@ def open_prepared(directory: Path, tokenizer_spec: str) -> tuple[PreparedData, T
         meta = {"tokenizer": tokenizer.identity.to_dict(), "dtype": dtype.name, "vocab_size": tokenizer.size}
     else:
         saved = TokenizerIdentity.from_dict(meta["tokenizer"])
-        tokenizer = load_tokenizer(saved.source if tokenizer_spec == "char" else tokenizer_spec)
-        check_same_tokenizer(saved, tokenizer.identity, f"the data in {directory}", "TOKENIZER")
+        if tokenizer_spec == "char":  # the default: the data's own tokenizer
+            tokenizer = tokenizer_from_identity(saved, owner=f"the data in {directory}")
+        else:
+            tokenizer = load_tokenizer(tokenizer_spec)
+            check_same_tokenizer(saved, tokenizer.identity, f"the data in {directory}", "TOKENIZER")
         dtype = np.dtype(meta["dtype"])
     train = np.memmap(directory / TRAIN_BIN, dtype=dtype, mode="r")
     val = np.memmap(directory / VAL_BIN, dtype=dtype, mode="r")

@@ -246,10 +246,19 @@ def load_tokenizer(spec: str, corpus_text: str | None = None) -> Tokenizer:
         raise ConfigError([f"TOKENIZER={spec!r}: {found} is not a Hugging Face tokenizer ({err})."]) from None
 
 
-def tokenizer_from_identity(identity: TokenizerIdentity, chars: list[str] | None = None) -> Tokenizer:
-    """The tokenizer a checkpoint or prepared directory was made with, checked against its sha256."""
-    tokenizer = CharTokenizer(chars or []) if identity.kind == "char" else load_tokenizer(identity.source)
-    check_same_tokenizer(identity, tokenizer.identity, "the checkpoint", "TOKENIZER")
+def tokenizer_from_identity(identity: TokenizerIdentity, chars: list[str] | None = None,
+                            owner: str = "the checkpoint") -> Tokenizer:
+    """The tokenizer a checkpoint or prepared directory was made with, from where it was then, checked against
+    its sha256; a ConfigError that says so when it is gone or changed."""
+    if identity.kind == "char":
+        tokenizer: Tokenizer = CharTokenizer(chars or [])
+    else:
+        try:
+            tokenizer = load_tokenizer(identity.source)
+        except ConfigError:
+            raise ConfigError([f"{owner} was made with {identity.describe()}, which cannot be loaded from there any "
+                               "more: set TOKENIZER to where it is now."]) from None
+    check_same_tokenizer(identity, tokenizer.identity, owner, "the tokenizer found there")
     return tokenizer
 
 
