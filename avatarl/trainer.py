@@ -11,6 +11,7 @@ optimised lives in objectives.py.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 from dataclasses import asdict
@@ -161,7 +162,12 @@ def train(cfg: Config, role: str = "student") -> int:
                 restore_run(run, checkpoint)
             elif info.is_main and cfg.overwrite:
                 clear_run(run_dir)
-            return loop(run, stop)
+            code = loop(run, stop)
+            # DDP's reducer keeps its last gloo/NCCL work, which holds tensors: release it while the process
+            # group and the interpreter are alive, not during interpreter finalization (a rare abort at exit).
+            del run
+            gc.collect()
+            return code
     except KeyboardInterrupt:
         D.print0("[avatarl] aborted by a second interrupt: the step in progress is lost, the newest checkpoint "
                  "on disk is intact.")
