@@ -9,6 +9,13 @@ import torch
 from avatarl.data.corpus import Ids
 
 
+def rank_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """Each rank's own stream of window starts."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + 7919 * rank)
+    return generator
+
+
 class WindowSampler:
     """Random windows of `length` consecutive ids, drawn on the device from a seeded generator.
 
@@ -18,8 +25,7 @@ class WindowSampler:
 
     def __init__(self, ids: torch.Tensor, length: int, seed: int, rank: int = 0):
         self.ids, self.length = ids, length
-        self.generator = torch.Generator(device=ids.device)
-        self.generator.manual_seed(seed + 7919 * rank)
+        self.generator = rank_generator(seed, rank, ids.device)
         self.offsets = torch.arange(length, device=ids.device)
 
     def sample(self, count: int) -> torch.Tensor:
@@ -41,8 +47,7 @@ class MemmapSampler(WindowSampler):
 
     def __init__(self, ids: np.ndarray, length: int, seed: int, rank: int, device: torch.device):
         self.ids, self.length, self.device = ids, length, device
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed + 7919 * rank)
+        self.generator = rank_generator(seed, rank, torch.device("cpu"))
         self.offsets_np = np.arange(length, dtype=np.int64)
 
     def sample(self, count: int) -> torch.Tensor:

@@ -55,9 +55,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(text) for text in texts]
-
     def decode(self, ids: Any) -> str:
         raise NotImplementedError
 
@@ -110,9 +107,10 @@ class TiktokenTokenizer(Tokenizer):
         self.encoding = encoding
         self.size = encoding.n_vocab
         self.eot_id = encoding.eot_token
+        self.pieces = [self._bytes_of(i) for i in range(self.size)]  # the bytes each id stands for
         digest = hashlib.sha256()
-        for i in range(self.size):
-            digest.update(len(self._bytes_of(i)).to_bytes(4, "little") + self._bytes_of(i))
+        for piece in self.pieces:
+            digest.update(len(piece).to_bytes(4, "little") + piece)
         self.identity = TokenizerIdentity("tiktoken", source, digest.hexdigest())
 
     def _bytes_of(self, i: int) -> bytes:
@@ -124,16 +122,13 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts)
-
     def decode(self, ids: Any) -> str:
         return self.encoding.decode(_ids(ids))
 
     def token_bytes(self) -> np.ndarray:
-        special = set(self.encoding.special_tokens_set)
-        return np.array([0 if self._bytes_of(i).decode("utf-8", "replace") in special else len(self._bytes_of(i))
-                         for i in range(self.size)], dtype=np.int64)
+        sizes = np.array([len(piece) for piece in self.pieces], dtype=np.int64)
+        sizes[[self.encoding.encode_single_token(token) for token in self.encoding.special_tokens_set]] = 0
+        return sizes
 
 
 def tiktoken_from_rank_file(path: Path) -> Any:
@@ -147,47 +142,30 @@ def tiktoken_from_rank_file(path: Path) -> Any:
                              special_tokens={END_OF_TEXT: len(ranks)})
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of byte-level BPE's byte -> printable char table (GPT-2's bytes_to_unicode)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = dict.fromkeys(printable), 0
-    table = {}
-    for byte in range(256):
-        if byte in chars:
-            table[chr(byte)] = byte
-        else:
-            table[chr(256 + extra)] = byte
-            extra += 1
-    return table
-
-
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer from tokenizer.json (or a save_pretrained directory)."""
 
     def __init__(self, path: Path, source: str):
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.path = path
-        self.tokenizer = RustTokenizer.from_file(str(path))
+        raw = path.read_bytes()
+        self.tokenizer = RustTokenizer.from_str(raw.decode("utf-8"))
         self.size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.eot_id = self.tokenizer.token_to_id(END_OF_TEXT)
         self.special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
-        definition = json.loads(path.read_text(encoding="utf-8"))
-        self.byte_level = "ByteLevel" in json.dumps(definition.get("decoder") or {})
-        self.identity = TokenizerIdentity("huggingface", source, hashlib.sha256(path.read_bytes()).hexdigest())
+        self.byte_level = "ByteLevel" in json.dumps(json.loads(raw).get("decoder") or {})
+        self.identity = TokenizerIdentity("huggingface", source, hashlib.sha256(raw).hexdigest())
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Any) -> str:
         return self.tokenizer.decode(_ids(ids), skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
-        table = _byte_decoder() if self.byte_level else {}
+        from tokenizers import pre_tokenizers
+
+        table = set(pre_tokenizers.ByteLevel.alphabet()) if self.byte_level else set()  # one char per byte
         sizes = np.zeros(self.size, dtype=np.int64)
         for i in range(self.size):
             token = self.tokenizer.id_to_token(i)
