@@ -161,12 +161,10 @@ def command_prepare(args: argparse.Namespace) -> int:
 
 
 def command_tokenizer_train(args: argparse.Namespace) -> int:
-    from avatarl.data.sources import documents, expand
+    from avatarl.data.sources import documents, expand, require_sources
     from avatarl.data.tokenizers import train_bpe
 
-    if not args.sources and not args.hf_dataset:
-        raise ConfigError(["avatarl tokenizer train: name at least one source (a file, directory or glob) or "
-                           "--hf-dataset."])
+    require_sources(args.sources, hf_source(args), "avatarl tokenizer train")
     path = train_bpe(documents(expand(args.sources), hf_source(args), args.text_column), args.vocab_size,
                      Path(args.output).expanduser())
     print(f"[avatarl] byte-level BPE of {args.vocab_size} ids saved to {path} (use TOKENIZER={args.output})")

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from avatarl.config import ConfigError
 from avatarl.data.prepared import FORMAT, META, TRAIN_BIN, VAL_BIN, token_dtype
-from avatarl.data.sources import HFSource, documents, expand
-from avatarl.data.tokenizers import CharTokenizer, Tokenizer, load_tokenizer
+from avatarl.data.sources import HFSource, documents, expand, require_sources
+from avatarl.data.tokenizers import Tokenizer, load_tokenizer
 from avatarl.files import fsync_path, sha256_of
 
 CHUNK_CHARS = 1 << 16
@@ -71,10 +71,11 @@ def _encode(piece: tuple[str, bool]) -> tuple[list[int], bool, int]:
 
 
 def check_tokenizer(spec: str) -> Tokenizer:
-    tokenizer = load_tokenizer(spec)
-    if isinstance(tokenizer, CharTokenizer):
+    """The BPE that prepare writes ids of: refused before loading when it is char, or has no end-of-text."""
+    if spec == "char":
         raise ConfigError(["avatarl prepare needs a BPE: --tokenizer gpt2, a .tiktoken rank file or a Hugging Face "
                            "tokenizer (TOKENIZER=char trains on a text file directly)."])
+    tokenizer = load_tokenizer(spec)
     if tokenizer.eot_id is None:
         raise ConfigError([f"--tokenizer {spec}: it has no <|endoftext|> token to join documents with; train one "
                            "with `avatarl tokenizer train`, which adds it."])
@@ -85,8 +86,7 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
             text_column: str = "text", num_proc: int = 1, val_fraction: float = 0.1,
             dtype_name: str = "auto") -> dict[str, Any]:
     """Tokenize the sources into `output`; returns the meta.json written there."""
-    if not sources and hf is None:
-        raise ConfigError(["avatarl prepare: name at least one source (a file, directory or glob) or --hf-dataset."])
+    require_sources(sources, hf, "avatarl prepare")
     if not 0 < val_fraction < 1:
         raise ConfigError([f"--val-fraction {val_fraction}: give a fraction between 0 and 1, e.g. 0.1."])
     files = expand(sources)

@@ -27,6 +27,12 @@ class HFSource:
     streaming: bool = False
 
 
+def require_sources(sources: list[str], hf: HFSource | None, command: str) -> None:
+    """ConfigError when a command that reads documents was given none to read."""
+    if not sources and hf is None:
+        raise ConfigError([f"{command}: name at least one source (a file, directory or glob) or --hf-dataset."])
+
+
 def expand(sources: list[str]) -> list[Path]:
     """Files named by the sources (a file, a directory searched recursively, or a glob), in sorted order."""
     files: list[Path] = []
