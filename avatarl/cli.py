@@ -17,16 +17,9 @@ from typing import Any
 
 from avatarl import exit_codes
 from avatarl.checkpoint import CheckpointError
-from avatarl.config import (
-    Config,
-    ConfigError,
-    config_fields,
-    default_of,
-    export_launcher_variables,
-    load_config,
-    preset_names,
-)
+from avatarl.config import Config, ConfigError, config_fields
 from avatarl.config_docs import describe, env_example, launcher_values, markdown_table
+from avatarl.config_sources import default_of, export_launcher_variables, load_config, preset_names
 from avatarl.launchers.modal import in_modal_container
 
 

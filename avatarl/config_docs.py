@@ -8,16 +8,8 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from avatarl.config import (
-    LAUNCHER_VARIABLES,
-    SOURCE_DOTENV,
-    SOURCE_ENV,
-    Config,
-    default_of,
-    dotenv_values_if_present,
-    env_name,
-    is_secret,
-)
+from avatarl.config import LAUNCHER_VARIABLES, Config, env_name, is_secret
+from avatarl.config_sources import SOURCE_DOTENV, SOURCE_ENV, default_of, dotenv_values_if_present
 
 
 def launcher_values(env_file: str | os.PathLike | None, environ: Mapping[str, str] | None = None

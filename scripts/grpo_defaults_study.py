@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from avatarl.cli import add_setting_flags, cli_settings
-from avatarl.config import load_config
+from avatarl.config_sources import load_config
 from avatarl.run_dir import METRICS
 from avatarl.tracking import read_metrics
 from avatarl.trainer import train

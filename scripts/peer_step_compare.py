@@ -26,7 +26,7 @@ from avatarl import distributed as D
 from avatarl.bench.peer import build_peer, peer_step_fn
 from avatarl.bench.throughput import derived_runs
 from avatarl.cli import add_setting_flags, cli_settings
-from avatarl.config import load_config
+from avatarl.config_sources import load_config
 from avatarl.data.sampler import WindowSampler
 from avatarl.device import resolve_device
 from avatarl.trainer import build, train_step

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint
-from avatarl.config import LAUNCHER_NAMES, config_fields, preset_settings
+from avatarl.config import LAUNCHER_NAMES, config_fields
+from avatarl.config_sources import preset_settings
 from avatarl.launchers.torchrun import child_pids
 from avatarl.run_dir import METRICS
 from avatarl.tracking import read_metrics

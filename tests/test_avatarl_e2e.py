@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from avatarl.checkpoint import load_checkpoint
-from avatarl.config import load_config
+from avatarl.config_sources import load_config
 from avatarl.referee import export_referee
 from avatarl.trainer import train
 from tests.helpers import run_cli

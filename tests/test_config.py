@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from avatarl.config import (
-    Config,
-    ConfigError,
-    export_launcher_variables,
-    load_config,
-    preset_names,
-    preset_settings,
-    preset_values,
-)
+from avatarl.config import Config, ConfigError
 from avatarl.config_docs import describe, env_example
+from avatarl.config_sources import export_launcher_variables, load_config, preset_names, preset_settings, preset_values
 from tests.helpers import run_cli
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avatarl.config import load_config
+from avatarl.config_sources import load_config
 from avatarl.trainer import train
 from tests.helpers import run_cli
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from avatarl.checkpoint import load_checkpoint
-from avatarl.config import load_config
+from avatarl.config_sources import load_config
 from avatarl.data.prepared import META, TRAIN_BIN, VAL_BIN
 from avatarl.generate import sample_from_checkpoint
 from avatarl.referee import export_referee

@@ -39,7 +39,8 @@ import torch
 
 from avatarl import exit_codes
 from avatarl.algorithms.reference import NgramReference
-from avatarl.config import Config, ConfigError, preset_values
+from avatarl.config import Config, ConfigError
+from avatarl.config_sources import preset_values
 from avatarl.data.corpus import load_corpus
 from avatarl.objectives import window_len
 from avatarl.referee import export_referee

@@ -32,15 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from avatarl import exit_codes
-from avatarl.config import (
-    LAUNCHER_NAMES,
-    LAUNCHER_VARIABLES,
-    config_fields,
-    default_of,
-    dotenv_values_if_present,
-    is_secret,
-    preset_settings,
-)
+from avatarl.config import LAUNCHER_NAMES, LAUNCHER_VARIABLES, config_fields, is_secret
+from avatarl.config_sources import default_of, dotenv_values_if_present, preset_settings
 from avatarl.run_dir import heartbeat_age
 from avatarl.signals import STOP_SIGNALS, forwarding_signals, send
 
