@@ -1,4 +1,4 @@
-"""`avatarl` command line: train, train-referee, sample, config, health, bench, prepare, tokenizer, launch.
+"""`avatarl` command line: train, train-referee, sample, config, health, bench, prepare, tokenizer, launch, report.
 
 Settings come from the environment, `.env`, flags and a preset (in that order of precedence); run
 `avatarl config` to see each resolved value and where it came from. Each command's work is imported
@@ -62,6 +62,9 @@ def command_train(args: argparse.Namespace) -> int:
         from avatarl.launchers.modal import hand_over_to_modal
 
         return hand_over_to_modal(args.env_file, cli_settings(args), args.preset)
+    from avatarl.referee import check_referee_quantize
+
+    check_referee_quantize(cfg)  # before any model is built: a quantised referee needs CUDA and bitsandbytes
     from avatarl.trainer import train
 
     return train(cfg)
@@ -89,6 +92,10 @@ def command_config(args: argparse.Namespace) -> int:
     launchers = launcher_values(args.env_file)  # before resolve() copies .env's library variables into os.environ
     cfg, sources = resolve(args)
     print(describe(cfg, sources, launchers))
+    if cfg.algorithm == "avatarl":
+        from avatarl.referee import describe_referee
+
+        print(describe_referee(cfg))
     return exit_codes.OK
 
 
@@ -128,6 +135,15 @@ def command_bench(args: argparse.Namespace) -> int:
 
     cfg, _ = resolve(args)
     return run_bench(cfg, args)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from avatarl.report import report_run
+
+    out = Path(args.out).expanduser() if args.out else None
+    drawn = report_run(Path(args.run_dir).expanduser(), out, rebuild_baselines=not args.no_baselines)
+    print(f"[avatarl] {drawn.path}: {', '.join(drawn.panels)} (count-model lines: {drawn.baselines})")
+    return exit_codes.OK
 
 
 def hf_source(args: argparse.Namespace) -> Any:
@@ -225,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.set_defaults(handler=command_tokenizer_train)
 
     commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 -m avatarl "
-                        "train` (every argument goes to torchrun) exits 0 after a SIGTERM checkpoint")
+                        "train` (every argument goes to torchrun) exits 0 after a SIGTERM checkpoint; without "
+                        "--standalone, NNODES, RDZV_ENDPOINT, MAX_RESTARTS... set its rendezvous")
 
     health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh (liveness probe)")
     health.add_argument("--max-age", type=float, default=None,
@@ -239,8 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iters", type=int, default=None, help="timed iterations (throughput)")
     bench.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     bench.add_argument("--out", default="bench-out", help="output directory (learning)")
+    bench.add_argument("--seeds", type=int, default=1, help="repeat every method for SEED, SEED+1, ... (learning)")
     add_setting_flags(bench)
     bench.set_defaults(handler=command_bench)
+
+    run_report = commands.add_parser("report", help="draw a run's curves from RUN_DIR/metrics.jsonl into one PNG "
+                                 "next to it (no wandb needed)")
+    run_report.add_argument("run_dir", metavar="RUN_DIR", help="the run's CHECKPOINT_DIR")
+    run_report.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/report.png)")
+    run_report.add_argument("--no-baselines", action="store_true", help="do not rebuild the corpus for the "
+                        "count-model lines when metrics.jsonl holds none")
+    run_report.set_defaults(handler=command_report)
     return parser
 
 
@@ -249,7 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"]:  # torchrun's own options follow; argparse would try to read them
         from avatarl.launchers.torchrun import launch_torchrun
 
-        return launch_torchrun(argv[1:])
+        try:  # the rendezvous settings, from the environment and ./.env like the workers' own
+            cfg, _ = load_config()
+        except ConfigError as err:
+            return report(err)
+        return launch_torchrun(argv[1:], cfg)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

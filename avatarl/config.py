@@ -63,7 +63,12 @@ class Config:
 
     # --- algorithm
     algorithm: str = setting("grpo", "RL algorithm for the student.", "algorithm", choices=("grpo", "avatarl"))
-    k_samples: int = setting(4, "Rollouts per context (the GRPO group size).", "algorithm", low=2)
+    rollouts: str = setting("autoregressive", "GRPO rollouts: autoregressive (K continuations of HORIZON tokens "
+                            "per context, the seed) or teacher_forced (K tokens drawn at every position of a "
+                            "window from one forward pass; the group is the K draws at one position).",
+                            "algorithm", choices=("autoregressive", "teacher_forced"))
+    k_samples: int = setting(4, "Rollouts per context (the GRPO group size; teacher_forced: draws per position).",
+                             "algorithm", low=2)
     temperature: float = setting(1.2, "Sampling temperature of the rollouts.", "algorithm", low=0.0,
                                  low_exclusive=True)
     clip_ratio: float = setting(0.2, "PPO clip range of the importance ratio.", "algorithm", low=0.0,
@@ -97,12 +102,22 @@ class Config:
                                   low=0.0)
 
     # --- avatarl referee
-    referee_path: str = setting("", "Referee checkpoint; empty = CHECKPOINT_DIR/referee.pt.", "referee")
+    referee_path: str = setting("", "Referee: an `avatarl train-referee` file, or a Hugging Face causal LM (hub name "
+                                "or local directory) with the student's tokenizer; empty = CHECKPOINT_DIR/referee.pt.",
+                                "referee")
+    referee_revision: str = setting("", "Hub revision (branch, tag or commit) of a Hugging Face REFEREE_PATH; empty = "
+                                    "the default branch.", "referee")
+    referee_quantize: str = setting("none", "Load a Hugging Face referee in 8-bit or 4-bit NF4 through bitsandbytes "
+                                    "(CUDA only); none = bf16 on CUDA, float32 on a CPU.", "referee",
+                                    choices=("none", "int8", "nf4"))
     referee_n_layer: int = setting(0, "Referee blocks; 0 = same as N_LAYER.", "referee", low=0)
     referee_n_head: int = setting(0, "Referee heads; 0 = same as N_HEAD.", "referee", low=0)
     referee_n_emb: int = setting(0, "Referee width; 0 = same as N_EMB.", "referee", low=0)
     referee_iters: int = setting(300, "Optimizer steps of `avatarl train-referee`.", "referee", low=1)
     top_k: int = setting(16, "Candidates per position from student and from referee (AvataRL).", "referee", low=1)
+    action_set: str = setting("topk", "AvataRL's actions per position: topk = student top-k, referee top-k and the "
+                              "true token; full = every id of the vocabulary ([positions, vocab] memory).", "referee",
+                              choices=("topk", "full"))
     label_smoothing: float = setting(0.1, "Reality mass spread over the non-true actions.", "referee", low=0.0,
                                      high=1.0)
     reality_weight: float = setting(0.7, "Exponent of the ground-truth distribution in the ideal.", "referee",
@@ -134,6 +149,9 @@ class Config:
     eval_windows: int = setting(256, "Validation windows of CONTEXT_LEN chars per measurement.", "logging", low=1)
     sample_interval: int = setting(20, "Iterations between printed text samples (0 = only at the end).",
                                    "logging", low=0)
+    degeneracy_warn: float = setting(0.2, "Warn when distinct-2 of the text samples (unique / all token pairs) "
+                                     "falls below this: text that repeats itself (0 = never).", "logging",
+                                     low=0.0, high=1.0)
     checkpoint_interval: int = setting(100, "Iterations between checkpoints.", "logging", low=1)
     save_intermediate_checkpoints: bool = setting(True, "Save every CHECKPOINT_INTERVAL iterations.", "logging")
     save_final_checkpoint: bool = setting(True, "Save when the run ends.", "logging")
@@ -160,6 +178,19 @@ class Config:
     training_mode: str = setting("generic", "generic = this machine; modal = hand over to Modal.", "runtime",
                                  choices=("generic", "modal"))
 
+    # --- several nodes (`avatarl launch` without --standalone; compose train-multinode, k8s, Modal)
+    nnodes: str = setting("1", "Nodes of the job: N, or MIN:MAX for elastic membership (torchrun --nnodes).",
+                          "distributed")
+    node_rank: int = setting(0, "This node's number; node 0 hosts the rendezvous at RDZV_ENDPOINT (the c10d "
+                             "rendezvous orders the ranks itself).", "distributed", low=0)
+    rdzv_endpoint: str = setting("", "host:port of the rendezvous on node 0, reachable from every node; required "
+                                 "when NNODES is not 1.", "distributed")
+    rdzv_id: str = setting("avatarl", "Job id: nodes with the same id and endpoint form one job.", "distributed")
+    max_restarts: int = setting(0, "Times torchrun restarts the worker group after a worker or node fails; "
+                                "restarted workers resume from the newest checkpoint.", "distributed", low=0)
+    dist_timeout_s: float = setting(600.0, "Seconds a rank waits for its peers in a collective before it stops "
+                                    "with an error naming them.", "distributed", low=0.0, low_exclusive=True)
+
     def __post_init__(self) -> None:
         problems = [p for f in fields(self) if (p := _range_problem(f, getattr(self, f.name)))]
         if self.n_emb % self.n_head:
@@ -171,8 +202,12 @@ class Config:
         if self.batch % self.micro_batch:
             problems.append(f"BATCH={self.batch} is not a multiple of MICRO_BATCH={self.micro_batch}: "
                             "set BATCH to MICRO_BATCH x world size x accumulation steps.")
+        if self.rollouts == "teacher_forced" and self.reference != "ngram":
+            problems.append(f"ROLLOUTS=teacher_forced with REFERENCE={self.reference}: teacher-forced rollouts "
+                            "score every position with the n-gram; set REFERENCE=ngram.")
         if self.min_lr > self.lr:
             problems.append(f"MIN_LR={self.min_lr} is above LR={self.lr}: it must be at most LR.")
+        problems += node_problems(self)
         if problems:
             raise ConfigError(problems)
 
@@ -182,6 +217,11 @@ class Config:
             raise ConfigError([f"BATCH={self.batch} is not a multiple of MICRO_BATCH x world size = "
                                f"{self.micro_batch} x {world_size}: set BATCH to a multiple of "
                                f"{self.micro_batch * world_size}."])
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """NNODES as (fewest, most) nodes; (1, 1) when NNODES is not valid (node_problems says why)."""
+        return parse_nnodes(self.nnodes) or (1, 1)
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self.batch // (self.micro_batch * world_size)
@@ -206,6 +246,11 @@ LAUNCHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("MODAL_CHECKPOINT_VOLUME", "avatarl-checkpoints", "Modal volume holding checkpoints."),
     ("MODAL_WANDB_SECRET", "", "Name of a Modal secret with WANDB_API_KEY (empty = pass the local one)."),
     ("MODAL_TIMEOUT_HOURS", "24", "Wall-clock limit of the Modal training function."),
+    ("MODAL_NODES", "1", "Containers of one Modal cluster (modal.clustered), each with N_GPUS=8; 1 = one container."),
+    ("NCCL_SOCKET_IFNAME", "", "Network interface NCCL uses between nodes (e.g. eth0); empty = NCCL's choice."),
+    ("GLOO_SOCKET_IFNAME", "", "Network interface gloo (CPU runs) uses between nodes; empty = gloo's choice."),
+    ("NCCL_IB_DISABLE", "", "1 turns InfiniBand off for NCCL (nodes joined by Ethernet only)."),
+    ("NCCL_DEBUG", "", "INFO prints NCCL's choice of interfaces and transports (debugging several nodes)."),
     ("WANDB_API_KEY", "", "Weights & Biases key; never printed, logged or saved."),
     ("WANDB_MODE", "", "offline writes runs locally (sync later with `wandb sync`)."),
     ("HF_TOKEN", "", "Hugging Face token for gated REFERENCE_MODEL; never printed."),
@@ -237,6 +282,37 @@ def _range_problem(f: Any, value: Any) -> str | None:
     if high is not None and value > high:
         return f"{name}={value} is out of range: it must be at most {high:g}."
     return None
+
+
+def parse_nnodes(text: str) -> tuple[int, int] | None:
+    """"4" -> (4, 4), "2:4" -> (2, 4); None when the text is neither form or the range is empty."""
+    low, _, high = text.strip().partition(":")
+    if not (low.isdigit() and (high or low).isdigit()):
+        return None
+    fewest, most = int(low), int(high or low)
+    return (fewest, most) if 1 <= fewest <= most else None
+
+
+def node_problems(cfg: Config) -> list[str]:
+    """What is wrong with the settings of several nodes, one line each."""
+    nodes = parse_nnodes(cfg.nnodes)
+    if nodes is None:
+        return [f"NNODES={cfg.nnodes!r} is not allowed: give a number of nodes (2) or a MIN:MAX range (2:4), "
+                "at least 1."]
+    problems = []
+    if cfg.node_rank >= nodes[1]:
+        problems.append(f"NODE_RANK={cfg.node_rank} is out of range: with NNODES={cfg.nnodes} it must be below "
+                        f"{nodes[1]}.")
+    host, _, port = cfg.rdzv_endpoint.rpartition(":")
+    if cfg.rdzv_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
+        problems.append(f"RDZV_ENDPOINT={cfg.rdzv_endpoint!r} is not host:port: give node 0's address and a free "
+                        "port, e.g. 10.0.0.1:29400.")
+    if nodes != (1, 1) and not cfg.rdzv_endpoint:
+        problems.append(f"RDZV_ENDPOINT is empty but NNODES={cfg.nnodes}: several nodes need node 0's host:port, "
+                        "the same on every node.")
+    if not cfg.rdzv_id or not all(c.isalnum() or c in "-_." for c in cfg.rdzv_id):
+        problems.append(f"RDZV_ID={cfg.rdzv_id!r} is not allowed: use letters, digits, '-', '_' or '.'.")
+    return problems
 
 
 def config_fields() -> dict[str, Any]:

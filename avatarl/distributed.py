@@ -1,13 +1,22 @@
 """All torch.distributed plumbing lives here, so plain `python` and `torchrun` behave the same.
 
 Single process (no RANK in the environment) is world size 1 and every helper is a no-op.
-Under torchrun: NCCL on CUDA, gloo on CPU; rank 0 alone logs and writes files.
+Under torchrun: NCCL on CUDA, gloo on CPU; rank 0 alone logs and writes files. Collectives wait at
+most DIST_TIMEOUT_S for a peer; a rank that loses one stops with `lost_peers_message`, which names the
+ranks that did not answer, and several nodes must share CHECKPOINT_DIR (`check_shared_directory`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import socket
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -21,6 +30,8 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    members: tuple[str, ...] = ()  # "node N (host, pid P)" of every rank, in rank order
+    nodes: int = 1  # torchrun's worker groups (GROUP_RANK), one per node
 
     @property
     def is_main(self) -> bool:
@@ -35,8 +46,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device_preference: str) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; otherwise world size 1."""
+def init_distributed(device_preference: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; otherwise world size 1. Collectives
+    give up after `timeout_s` seconds without a peer (DIST_TIMEOUT_S)."""
     if not launched_by_torchrun():
         return DistInfo(0, 0, 1, resolve_device(device_preference))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -46,8 +58,83 @@ def init_distributed(device_preference: str) -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world_size, device)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=timeout_s))
+    # A node is known by its NODE_RANK where the user gave one (avatarl launch), else by torchrun's own
+    # number for it (GROUP_RANK, in the rendezvous's order), which also counts the nodes.
+    group = os.environ.get("GROUP_RANK", "0")
+    me = (group, f"node {os.environ.get('NODE_RANK', group)} ({socket.gethostname()}, pid {os.getpid()})")
+    members = cast(list[tuple[str, str]], gather_to_all(me))
+    info = DistInfo(rank, local_rank, world_size, device, tuple(m[1] for m in members), len({m[0] for m in members}))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts and local_rank == 0:  # each node counts its own: a node restarted to let another rejoin does not
+        print(f"[avatarl] {me[1]}: torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}, "
+              f"the worker group started again ({world_size} ranks on {info.nodes} nodes); RESUME decides where it "
+              "continues.", flush=True)
+    return info
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective raised `error` because a peer died or did not answer within DIST_TIMEOUT_S
+    (gloo raises plain RuntimeErrors from its transport; NCCL and the stores raise DistErrors)."""
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
+
+
+def lost_peers_message(info: DistInfo, error: BaseException, grace_s: float = 5.0) -> str:
+    """The one line a rank prints when a collective failed: which ranks did not answer, found by every
+    surviving rank checking in at the workers' store (MASTER_ADDR:MASTER_PORT) and waiting `grace_s`
+    for the others; when that store is gone too, every other rank is named."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]  # gloo: "[file.cc:537] Read..."
+    others = [r for r in range(info.world_size) if r != info.rank]
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=grace_s))
+        prefix = f"avatarl/alive/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/" \
+                 f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.set(f"{prefix}/{info.rank}", "1")
+        deadline = time.monotonic() + grace_s
+        while others and time.monotonic() < deadline:
+            others = [r for r in others if not store.check([f"{prefix}/{r}"])]
+            time.sleep(0.1)
+        where = "did not answer"
+    except (KeyError, ValueError, RuntimeError):  # the store is rank 0's (avatarl launch): rank 0 is gone
+        where = "did not answer, nor did rank 0's store"
+    members = info.members or tuple(f"rank {r}" for r in range(info.world_size))
+    lost = "; ".join(f"rank {r} = {members[r]}" for r in others) or "none found"
+    return (f"error: rank {info.rank} lost its peers: {lost} {where} ({detail}). A node or worker died or "
+            "hung longer than DIST_TIMEOUT_S; with MAX_RESTARTS > 0 torchrun restarts the group, otherwise "
+            "start every node again and RESUME=auto continues from the newest checkpoint.")
+
+
+# Set by a launcher whose nodes each mount the same committed snapshot of CHECKPOINT_DIR at start (a Modal
+# volume): every rank reads the same checkpoints, but what rank 0 writes reaches the others only later.
+SNAPSHOT_SHARED_ENV = "AVATARL_CHECKPOINT_DIR_SNAPSHOT"
+
+
+def check_shared_directory(directory: Path, info: DistInfo) -> None:
+    """With several nodes, refuse to start unless every rank sees CHECKPOINT_DIR as the same directory:
+    rank 0 writes a fresh token there, every rank reads it back (a resume reads the checkpoints on
+    every rank, and rank 0 alone writes them)."""
+    if info.nodes <= 1 or os.environ.get(SNAPSHOT_SHARED_ENV) == "1":
+        return
+    from avatarl.config import ConfigError
+
+    token_file = directory / ".shared-by-all-nodes"
+    token = [secrets.token_hex(16) if info.is_main else None]
+    dist.broadcast_object_list(token, src=0)
+    if info.is_main:
+        token_file.write_text(token[0], encoding="utf-8")
+    barrier()
+    try:
+        seen = token_file.read_text(encoding="utf-8").strip() == token[0]
+    except OSError:
+        seen = False
+    blind = [info.members[r] for r, ok in enumerate(gather_to_all(seen)) if not ok]
+    if blind:
+        raise ConfigError([f"CHECKPOINT_DIR={directory} is not one directory shared by all nodes: "
+                           f"{', '.join(blind)} cannot read what rank 0 wrote there. Mount the same network "
+                           "volume (NFS, a ReadWriteMany PVC) at that path on every node."])
 
 
 def cleanup() -> None:

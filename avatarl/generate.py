@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,16 +43,29 @@ def sample_from_checkpoint(checkpoint: str, checkpoint_dir: Path, prompt: str, m
     return [tokenizer.decode(row) for row in out]
 
 
+class Sample(NamedTuple):
+    prompt: str
+    ids: list[int]   # the generated continuation only, without the prompt
+    text: str        # its decoded text
+
+
 def training_samples(model: GPT, tokenizer: Tokenizer, device: torch.device, seed: int,
-                     max_new_tokens: int = 120) -> str:
+                     max_new_tokens: int = 120) -> list[Sample]:
     """One continuation per training prompt the corpus can encode, drawn from an own generator so that
-    sampling never shifts the training RNG; one repr()'d sample per line."""
+    sampling never shifts the training RNG."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     prompts = [p for p in TRAINING_PROMPTS if tokenizer.can_encode(p)] or [tokenizer.decode([0])]  # any alphabet
-    outputs = []
+    samples = []
     for prompt in prompts:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        out = model.generate(ids, max_new_tokens, temperature=0.8, top_k=None, generator=generator)
-        outputs.append(repr(tokenizer.decode(out[0])))
-    return "\n".join(outputs)
+        prompt_ids = tokenizer.encode(prompt)
+        ids = torch.tensor([prompt_ids], device=device)
+        new_ids = model.generate(ids, max_new_tokens, temperature=0.8, top_k=None, generator=generator)[0]
+        new_ids = new_ids[len(prompt_ids):].tolist()
+        samples.append(Sample(prompt, new_ids, tokenizer.decode(new_ids)))
+    return samples
+
+
+def format_samples(samples: list[Sample]) -> str:
+    """One repr()'d sample (prompt and continuation) per line, as the run logs them."""
+    return "\n".join(repr(sample.prompt + sample.text) for sample in samples)

@@ -9,6 +9,7 @@ the algorithm carries between steps (old policy, KL controller, frozen referee) 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import torch
@@ -17,12 +18,15 @@ from torch import Tensor, nn
 from avatarl.algorithms.avatarl import avatarl_micro_step, referee_loss
 from avatarl.algorithms.grpo import AdaptiveKLController, GRPOSettings, grpo_micro_step, kl_warmup
 from avatarl.algorithms.reference import build_reference
+from avatarl.algorithms.teacher_forced import teacher_forced_micro_step
 from avatarl.config import Config, ConfigError
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.data.corpus import Corpus, reference_ids
 from avatarl.data.tokenizers import char_vocabulary
 from avatarl.model import GPT, frozen_copy
-from avatarl.referee import load_referee
+from avatarl.referee import describe_identity, module_bytes, open_referee
+
+log = logging.getLogger("avatarl")
 
 
 class Objective(Protocol):
@@ -39,19 +43,22 @@ class Objective(Protocol):
 
 def window_len(cfg: Config, role: str) -> int:
     """Corpus chars one context reads, and adds to chars_seen: CONTEXT_LEN + HORIZON for a GRPO student
-    (context and true continuation), CONTEXT_LEN + 1 for AvataRL and the referee (every next char)."""
-    grpo = role == "student" and cfg.algorithm == "grpo"
-    return cfg.context_len + (cfg.horizon if grpo else 1)
+    with autoregressive rollouts (context and true continuation), CONTEXT_LEN + 1 for teacher-forced
+    GRPO, AvataRL and the referee (every next char)."""
+    autoregressive = role == "student" and cfg.algorithm == "grpo" and cfg.rollouts == "autoregressive"
+    return cfg.context_len + (cfg.horizon if autoregressive else 1)
 
 
 class GRPOObjective:
-    """The seed's algorithm: rollouts from a periodically refreshed old policy, PPO-clip, entropy, KL."""
+    """The seed's algorithm: rollouts from a periodically refreshed old policy, PPO-clip, entropy, KL; or,
+    with ROLLOUTS=teacher_forced, on-policy draws at every position of a window (no old policy)."""
 
     name = "grpo"
 
     def __init__(self, cfg: Config, corpus: Corpus, student: GPT, device: torch.device):
         self.cfg = cfg
         self.settings = GRPOSettings.of(cfg)
+        self.teacher_forced = cfg.rollouts == "teacher_forced"
         self.window_len = window_len(cfg, "student")
         self.student = student
         self.old_policy = frozen_copy(student)
@@ -63,19 +70,21 @@ class GRPOObjective:
                 char_vocabulary(corpus.tokenizer), reference_ids(corpus.train), device)
         except ValueError as err:
             raise ConfigError([str(err)]) from None
-        chars_per_iter = cfg.batch * cfg.k_samples * cfg.horizon
+        chars_per_iter = cfg.batch * cfg.k_samples * (cfg.context_len if self.teacher_forced else cfg.horizon)
         self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
                                                max_coef=cfg.kl_max_coef)
         self.chars_per_log = cfg.log_interval * chars_per_iter
         self.kl_coef = 0.0
 
     def prepare_step(self, iteration: int, chars_seen: int) -> None:
-        if iteration % self.cfg.old_policy_interval == 0:
+        if not self.teacher_forced and iteration % self.cfg.old_policy_interval == 0:
             self.old_policy.load_state_dict(self.student.state_dict())
         base = self.controller.value if self.cfg.adaptive_kl else self.cfg.beta_kl
         self.kl_coef = kl_warmup(base, chars_seen, self.cfg.kl_warm)
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.teacher_forced:
+            return teacher_forced_micro_step(model, self.kl_reference, window, self.settings, self.kl_coef)
         ctx, truth = window[:, :self.cfg.context_len], window[:, self.cfg.context_len:]
         return grpo_micro_step(model, self.old_policy, self.kl_reference, ctx, truth, self.settings, self.kl_coef,
                                credit_reference=self.credit, graphs=self.graphs)
@@ -123,12 +132,28 @@ class AvataRLObjective(NextCharObjective):
 
     name = "avatarl"
 
-    def __init__(self, cfg: Config, referee: nn.Module):
+    def __init__(self, cfg: Config, referee: nn.Module, valid_vocab: int = 0,
+                 identity: dict[str, str] | None = None):
         super().__init__(cfg, "student")
         self.referee = referee
+        self.valid_vocab = valid_vocab  # the tokenizer's ids; those above are padding (0 = none)
+        self.identity = dict(identity or {})  # saved in every checkpoint: which referee taught this student
+        self.referee_memory_mib = module_bytes(referee) / 2**20
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg)
+        return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg, self.valid_vocab)
+
+    def host_metrics(self) -> dict[str, float]:
+        return {"referee_memory_mib": self.referee_memory_mib}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"referee": dict(self.identity)} if self.identity else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("referee")
+        if saved and self.identity and saved != self.identity:
+            log.warning("The referee changed since the checkpoint: %s then, %s now.", describe_identity(saved),
+                        describe_identity(self.identity))
 
 
 class RefereeObjective(NextCharObjective):
@@ -148,5 +173,6 @@ def build_objective(cfg: Config, role: str, corpus: Corpus, student: GPT, device
     if role == "referee":
         return RefereeObjective(cfg)
     if cfg.algorithm == "avatarl":
-        return AvataRLObjective(cfg, load_referee(cfg, corpus.tokenizer, device))
+        referee = open_referee(cfg, corpus.tokenizer, corpus.model_vocab_size, device)
+        return AvataRLObjective(cfg, referee.module, corpus.tokenizer.size, referee.identity)
     return GRPOObjective(cfg, corpus, student, device)

@@ -16,7 +16,8 @@ from typing import Any
 
 from avatarl.data.sampler import eval_windows
 from avatarl.evaluation import validation_metrics
-from avatarl.generate import training_samples
+from avatarl.generate import format_samples, training_samples
+from avatarl.health import degeneracy_warning, sample_health
 from avatarl.resume import save_run
 from avatarl.run import Run
 from avatarl.run_dir import write_heartbeat
@@ -109,15 +110,23 @@ class Validation(Duty):
 
 
 class TextSamples(Duty):
-    """Rank 0, every SAMPLE_INTERVAL (0 = never) and when the run completes: a few generated lines."""
+    """Rank 0, every SAMPLE_INTERVAL (0 = never) and when the run completes: a few generated lines, and
+    their degeneracy (distinct-n, longest run of one token) as metrics, with a warning past DEGENERACY_WARN."""
 
     def __init__(self, logger: NullLogger):
         self.logger = logger
 
     def _log(self, run: Run) -> None:
-        text = training_samples(run.raw_model, run.corpus.tokenizer, run.info.device,
-                                run.cfg.seed + run.state.iteration)
-        self.logger.log_text("samples", text, run.state.iteration)
+        samples = training_samples(run.raw_model, run.corpus.tokenizer, run.info.device,
+                                   run.cfg.seed + run.state.iteration)
+        self.logger.log_text("samples", format_samples(samples), run.state.iteration)
+        if not samples:  # a stubbed-out sampler (the learning benchmark's tests)
+            return
+        health = sample_health([sample.ids for sample in samples])
+        self.logger.log({**health, "chars_seen": run.state.chars_seen}, run.state.iteration)
+        warning = degeneracy_warning(health, run.cfg.degeneracy_warn)
+        if warning:
+            log.warning(warning)
 
     def after_step(self, run: Run, good: bool) -> None:
         interval = run.cfg.sample_interval

@@ -145,7 +145,7 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
 
 def train(cfg: Config, role: str = "student") -> int:
     """Run training to TOTAL_ITERS (or a stop signal). Returns the process exit code."""
-    info = D.init_distributed(cfg.device)
+    info = D.init_distributed(cfg.device, cfg.dist_timeout_s)
     setup_logging(cfg.log_level, info.is_main)
     lock = RunLock(Path(cfg.checkpoint_dir))
     stop = StopSignal()
@@ -154,6 +154,7 @@ def train(cfg: Config, role: str = "student") -> int:
             cfg.check_world_size(info.world_size)
             check_device(cfg, info.device, info.world_size)
             run_dir = prepare_run_dir(cfg, role)
+            D.check_shared_directory(run_dir, info)
             if info.is_main:
                 lock.acquire()
             run = build(cfg, info, role, run_dir)
@@ -183,6 +184,11 @@ def train(cfg: Config, role: str = "student") -> int:
         D.print0(f"error: CUDA out of memory with MICRO_BATCH={cfg.micro_batch}: lower MICRO_BATCH (e.g. "
                  f"{max(1, cfg.micro_batch // 2)}) and keep BATCH a multiple of MICRO_BATCH x world size.")
         return exit_codes.CONFIG
+    except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors too
+        if not D.lost_a_peer(err):
+            raise
+        print(D.lost_peers_message(info, err), file=sys.stderr, flush=True)  # every survivor: its own view
+        return exit_codes.FAILED
     finally:
         lock.release()
         D.cleanup()

@@ -3,6 +3,7 @@
 # the CPU build args, then run the compose services for real with a tiny model.
 #
 #   sudo scripts/docker_smoke.sh              # `make docker-smoke`; CI runs it as root
+#                                             # (the last check: train-multinode as two "nodes" on one host)
 #   sudo scripts/docker_smoke.sh --build-only # stop after the image checks
 #
 # Root because it installs docker.io/debootstrap when missing and starts its own dockerd (own socket,
@@ -49,6 +50,8 @@ DOCKERD_PID=""
 MADE_WHEELHOUSE=0
 COMPOSE_BIN=""
 COMPOSE=()
+NODE0=()  # the two compose projects of the train-multinode check, one per "node"
+NODE1=()
 STEP_TIMEOUT=${SMOKE_STEP_TIMEOUT:-600}  # seconds for one compose run; a hang fails instead of blocking CI
 
 cleanup() {
@@ -56,6 +59,10 @@ cleanup() {
     set +e
     if [ "${#COMPOSE[@]}" -gt 0 ]; then
         timeout 120 "${COMPOSE[@]}" down --remove-orphans --timeout 30 > /dev/null 2>&1
+    fi
+    if [ "${#NODE1[@]}" -gt 0 ]; then
+        timeout 120 "${NODE0[@]}" down --remove-orphans --timeout 30 > /dev/null 2>&1
+        timeout 120 "${NODE1[@]}" down --remove-orphans --timeout 30 > /dev/null 2>&1
     fi
     log "cleanup: stopping dockerd"
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2> /dev/null; then
@@ -325,6 +332,46 @@ stop_during_run() {  # stop_during_run SERVICE DIR: `docker stop` mid-run exits 
 log "docker stop during a long run of train-cpu, then of train-cpu-2proc: exit 0, checkpoint, resume"
 stop_during_run train-cpu "$RUN/checkpoints"
 stop_during_run train-cpu-2proc "$RUN/checkpoints-2proc"
+
+# ------------------------------------------------------------------ two nodes on one host
+# Two compose projects of train-multinode, each with its own .env (NODE_RANK 0 and 1) and the same
+# CHECKPOINT_HOST_DIR, rendezvous on 127.0.0.1 over the host network: they must form one world of 2.
+log "train-multinode: two compose projects as two nodes on the host network, 6 iterations"
+MULTI=$RUN/checkpoints-multinode
+mkdir -p "$MULTI" && chown "$HOST_UID" "$MULTI"
+port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+for rank in 0 1; do
+    node=$WORK/node$rank
+    mkdir -p "$node"
+    cp "$REPO/compose.yaml" "$node/compose.yaml"
+    # No GPU reservation on a CPU machine; a failure fails at once.
+    printf 'services:\n  train-multinode:\n    restart: "no"\n    deploy: !reset {}\n' > "$node/smoke.yaml"
+    if [ "$memlock_kb" != unlimited ]; then
+        printf '    ulimits:\n      memlock: %d\n      stack: 67108864\n' $((memlock_kb * 1024)) >> "$node/smoke.yaml"
+    fi
+    write_env 6 "$MULTI" DEVICE=cpu NNODES=2 NODE_RANK=$rank RDZV_ENDPOINT=127.0.0.1:$port RDZV_ID=smoke \
+        N_GPUS=1 MAX_RESTARTS=0 DIST_TIMEOUT_S=120 GLOO_SOCKET_IFNAME=lo
+    mv "$WORK/project/.env" "$node/.env"
+done
+NODE0=("$COMPOSE_BIN" --ansi never -p "$PROJECT-node0" -f "$WORK/node0/compose.yaml" -f "$WORK/node0/smoke.yaml")
+NODE1=("$COMPOSE_BIN" --ansi never -p "$PROJECT-node1" -f "$WORK/node1/compose.yaml" -f "$WORK/node1/smoke.yaml")
+timeout "$STEP_TIMEOUT" "${NODE0[@]}" up --no-build --exit-code-from train-multinode train-multinode \
+    > "$WORK/multinode0.log" 2>&1 &
+first=$!
+timeout "$STEP_TIMEOUT" "${NODE1[@]}" up --no-build --exit-code-from train-multinode train-multinode \
+    > "$WORK/multinode1.log" 2>&1 || true
+wait "$first" || true
+for rank in 0 1; do
+    if [ "$rank" = 0 ]; then node=("${NODE0[@]}"); else node=("${NODE1[@]}"); fi
+    state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$("${node[@]}" ps --all --quiet train-multinode)" \
+        2>&1 || true)
+    [ "$state" = "exited 0" ] || { tail -30 "$WORK/multinode$rank.log" >&2; fail "node $rank did not exit 0 ($state)"; }
+    grep -q -- "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:$port" "$WORK/multinode$rank.log" \
+        || fail "node $rank did not start torchrun's c10d rendezvous"
+done
+grep -q "world size 2" "$WORK"/multinode[01].log || fail "the two projects did not form one world of size 2"
+[ "$(newest_iter "$MULTI")" = 6 ] || fail "the two-node run left no checkpoint of iteration 6"
+log "train-multinode: two projects formed one world of size 2 and reached iteration 6"
 
 if docker network ls --format '{{.Name}}' | grep -qv -e '^host$' -e '^none$'; then
     fail "a network besides host/none exists: $(docker network ls --format '{{.Name}}' | tr '\n' ' ')"

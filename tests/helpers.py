@@ -239,6 +239,39 @@ def worker_with_rank(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
 
 
+LAUNCH = [sys.executable, "-m", "avatarl", "launch"]  # the avatarl launcher around torchrun
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous endpoint)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (an `avatarl launch`: launcher, torchrun, workers)."""
+    return [pid, *(p for child in child_pids(pid) for p in process_tree(child))]
+
+
+def kill_tree(job: Job) -> list[int]:
+    """SIGKILL a job and every descendant at once, as a machine that loses power. Returns their pids."""
+    pids = process_tree(job.proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.proc.wait(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid) for pid in pids[1:]):
+        assert time.monotonic() < deadline, f"processes {pids} outlived SIGKILL"
+        time.sleep(0.01)
+    return pids
+
+
 # The text the tiny Hugging Face tokenizer is trained on (and the HF reference tests score).
 HF_LINES = ["First Citizen:\nBefore we proceed any further, hear me speak.",
             "All:\nSpeak, speak.", "You are all resolved rather to die than to famish?",

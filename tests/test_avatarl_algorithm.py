@@ -192,9 +192,12 @@ def test_micro_step_by_hand_referee_only():
     expected = -(1.5 * logp[0, 0] / 2 + 1.5 * logp[1, 3] / 2) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     entropy = -(logp.exp() * logp).sum(-1).mean()
+    kl = (logp.exp() * (logp - torch.log_softmax(referee.table.detach(), -1))).sum(-1).mean()
+    # reward_true_share: 1.5 of the 3.0 paid goes to a true token (position 0's)
     assert {k: round(v.item(), 5) for k, v in m.items()} == {
         "reward_mean": 0.75, "reward_max": 1.5, "reward_min": 0.0, "action_set_size": 2.0,
-        "true_top_frac": 0.5, "entropy": round(entropy.item(), 5)}
+        "true_top_frac": 0.5, "reward_true_share": 0.5, "entropy": round(entropy.item(), 5),
+        "kl": round(kl.item(), 5)}
 
 
 def loop_reference(student_logits, referee_logits, targets, cfg):

@@ -152,7 +152,7 @@ def test_secrets_are_masked_in_printed_config(tmp_path: Path):
 
 
 def test_every_preset_is_valid_and_sits_below_flags_dotenv_and_env(tmp_path: Path):
-    assert preset_names() == ["bench-quick", "cpu-small", "gpt2-small", "tiny"]
+    assert preset_names() == ["bench-quick", "cpu-small", "gpt2-small", "grpo-teacher-forced", "tiny"]
     for name in preset_names():
         cfg, sources = load_config({}, None, environ={}, preset=name)
         assert {k for k, v in sources.items() if v == "preset"} == set(preset_settings(name)), name

@@ -26,7 +26,7 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 CONTINUATION = "\\"
 # torchrun with clean stops (avatarl/launchers/torchrun.py): the multi-process services exit 0 after `docker stop`.
 LAUNCH = ["avatarl", "launch", "--standalone"]
-TRAINING_SERVICES = ("train", "train-4gpu", "train-cpu", "train-cpu-2proc")
+TRAINING_SERVICES = ("train", "train-4gpu", "train-cpu", "train-cpu-2proc", "train-multinode")
 # Python of the Ubuntu release the CUDA images are built on: the Dockerfile installs it with apt.
 UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}
 # CUDA of the default (PyPI) Linux wheel of each torch minor version.
@@ -304,6 +304,26 @@ def test_compose_multi_gpu_follows_n_gpus_and_image_follows_avatarl_image(tmp_pa
     assert multi["environment"]["N_GPUS"] == "8"
 
 
+def test_compose_multinode_takes_the_topology_and_nccl_variables_from_dotenv(tmp_path: Path):
+    from avatarl.config import Config
+    from avatarl.launchers.torchrun import rendezvous_args
+
+    node1 = tmp_path / "node1.env"
+    node1.write_text("NNODES=2\nNODE_RANK=1\nRDZV_ENDPOINT=10.0.0.1:29400\nN_GPUS=4\nNCCL_SOCKET_IFNAME=eth1\n")
+    service = compose_config(node1)["services"]["train-multinode"]
+    assert service["profiles"] == ["multi-node"] and service["network_mode"] == "host"
+    assert service["command"] == ["avatarl", "launch", "-m", "avatarl", "train"], "no --standalone"
+    env = service["environment"]
+    assert (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"], env["N_GPUS"]) == ("2", "1", "10.0.0.1:29400", "4")
+    assert env["NCCL_SOCKET_IFNAME"] == "eth1" and env["GLOO_SOCKET_IFNAME"] is None, "unset stays unset"
+    assert gpu_devices(service)[0]["count"] == 4
+    cfg = Config(nnodes=env["NNODES"], node_rank=int(env["NODE_RANK"]), rdzv_endpoint=env["RDZV_ENDPOINT"],
+                 max_restarts=int(env["MAX_RESTARTS"]), n_gpus=int(env["N_GPUS"]))
+    assert rendezvous_args(cfg, service["command"][2:]) == [
+        "--nproc-per-node=4", f"--max-restarts={env['MAX_RESTARTS']}", "--nnodes=2", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=avatarl", "--rdzv-conf=is_host=0,join_timeout=600"]
+
+
 def test_compose_env_file_is_optional_everywhere():
     raw = yaml.safe_load((REPO / "compose.yaml").read_text())
     for name, service in raw["services"].items():
@@ -349,19 +369,30 @@ def test_k8s_single_gpu_job():
     assert fail_fast == [{"containerName": "trainer", "operator": "In", "values": list(exit_codes.NOT_RETRYABLE)}]
 
 
-def test_k8s_pytorchjob_uses_plain_torchrun_and_shared_storage():
+def test_k8s_pytorchjob_is_elastic_with_plain_torchrun_and_shared_storage():
+    from avatarl.config import Config
+    from avatarl.launchers.torchrun import FRESH_STORE_EACH_ROUND
+
     docs = {doc["kind"]: doc for doc in k8s_documents("pytorchjob.yaml")}
     claim = docs["PersistentVolumeClaim"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     job = docs["PyTorchJob"]
     assert job["apiVersion"] == "kubeflow.org/v1" and job["spec"]["nprocPerNode"] == "4"
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
-    for role in ("Master", "Worker"):
-        container = check_pod(replicas[role]["template"]["spec"], {claim["metadata"]["name"]}, gpus=4)
-        assert container["name"] == "pytorch"
-        # torchrun takes nnodes, node rank, master address and port from the operator's PET_* variables.
-        assert container["args"] == ["torchrun", "-m", "avatarl", "train"]
+    elastic = job["spec"]["elasticPolicy"]
+    assert set(replicas) == {"Worker"}, "an elastic PyTorchJob rendezvous at worker-0, without a Master"
+    assert elastic["rdzvBackend"] == "c10d" and elastic["maxRestarts"] >= 1
+    assert elastic["minReplicas"] == elastic["maxReplicas"] == replicas["Worker"]["replicas"] == 2, \
+        "a fixed world size: a checkpoint resumes only into the world that wrote it"
+    assert replicas["Worker"]["restartPolicy"] == "OnFailure", "an evicted or failed pod comes back and rejoins"
+    container = check_pod(replicas["Worker"]["template"]["spec"], {claim["metadata"]["name"]}, gpus=4)
+    assert container["name"] == "pytorch"
+    # torchrun takes nnodes, the rendezvous and max restarts from the operator's PET_* variables.
+    assert container["args"] == ["torchrun", "-m", "avatarl", "train"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {k: env.get(k) for k in FRESH_STORE_EACH_ROUND} == FRESH_STORE_EACH_ROUND
+    assert env["MAX_RESTARTS"] == str(elastic["maxRestarts"])
+    Config(max_restarts=int(env["MAX_RESTARTS"]), dist_timeout_s=float(env["DIST_TIMEOUT_S"]))  # valid settings
 
 
 def test_k8s_prepare_job_runs_avatarl_prepare_on_cpus_into_the_data_claim():

@@ -104,6 +104,33 @@ def test_in_modal_container():
 def test_trainer_command():
     assert trainer_command(1) == ["avatarl", "train"]
     assert trainer_command(4) == ["avatarl", "launch", "--standalone", "--nproc-per-node=4", "-m", "avatarl", "train"]
+    assert trainer_command(8, nodes=2) == ["avatarl", "launch", "-m", "avatarl", "train"]  # NNODES... from settings
+
+
+def test_a_cluster_needs_whole_hosts_and_tells_the_containers_how_many():
+    plan = plan_modal_run({"GPU_TYPE": "H100", "N_GPUS": "8", "MODAL_NODES": "4"})
+    assert (plan.gpu, plan.nodes, plan.remote_settings["MODAL_NODES"]) == ("H100:8", 4, "4")
+    assert plan_modal_run({}).nodes == 1
+    for settings, fragment in [({"N_GPUS": "4", "MODAL_NODES": "2"}, "MODAL_NODES=2 needs N_GPUS=8"),
+                               ({"N_GPUS": "8", "MODAL_NODES": "0"}, "MODAL_NODES='0': give 1 to 32"),
+                               ({"MODAL_NODES": "two"}, "MODAL_NODES='two'")]:
+        with pytest.raises(ModalSetupError, match=fragment):
+            plan_modal_run(settings)
+
+
+def test_each_container_of_a_cluster_is_one_node_of_a_rendezvous_on_container_0():
+    from avatarl.config import Config
+    from avatarl.distributed import SNAPSHOT_SHARED_ENV
+    from avatarl.launchers.torchrun import rendezvous_args
+
+    ipv4 = modal_app.cluster_settings(2, 1, ["10.1.0.5", "10.1.0.6"], ["fd00::5", "fd00::6"])
+    assert ipv4 == {"NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "10.1.0.5:29400", SNAPSHOT_SHARED_ENV: "1"}
+    ipv6 = modal_app.cluster_settings(2, 0, [], ["fd00::5", "fd00::6"])
+    assert ipv6["RDZV_ENDPOINT"] == "[fd00::5]:29400"
+    for node in (ipv4, ipv6):  # valid settings, and the launcher's c10d rendezvous follows them
+        cfg = Config(nnodes=node["NNODES"], node_rank=int(node["NODE_RANK"]), rdzv_endpoint=node["RDZV_ENDPOINT"],
+                     n_gpus=8)
+        assert f"--rdzv-endpoint={node['RDZV_ENDPOINT']}" in rendezvous_args(cfg, ["-m", "avatarl", "train"])
 
 
 def test_committer_commits_once_per_new_checkpoint(tmp_path: Path):
@@ -188,6 +215,7 @@ def recorded_modal(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     record(modal.Secret, "from_name", "secret_name")
     record(modal.Secret, "from_dict", "secret_dict")
     record(modal.App, "function", "function", static=False)
+    record(modal, "clustered", "clustered")
     return calls
 
 
@@ -212,6 +240,18 @@ def test_app_uses_the_dockerfile_gpu_volumes_secrets_retries(recorded_modal: dic
     retries = options["retries"]
     assert isinstance(retries, modal.Retries) and retries.max_retries == modal_app.RETRIES >= 1
     assert options["image"] is not None and options["include_source"] is False
+
+
+def test_a_cluster_is_a_clustered_function_with_rdma(recorded_modal: dict[str, list]):
+    import modal
+
+    app, function = modal_app.build_app(plan_modal_run({"GPU_TYPE": "H100", "N_GPUS": "8", "MODAL_NODES": "2"}))
+    assert isinstance(function, modal.Function)
+    assert recorded_modal["clustered"] == [((), {"size": 2, "rdma": True})]
+    (_, options), = recorded_modal["function"]
+    assert options["gpu"] == "H100:8" and set(options["volumes"]) == {"/data", "/checkpoints"}
+    modal_app.build_app(plan_modal_run({"GPU_TYPE": "H100", "N_GPUS": "8"}))
+    assert len(recorded_modal["clustered"]) == 1, "one container: no cluster"
 
 
 def test_no_wandb_secret_when_none_is_given(recorded_modal: dict[str, list]):

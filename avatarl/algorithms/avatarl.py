@@ -4,7 +4,8 @@ At every position of the context window (no sampling) the student is scored on a
 of candidate next tokens. Notation per position: V vocabulary, A = 2k+1 action slots,
 y the true next token, eps = LABEL_SMOOTHING.
 
-    actions  = top-k(student) ∪ top-k(referee) ∪ {y}                  (de-duplicated, masked)
+    actions  = top-k(student) ∪ top-k(referee) ∪ {y}                  (ACTION_SET=topk: de-duplicated, masked)
+             = every valid id of the vocabulary                        (ACTION_SET=full)
     reality  = 1 - eps on y, eps spread evenly over the other actions
     mentor   = softmax(referee logits) restricted to the actions, renormalised
     ideal    ∝ reality^REALITY_WEIGHT · mentor^MENTOR_WEIGHT           (over the actions)
@@ -14,8 +15,14 @@ y the true next token, eps = LABEL_SMOOTHING.
 The rewards are constants: no gradient reaches the referee, and the student never receives a
 cross-entropy gradient. It is, however, close to reward-weighted soft-target training, since
 the ground truth is inside the reward (reality puts 1 - eps on it); REALITY_WEIGHT=0 makes the
-reward referee-only. `referee_loss` below is the one supervised loss of the product: it trains
-the referee, never the student.
+reward referee-only.
+
+Both action sets take the student's log-softmax over the whole vocabulary and then gather the actions
+(upstream avataRL's PR #43, which fixed a softmax taken over the actions alone); with ACTION_SET=full
+every id can earn a reward, at the cost of [positions, vocab] tensors instead of [positions, 2k+1].
+Ids at or above the tokenizer's size (the padding of a BPE vocabulary to a multiple of 64, whose logits
+are PAD_LOGIT) are never actions: they get no reward and no probability. `referee_loss` below is the
+one supervised loss of the product: it trains the referee, never the student.
 """
 
 from __future__ import annotations
@@ -32,19 +39,22 @@ _ABOVE_MEAN_RTOL = 1e-6
 
 
 def action_set(student_logits: Tensor, referee_logits: Tensor, targets: Tensor,
-               top_k: int) -> tuple[Tensor, Tensor]:
+               top_k: int, valid_vocab: int = 0) -> tuple[Tensor, Tensor]:
     """Candidate actions per position: student top-k ∪ referee top-k ∪ {true token}.
 
-    Args: student_logits, referee_logits [N, V]; targets [N] (long); top_k (clipped to V).
-    Returns (actions [N, A] long, mask [N, A] bool), A = 2·min(top_k, V) + 1. Each row holds its
-    distinct tokens first, in ascending token order, with mask True; the remaining slots repeat
+    Args: student_logits, referee_logits [N, V]; targets [N] (long, below valid_vocab); top_k (clipped
+    to the valid ids); valid_vocab: ids 0 .. valid_vocab - 1 are the tokenizer's (0 = all V).
+    Returns (actions [N, A] long, mask [N, A] bool), A = 2·min(top_k, valid) + 1. Each row holds its
+    distinct valid tokens first, in ascending token order, with mask True; the remaining slots repeat
     tokens of the row (so they are valid indices to gather with) and have mask False. The true
-    token appears exactly once among the valid slots.
+    token appears exactly once among the valid slots; a padding id is never valid.
 
     Method: concatenate the 2k+1 candidates, sort each row, mark a slot valid when it differs
     from its left neighbour, then sort again by (invalid, token) to move the valid slots first.
     """
-    k = min(top_k, student_logits.size(-1))
+    vocab = student_logits.size(-1)
+    valid = valid_vocab or vocab
+    k = min(top_k, valid)
     candidates = torch.cat([
         student_logits.detach().topk(k, dim=-1).indices,
         referee_logits.detach().topk(k, dim=-1).indices,
@@ -53,9 +63,17 @@ def action_set(student_logits: Tensor, referee_logits: Tensor, targets: Tensor,
     ordered = candidates.sort(dim=-1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    vocab = student_logits.size(-1)
+    first &= ordered < valid  # a padding id (logit PAD_LOGIT) could only enter through a tie at the bottom
     key = torch.where(first, ordered, ordered + vocab).sort(dim=-1).values
     return key % vocab, key < vocab
+
+
+def full_action_set(positions: int, vocab: int, valid_vocab: int = 0,
+                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """ACTION_SET=full: every id at every position, (actions [N, V], mask [N, V]) with mask True on the
+    valid ids 0 .. valid_vocab - 1 (0 = all). Both are broadcast views of one row: no [N, V] memory."""
+    ids = torch.arange(vocab, device=device)
+    return ids.expand(positions, vocab), (ids < (valid_vocab or vocab)).expand(positions, vocab)
 
 
 def reality_distribution(actions: Tensor, mask: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
@@ -131,15 +149,41 @@ def policy_gradient_loss(student_logits: Tensor, actions: Tensor, mask: Tensor, 
     return -(weighted / mask.sum(-1).clamp(min=1)).mean()
 
 
+def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor, cfg: Config,
+                 valid_vocab: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The AvataRL loss of N scored positions, a pure function: (loss, actions, mask, rewards).
+
+    student_logits [N, V] (with gradient), referee_logits [N, V], targets [N]; the actions are
+    ACTION_SET's (top-k union or every valid id), then reality, mentor, ideal and rewards as in the
+    module docstring, and `policy_gradient_loss`. valid_vocab: the tokenizer's ids (0 = all V).
+    """
+    with torch.no_grad():
+        ref = referee_logits.detach().float()
+        if cfg.action_set == "full":
+            actions, mask = full_action_set(targets.numel(), student_logits.size(-1), valid_vocab,
+                                            student_logits.device)
+        else:
+            actions, mask = action_set(student_logits, ref, targets, cfg.top_k, valid_vocab)
+        reality = reality_distribution(actions, mask, targets, cfg.label_smoothing)
+        mentor = mentor_distribution(ref, actions, mask)
+        del ref
+        ideal = ideal_distribution(reality, mentor, mask, cfg.reality_weight, cfg.mentor_weight)
+        rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
+    loss = policy_gradient_loss(student_logits, actions, mask, rewards, cfg.entropy_coef)
+    return loss, actions, mask, rewards
+
+
 def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Tensor,
-                       cfg: Config) -> tuple[Tensor, dict[str, Tensor]]:
+                       cfg: Config, valid_vocab: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
     """One AvataRL forward on a micro-batch: returns (loss to backpropagate, on-device metrics).
 
-    x, y: [B, T] contexts and their next characters; every one of the B·T positions is scored.
-    The referee must be in eval mode; it runs under no_grad. Metrics (0-dim tensors):
+    x, y: [B, T] contexts and their next tokens; every one of the B·T positions is scored. The
+    referee must be in eval mode and return logits over the student's (padded) vocabulary; it runs
+    under no_grad. valid_vocab: the tokenizer's ids (0 = all). Metrics (0-dim tensors):
     reward_mean / reward_max / reward_min over the valid actions, action_set_size (mean valid
     actions per position), true_top_frac (positions where the true token has the largest,
-    positive reward), entropy (mean entropy of the student's softmax at temperature 1, nats).
+    positive reward), reward_true_share (the share of all reward paid to the true token), entropy
+    (mean entropy of the student's softmax at temperature 1, nats), kl (kl_to_referee).
     """
     assert not referee.training, "the referee must be in eval mode"
     logits = student(x)
@@ -148,17 +192,12 @@ def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Ten
     vocab = logits.size(-1)
     flat = logits.reshape(-1, vocab)
     targets = y.reshape(-1)
+    loss, actions, mask, rewards = avatarl_loss(flat, referee_logits.reshape(-1, vocab), targets, cfg, valid_vocab)
     with torch.no_grad():
-        ref = referee_logits.reshape(-1, vocab).float()
-        actions, mask = action_set(flat, ref, targets, cfg.top_k)
-        reality = reality_distribution(actions, mask, targets, cfg.label_smoothing)
-        mentor = mentor_distribution(ref, actions, mask)
-        ideal = ideal_distribution(reality, mentor, mask, cfg.reality_weight, cfg.mentor_weight)
-        rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
-    del referee_logits, ref  # [B, T, V] each: not needed past the rewards, so not held through the loss
-    loss = policy_gradient_loss(flat, actions, mask, rewards, cfg.entropy_coef)
+        kl = kl_to_referee(flat.detach(), referee_logits.reshape(-1, vocab))
+    del referee_logits  # [B, T, V]: not needed past the rewards, so not held through the backward
     with torch.no_grad():
-        metrics = _metrics(flat.detach().float(), actions, mask, targets, rewards)
+        metrics = {**_metrics(flat.detach().float(), actions, mask, targets, rewards), "kl": kl}
     return loss, metrics
 
 
@@ -174,8 +213,16 @@ def _metrics(logits: Tensor, actions: Tensor, mask: Tensor, targets: Tensor,
         "reward_min": rewards.masked_fill(~mask, float("inf")).amin(),
         "action_set_size": mask.sum(-1).float().mean(),
         "true_top_frac": ((true_reward >= top) & (top > 0)).float().mean(),
+        "reward_true_share": true_reward.sum() / (rewards * mask).sum().clamp_min(1e-12),
         "entropy": entropy(logits).mean(),
     }
+
+
+def kl_to_referee(student_logits: Tensor, referee_logits: Tensor) -> Tensor:
+    """KL(student || referee) = sum_v p_v (log p_v - log q_v) over the full vocabulary, mean over the
+    positions of [N, V] logits, in nats: how far the student is from its reference (GRPO's `kl`)."""
+    return F.kl_div(F.log_softmax(referee_logits.float(), dim=-1), F.log_softmax(student_logits.float(), dim=-1),
+                    reduction="batchmean", log_target=True)
 
 
 def referee_loss(referee_logits: Tensor, y: Tensor) -> Tensor:

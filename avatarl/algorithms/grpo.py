@@ -249,7 +249,8 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     `reference` gives the KL target and, unless `credit_reference` is given (e.g. an HFReference),
     the partial credit too. Old policy and references run without gradient. Metrics are detached
     device tensors: reward_mean, reward_std (within-group population std, averaged), exact_match,
-    policy_loss, kl, entropy, ratio_mean, ratio_max, clip_frac.
+    reward_true_share (share of the reward mass paid to true chars), policy_loss, kl, entropy,
+    ratio_mean, ratio_max, clip_frac.
     """
     B = ctx.size(0)
     K, H, T = settings.k_samples, settings.horizon, settings.temperature
@@ -268,10 +269,12 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     kl = kl_to_reference(logp, scored.ref_logp, p).mean()
     loss = policy_loss - settings.entropy_coef * ent + kl_coef * kl
 
+    hits = (ro.samples == truth[:, None, :]).float()
     metrics = {
         "reward_mean": rewards.mean(),
         "reward_std": rewards.std(dim=1, correction=0).mean(),
-        "exact_match": (ro.samples == truth[:, None, :]).float().mean(),
+        "exact_match": hits.mean(),
+        "reward_true_share": (rewards * hits).sum() / rewards.sum().clamp_min(1e-12),
         "policy_loss": policy_loss.detach(),
         "kl": kl.detach(),
         "entropy": ent.detach(),

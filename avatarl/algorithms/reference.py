@@ -3,16 +3,18 @@
 `NgramReference` is a smoothed char n-gram counted on the training split and held on the device as
 dense tables; it provides both full next-char distributions (for the KL) and per-char probabilities
 (for the credit). `HFReference` scores generated text with a Hugging Face causal LM (e.g. gpt2) and
-provides per-char credit only; the KL then stays with the n-gram.
+provides per-char credit only; the KL then stays with the n-gram. `load_frozen_causal_lm` loads such an LM
+for scoring only; AvataRL's Hugging Face referee is loaded with it too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 MAX_TABLE_ENTRIES = 1 << 26  # ~64M floats per table (256 MiB): order 4 at V=65 fits, order 5 does not
 
@@ -104,6 +106,31 @@ class NgramReference:
         return logp.gather(-1, seq[:, C:, None]).squeeze(-1).exp()
 
 
+def load_frozen_causal_lm(name_or_path: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                          revision: str | None = None, quantization_config: Any = None) -> nn.Module:
+    """A Hugging Face causal LM that only scores: `AutoModelForCausalLM` from a hub name or a local directory,
+    eval mode, no gradients, on `device` in `dtype`; with a bitsandbytes `quantization_config` its weights are
+    quantised while loading and placed on `device` by transformers (a quantised model cannot be moved)."""
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ImportError("a Hugging Face causal LM needs the transformers library: pip install 'avatarl[gpt2]'") \
+            from err
+    # Loaded in `dtype` (transformers 5 calls the argument dtype, 4.x torch_dtype): what bitsandbytes leaves
+    # unquantised (embeddings, norms) stays in it too, and a large model never exists in float32 on the host.
+    dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    options: dict[str, Any] = {"revision": revision or None, dtype_argument: dtype}
+    if quantization_config is None:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=quantization_config,
+                                                     device_map={"": str(torch.device(device))}, **options)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 class HFReference:
     """Credit from a Hugging Face causal LM (REFERENCE=gpt2), scored on the decoded text.
 
@@ -120,16 +147,14 @@ class HFReference:
     def __init__(self, model_name_or_path: str, vocab_chars: Sequence[str], device: torch.device | str,
                  dtype: torch.dtype = torch.float32):
         try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
         except ImportError as err:
             raise ImportError("REFERENCE=gpt2 needs the transformers library: pip install 'avatarl[gpt2]'") \
                 from err
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_name_or_path}: the reference needs a fast tokenizer (char offsets)")
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.model.requires_grad_(False)
+        self.model = load_frozen_causal_lm(model_name_or_path, device, dtype)
         self.vocab_chars = list(vocab_chars)
         self.device = torch.device(device)
         tok = self.tokenizer

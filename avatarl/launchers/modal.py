@@ -9,7 +9,10 @@ secret (a named one, MODAL_WANDB_SECRET, or the local keys sent as an ephemeral 
 the image or of the function's arguments), retries, and a MODAL_TIMEOUT_HOURS limit. The remote
 function runs `avatarl train` (or, for N_GPUS > 1, `avatarl launch --nproc-per-node=N_GPUS -m avatarl
 train`, i.e. torchrun) with CHECKPOINT_DIR=/checkpoints, so a retried or preempted run resumes from its
-newest checkpoint.
+newest checkpoint. MODAL_NODES > 1 makes it a clustered function (`modal.clustered`): that many
+containers of 8 GPUs, scheduled together, each running `avatarl launch` as one node of a c10d
+rendezvous hosted by container 0 (`cluster_settings`); a failed container fails the cluster's call,
+and Modal's retries start a new cluster that resumes from the newest committed checkpoint.
 
 Volume commits: a thread polls CHECKPOINT_DIR/latest every COMMIT_POLL_SECONDS and commits the
 checkpoint volume when it names a new checkpoint; both volumes are committed again when the trainer
@@ -42,6 +45,8 @@ DOCKERFILE = "docker/Dockerfile"
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
 MAX_GPUS = 8  # GPUs Modal attaches to one container
+MAX_NODES = 32  # containers of one Modal cluster
+RDZV_PORT = 29400  # the c10d rendezvous on container 0 of a cluster
 MAX_TIMEOUT_HOURS = 24.0  # Modal's limit for one function call
 RETRIES = 3
 COMMIT_POLL_SECONDS = 30.0
@@ -85,9 +90,12 @@ def repo_root() -> Path:
     return root
 
 
-def trainer_command(n_gpus: int) -> list[str]:
+def trainer_command(n_gpus: int, nodes: int = 1) -> list[str]:
     """`avatarl train` on one GPU; otherwise one process per GPU under `avatarl launch` (torchrun whose
-    workers get the stop signal directly, so a stopped run exits 0 with its checkpoint)."""
+    workers get the stop signal directly, so a stopped run exits 0 with its checkpoint), on one node
+    or, for a cluster, as one node of the rendezvous that cluster_settings describes."""
+    if nodes > 1:
+        return ["avatarl", "launch", "-m", "avatarl", "train"]
     if n_gpus > 1:
         return ["avatarl", "launch", "--standalone", f"--nproc-per-node={n_gpus}", "-m", "avatarl", "train"]
     return ["avatarl", "train"]
@@ -99,6 +107,7 @@ class ModalPlan:
 
     gpu: str
     n_gpus: int
+    nodes: int
     timeout_s: int
     data_volume: str
     checkpoint_volume: str
@@ -127,6 +136,15 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
     if not 1 <= n_gpus <= MAX_GPUS:
         problems.append(f"N_GPUS={_setting(settings, 'N_GPUS')!r}: Modal attaches 1 to {MAX_GPUS} GPUs to a container.")
     try:
+        nodes = int(_setting(settings, "MODAL_NODES"))
+    except ValueError:
+        nodes = 0
+    if not 1 <= nodes <= MAX_NODES:
+        problems.append(f"MODAL_NODES={_setting(settings, 'MODAL_NODES')!r}: give 1 to {MAX_NODES} containers.")
+    elif nodes > 1 and n_gpus != MAX_GPUS:
+        problems.append(f"MODAL_NODES={nodes} needs N_GPUS={MAX_GPUS}: each container of a Modal cluster takes "
+                        f"every GPU of its host (N_GPUS is {_setting(settings, 'N_GPUS')}).")
+    try:
         hours = float(_setting(settings, "MODAL_TIMEOUT_HOURS"))
     except ValueError:
         hours = -1.0
@@ -142,7 +160,7 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
               if name in config_fields() and name not in HOST_ONLY and not is_secret(name)}
     # TRAINING_MODE=generic: the hand-over happened; the trainer in the container must not start another.
     remote.update(volumes, CHECKPOINT_DIR=CHECKPOINT_MOUNT, DATA_CACHE_DIR=f"{DATA_MOUNT}/cache",
-                  HF_HOME=f"{DATA_MOUNT}/hf", N_GPUS=str(n_gpus), TRAINING_MODE="generic")
+                  HF_HOME=f"{DATA_MOUNT}/hf", N_GPUS=str(n_gpus), TRAINING_MODE="generic", MODAL_NODES=str(nodes))
     if settings.get("WANDB_MODE"):
         remote["WANDB_MODE"] = settings["WANDB_MODE"]
     upload = None
@@ -158,7 +176,7 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
         raise ModalSetupError("\n".join(problems))
 
     gpu_type = _setting(settings, "GPU_TYPE")
-    return ModalPlan(gpu=f"{gpu_type}:{n_gpus}" if n_gpus > 1 else gpu_type, n_gpus=n_gpus,
+    return ModalPlan(gpu=f"{gpu_type}:{n_gpus}" if n_gpus > 1 else gpu_type, n_gpus=n_gpus, nodes=nodes,
                      timeout_s=round(hours * 3600), data_volume=volumes["MODAL_DATA_VOLUME"],
                      checkpoint_volume=volumes["MODAL_CHECKPOINT_VOLUME"],
                      named_secret=_setting(settings, "MODAL_WANDB_SECRET"), remote_settings=remote, upload=upload,
@@ -205,10 +223,12 @@ def build_app(plan: ModalPlan) -> tuple[Any, Any]:
     if plan.local_secrets:
         secrets.append(modal.Secret.from_dict(plan.local_secrets))
     app = modal.App(APP_NAME)
+    # Several containers scheduled together, all or nothing, with RDMA between them for NCCL.
+    body = modal.clustered(size=plan.nodes, rdma=True)(train_in_container) if plan.nodes > 1 else train_in_container
     # The image already holds this package, built from the same tree, so no source is mounted over it.
     function = app.function(image=image, gpu=plan.gpu, volumes=volumes, secrets=secrets, timeout=plan.timeout_s,
                             retries=modal.Retries(max_retries=RETRIES, initial_delay=10.0, backoff_coefficient=2.0),
-                            include_source=False)(train_in_container)
+                            include_source=False)(body)
     return app, function
 
 
@@ -223,8 +243,8 @@ def run_modal(settings: Mapping[str, str]) -> int:
         volume = modal.Volume.from_name(plan.data_volume, create_if_missing=True)
         with volume.batch_upload(force=True) as batch:
             batch.put_file(str(local), remote)
-    print(f"[avatarl] Modal: {plan.gpu}, timeout {plan.timeout_s / 3600:g} h, volumes {plan.data_volume} -> "
-          f"{DATA_MOUNT}, {plan.checkpoint_volume} -> {CHECKPOINT_MOUNT}")
+    print(f"[avatarl] Modal: {plan.nodes} x {plan.gpu}, timeout {plan.timeout_s / 3600:g} h, volumes "
+          f"{plan.data_volume} -> {DATA_MOUNT}, {plan.checkpoint_volume} -> {CHECKPOINT_MOUNT}")
     # detach: the run continues if this machine disconnects; `modal app stop avatarl` ends it.
     with modal.enable_output(), app.run(detach=True):
         return int(function.remote(plan.remote_settings))
@@ -300,16 +320,35 @@ def run_finished(checkpoint_dir: Path) -> bool:
     return bool(beat.get("finished"))
 
 
+def cluster_settings(nodes: int, rank: int, ipv4: list[str], ipv6: list[str]) -> dict[str, str]:
+    """The settings that make container `rank` of a Modal cluster one node of its job: a c10d rendezvous
+    on container 0, and CHECKPOINT_DIR a volume that every container mounts as the same committed
+    snapshot (what rank 0 writes reaches the others at the next start, which is when they read it)."""
+    from avatarl.distributed import SNAPSHOT_SHARED_ENV  # here: torch is not needed to plan a run
+
+    host = ipv4[0] if ipv4 else f"[{ipv6[0]}]"
+
+    return {"NNODES": str(nodes), "NODE_RANK": str(rank), "RDZV_ENDPOINT": f"{host}:{RDZV_PORT}",
+            SNAPSHOT_SHARED_ENV: "1"}
+
+
 def train_in_container(settings: dict[str, str]) -> int:
-    """The Modal function: run the trainer in the container, keep the volumes committed."""
+    """The Modal function: run the trainer in the container, keep the volumes committed. In a cluster
+    every container runs it; the one holding global rank 0 writes, and so commits, the checkpoints."""
     import modal
 
     from avatarl.checkpoint import LATEST
 
+    nodes = int(settings.get("MODAL_NODES", "1"))
+    if nodes > 1:
+        cluster = modal.experimental.get_cluster_info()
+        settings = {**settings, **cluster_settings(nodes, cluster.rank, list(cluster.container_ipv4_ips),
+                                                   list(cluster.container_ips))}
     checkpoint_dir = Path(settings["CHECKPOINT_DIR"])
     checkpoint_volume = modal.Volume.from_name(settings["MODAL_CHECKPOINT_VOLUME"])
     committer = CheckpointCommitter(checkpoint_dir / LATEST, checkpoint_volume.commit)
-    code, signalled = supervise(trainer_command(int(settings["N_GPUS"])), {**os.environ, **settings}, committer.poll)
+    code, signalled = supervise(trainer_command(int(settings["N_GPUS"]), nodes), {**os.environ, **settings},
+                                committer.poll)
     checkpoint_volume.commit()
     modal.Volume.from_name(settings["MODAL_DATA_VOLUME"]).commit()
     if code == exit_codes.OK and signalled and not run_finished(checkpoint_dir):

@@ -1,20 +1,33 @@
-"""`avatarl launch`: torchrun whose workers, not torchrun itself, receive the stop signals."""
+"""`avatarl launch`: torchrun whose workers, not torchrun itself, receive the stop signals, and whose
+rendezvous (one node or several, elastic restarts) comes from the settings NNODES, NODE_RANK,
+RDZV_ENDPOINT, RDZV_ID, MAX_RESTARTS, DIST_TIMEOUT_S and N_GPUS.
+
+    avatarl launch --standalone -m avatarl train        # one node, a free local port
+    NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=10.0.0.1:29400 avatarl launch -m avatarl train   # on each node
+"""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from avatarl.config import Config
 from avatarl.signals import forwarding_signals, send
 
 log = logging.getLogger("avatarl")
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies (Linux)
+# By default the workers of every rendezvous round share the rendezvous's own store, where the keys of
+# the previous round (a dead worker's address) are still found: after a restart, a node that rejoined
+# first then connects to the dead worker and fails again. Off, rank 0 hosts a new store each round.
+FRESH_STORE_EACH_ROUND = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def child_pids(pid: int) -> list[int]:
@@ -36,8 +49,38 @@ def _terminate_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
-def launch_torchrun(torchrun_args: Sequence[str]) -> int:
-    """Run `python -m torch.distributed.run TORCHRUN_ARGS` and return its exit code, with clean stops.
+def given(args: Sequence[str], *options: str) -> bool:
+    """Whether torchrun's own `args`, those before the training command (`-m MODULE` or a .py script),
+    set one of `options`, spelt with '-' or '_', as `--opt value` or `--opt=value`."""
+    wanted = {option.replace("_", "-") for option in options}
+    for arg in args:
+        if arg in ("-m", "--module") or arg.endswith(".py"):
+            return False
+        if arg.split("=", 1)[0].replace("_", "-") in wanted:
+            return True
+    return False
+
+
+def rendezvous_args(cfg: Config, args: Sequence[str]) -> list[str]:
+    """torchrun options from the settings, for the ones `args` leave unset: processes per node (N_GPUS),
+    restarts (MAX_RESTARTS) and, unless `--standalone` or a rendezvous is given, the c10d rendezvous of
+    NNODES nodes at RDZV_ENDPOINT, hosted by node 0, whose joins wait at most DIST_TIMEOUT_S."""
+    extra = []
+    if not given(args, "--nproc-per-node"):
+        extra.append(f"--nproc-per-node={cfg.n_gpus}")
+    if not given(args, "--max-restarts"):
+        extra.append(f"--max-restarts={cfg.max_restarts}")
+    own_rendezvous = given(args, "--standalone", "--rdzv-backend", "--rdzv-endpoint", "--nnodes", "--master-addr")
+    if own_rendezvous or (cfg.node_range == (1, 1) and not cfg.rdzv_endpoint):
+        return extra
+    conf = f"is_host={int(cfg.node_rank == 0)},join_timeout={math.ceil(cfg.dist_timeout_s)}"
+    return [*extra, f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+            f"--rdzv-id={cfg.rdzv_id}", f"--rdzv-conf={conf}"]
+
+
+def launch_torchrun(torchrun_args: Sequence[str], cfg: Config | None = None) -> int:
+    """Run `python -m torch.distributed.run TORCHRUN_ARGS` and return its exit code, with clean stops;
+    with `cfg`, the options of rendezvous_args come first.
 
     torchrun answers a SIGTERM/SIGINT by forwarding it to its workers, which checkpoint and exit 0, and
     then exits 1 itself whatever they did (torch 2.x re-raises the signal as an error), after killing
@@ -46,8 +89,11 @@ def launch_torchrun(torchrun_args: Sequence[str]) -> int:
     one step, save and exit 0, and torchrun, seeing every worker succeed, exits 0. A second SIGINT
     reaches the workers the same way and aborts them.
     """
-    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args],
-                             start_new_session=True, preexec_fn=_terminate_with_parent)
+    options = rendezvous_args(cfg, torchrun_args) if cfg is not None else []
+    print("[avatarl] torchrun", *options, *torchrun_args, file=sys.stderr, flush=True)
+    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *options, *torchrun_args],
+                             env={**FRESH_STORE_EACH_ROUND, **os.environ}, start_new_session=True,
+                             preexec_fn=_terminate_with_parent)
 
     def to_workers(signum: int) -> None:
         workers = child_pids(child.pid)

@@ -1,0 +1,125 @@
+"""What `avatarl bench learning` writes: the per-method summary over seeds, the markdown table, the plot
+(validation CE and accuracy against tokens seen, with the count-model lines) and the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SUMMARIZED = ("final_val_acc", "final_val_ce", "final_val_ce_calibrated", "final_val_bpb", "min_entropy")
+BASELINE_STYLES = {"uniform": ":", "unigram": "--", "bigram": "-.", "trigram": (0, (3, 1, 1, 1)),
+                   "4-gram": (0, (1, 1))}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{metric: {"mean", "min", "max", "n"}} over the runs (seeds) that logged it."""
+    summary = {}
+    for key in SUMMARIZED:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if values:
+            summary[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                            "n": len(values)}
+    return summary
+
+
+def spread(summary: dict[str, dict[str, float]], key: str, digits: int = 3) -> str:
+    """"mean (min-max)" over seeds, or the one value, or n/a."""
+    if key not in summary:
+        return "n/a"
+    stat = summary[key]
+    if stat["n"] == 1:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The README table: per method, accuracy and the three losses at the common budget, over seeds."""
+    unit = report.get("token_unit", "char")
+    lines = ", ".join(f"{name} {b['acc']:.3f} / {b['ce']:.3f}" for name, b in report["baselines"].items())
+    rows = [f"Count models on the same validation windows (accuracy / CE nats/{unit}): {lines}.", "",
+            f"Seeds {', '.join(map(str, report['seeds']))}; mean (min-max) over seeds.", "",
+            f"| Method | {unit.capitalize()}s seen | Val accuracy | Val CE (nats/{unit}) | Calibrated CE | "
+            "Val bits/byte | Lowest entropy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in report["methods"].values():
+        summary, runs = entry.get("summary", {}), entry["runs"]
+        seen = f"{runs[0]['chars_seen']:,}" if runs else "n/a"
+        rows.append(f"| {entry['label']} | {seen} | {spread(summary, 'final_val_acc')} | "
+                    f"{spread(summary, 'final_val_ce')} | {spread(summary, 'final_val_ce_calibrated')} | "
+                    f"{spread(summary, 'final_val_bpb')} | {spread(summary, 'min_entropy', 2)} |")
+    referees = list(report["referee"].values())
+    if referees:
+        ces = ", ".join(f"{r['final_val_ce']:.3f}" for r in referees if r.get("final_val_ce") is not None)
+        rows += ["", f"Referee (supervised, trained apart for AvataRL, one per seed): {referees[0]['iters']} steps, "
+                 f"{referees[0]['chars_seen']:,} {unit}s, val CE {ces}."]
+    return "\n".join(rows) + "\n"
+
+
+def require_pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or ImportError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("`avatarl bench learning` draws learning.png with matplotlib, which is not installed: "
+                          "pip install 'avatarl[plot]' (or pip install matplotlib).") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(x, mean, min, max) of one curve over seeds, at the measurements every seed made."""
+    curves = [dict(run[key]) for run in runs if run.get(key)]
+    if not curves:
+        return [], [], [], []
+    xs = sorted(set.intersection(*(set(c) for c in curves)))
+    values = [[c[x] for c in curves] for x in xs]
+    return xs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot_learning(report: dict[str, Any], path: Path) -> None:
+    """Two panels against tokens seen: validation CE and validation accuracy per method (seed mean, min-max
+    band), with the count-model lines in the same units."""
+    plt = require_pyplot()
+    unit = report.get("token_unit", "char")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), dpi=110)
+    for ax, key, metric, ylabel in ((axes[0], "curve", "ce", f"validation cross-entropy (nats/{unit})"),
+                                    (axes[1], "acc_curve", "acc", "validation next-token accuracy")):
+        for name, entry in report["methods"].items():
+            xs, mean, low, high = mean_curve(entry["runs"], key)
+            if not xs:
+                continue
+            # The ceiling is drawn wide, black and underneath, so a method that matches it stays visible.
+            style = {"color": "black", "linestyle": "--", "linewidth": 3, "alpha": 0.5, "zorder": 1} \
+                if name == "supervised" else {"marker": "o", "markersize": 3, "zorder": 2}
+            line, = ax.plot(xs, mean, label=f"{entry['label']} ({mean[-1]:.3f})", **style)
+            if len(entry["runs"]) > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, zorder=0)
+        for name, baseline in report["baselines"].items():
+            ax.axhline(baseline[metric], color="grey", linestyle=BASELINE_STYLES.get(name, ":"), linewidth=1)
+            ax.annotate(f"{name} {baseline[metric]:.3f}", (0, baseline[metric]), xytext=(2, 2),
+                        textcoords="offset points", fontsize=8, color="grey")
+        ax.set_xlabel(f"{unit}s seen")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    uniform = report["baselines"]["uniform"]["ce"]
+    lowest = min(b["ce"] for b in report["baselines"].values())
+    axes[0].set_ylim(lowest - 0.3, uniform + 0.6)
+    fig.suptitle(f"Learning at equal {unit}s seen ({report['model']['n_layer']} layers, {report['model']['n_emb']} "
+                 f"wide, seeds {', '.join(map(str, report['seeds']))})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out: Path, json_path: Path | None = None) -> None:
+    """OUT/learning.json, OUT/learning.png, and a copy of the JSON at json_path when given."""
+    text = json.dumps(report, indent=2) + "\n"
+    for path in (out / "learning.json", json_path):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    plot_learning(report, out / "learning.png")
