@@ -26,7 +26,8 @@ def count_model_baselines(train_ids: Tensor, val_windows: Tensor, vocab_size: in
     Each n-gram is NgramReference (interpolated add-alpha counts of train_ids) predicting token i + 1 of
     a window from tokens <= i of the same window, as the student does; near a window's start it backs
     off to the orders its history allows. acc = share of predicted tokens that are the n-gram's argmax,
-    ce = mean -ln p(true token). Orders whose table would not fit (vocab_size ** order entries above
+    ce = mean -ln p(true token). The uniform model has no argmax: its acc is the chance accuracy 1 / V of
+    a uniform guess, its ce ln V. Orders whose table would not fit (vocab_size ** order entries above
     MAX_TABLE_ENTRIES) are left out rather than approximated.
     """
     windows = val_windows.detach().cpu().long()

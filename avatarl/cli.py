@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "next to it (no wandb needed)")
     run_report.add_argument("run_dir", metavar="RUN_DIR", help="the run's CHECKPOINT_DIR")
     run_report.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/report.png)")
-    run_report.add_argument("--no-baselines", action="store_true", help="do not rebuild the corpus for the "
-                        "count-model lines when metrics.jsonl holds none")
+    run_report.add_argument("--no-baselines", action="store_true", help="do not rebuild the run's corpus "
+                        "to draw the count-model lines")
     run_report.set_defaults(handler=command_report)
     return parser
 

@@ -179,15 +179,17 @@ class Config:
                                  choices=("generic", "modal"))
 
     # --- several nodes (`avatarl launch` without --standalone; compose train-multinode, k8s, Modal)
-    nnodes: str = setting("1", "Nodes of the job: N, or MIN:MAX for elastic membership (torchrun --nnodes).",
-                          "distributed")
+    nnodes: str = setting("1", "Nodes of the job: N, or MIN:MAX for elastic membership (torchrun --nnodes); a "
+                          "round with another node count resumes with re-seeded data order (not bit-identical) "
+                          "and needs BATCH to split over its ranks.", "distributed")
     node_rank: int = setting(0, "This node's number; node 0 hosts the rendezvous at RDZV_ENDPOINT (the c10d "
                              "rendezvous orders the ranks itself).", "distributed", low=0)
     rdzv_endpoint: str = setting("", "host:port of the rendezvous on node 0, reachable from every node; required "
                                  "when NNODES is not 1.", "distributed")
     rdzv_id: str = setting("avatarl", "Job id: nodes with the same id and endpoint form one job.", "distributed")
     max_restarts: int = setting(0, "Times torchrun restarts the worker group after a worker or node fails; "
-                                "restarted workers resume from the newest checkpoint.", "distributed", low=0)
+                                "restarted workers resume from the newest checkpoint (Modal: 0 when MODAL_NODES > 1, "
+                                "its retries restart a cluster).", "distributed", low=0)
     dist_timeout_s: float = setting(600.0, "Seconds a rank waits for its peers in a collective before it stops "
                                     "with an error naming them.", "distributed", low=0.0, low_exclusive=True)
 

@@ -4,6 +4,8 @@ Single process (no RANK in the environment) is world size 1 and every helper is 
 Under torchrun: NCCL on CUDA, gloo on CPU; rank 0 alone logs and writes files. Collectives wait at
 most DIST_TIMEOUT_S for a peer; a rank that loses one stops with `lost_peers_message`, which names the
 ranks that did not answer, and several nodes must share CHECKPOINT_DIR (`check_shared_directory`).
+What the ranks must agree on but could see differently (the checkpoint to resume from) rank 0 decides
+for all (`decided_by_rank0`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from avatarl.device import resolve_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,22 +117,68 @@ def lost_peers_message(info: DistInfo, error: BaseException, grace_s: float = 5.
 SNAPSHOT_SHARED_ENV = "AVATARL_CHECKPOINT_DIR_SNAPSHOT"
 
 
+def decided_by_rank0(decide: Callable[[], T], info: DistInfo, what: str) -> T:
+    """`decide()` run on rank 0 alone and its answer given to every rank (broadcast_object_list), so that
+    ranks whose views of the disk differ still agree (e.g. on the checkpoint to resume from). When it
+    raises, every rank raises instead of waiting DIST_TIMEOUT_S for rank 0: a ConfigError as the same
+    ConfigError everywhere, anything else as itself on rank 0 and a ConfigError naming `what` elsewhere."""
+    from avatarl.config import ConfigError
+
+    if not info.is_distributed:
+        return decide()
+    answer: list[object] = [None]
+    failure: BaseException | None = None
+    if info.is_main:
+        try:
+            answer[0] = ("ok", decide())
+        except ConfigError as err:
+            answer[0] = ("refused", err.problems)
+        except Exception as err:  # re-raised below, once the other ranks know
+            failure, answer[0] = err, ("failed", [f"rank 0 failed while choosing {what} "
+                                                  f"({type(err).__name__}: {err}); see rank 0's error."])
+    dist.broadcast_object_list(answer, src=0)
+    outcome, value = cast(tuple[str, Any], answer[0])
+    if failure is not None:
+        raise failure
+    if outcome != "ok":
+        raise ConfigError(value)
+    return cast(T, value)
+
+
+def require_on_every_rank(problem: str | None, info: DistInfo, what: str) -> None:
+    """Collective: every rank reports `problem` (None = fine) and, when any rank has one, every rank
+    raises the same one-line ConfigError naming those ranks, so none trains on alone."""
+    from avatarl.config import ConfigError
+
+    members = info.members or tuple(f"rank {r}" for r in range(info.world_size))
+    failed = [f"rank {r} = {members[r]}: {p}" for r, p in enumerate(gather_to_all(problem)) if p is not None]
+    if failed:
+        raise ConfigError([f"{what}: " + "; ".join(failed)])
+
+
 def check_shared_directory(directory: Path, info: DistInfo) -> None:
     """With several nodes, refuse to start unless every rank sees CHECKPOINT_DIR as the same directory:
     rank 0 writes a fresh token there, every rank reads it back (a resume reads the checkpoints on
-    every rank, and rank 0 alone writes them)."""
+    every rank, and rank 0 alone writes them). A token rank 0 cannot write stops every rank alike."""
     if info.nodes <= 1 or os.environ.get(SNAPSHOT_SHARED_ENV) == "1":
         return
     from avatarl.config import ConfigError
 
     token_file = directory / ".shared-by-all-nodes"
-    token = [secrets.token_hex(16) if info.is_main else None]
-    dist.broadcast_object_list(token, src=0)
-    if info.is_main:
-        token_file.write_text(token[0], encoding="utf-8")
-    barrier()
+
+    def write_token() -> str:
+        token = secrets.token_hex(16)
+        try:
+            token_file.write_text(token, encoding="utf-8")
+        except OSError as err:
+            raise ConfigError([f"CHECKPOINT_DIR={directory}: rank 0 cannot write {token_file.name} there "
+                               f"({err.strerror or err}); make the shared directory writable by the trainer's "
+                               "user on node 0."]) from None
+        return token
+
+    token = decided_by_rank0(write_token, info, "the shared-directory token")  # returns once it is written
     try:
-        seen = token_file.read_text(encoding="utf-8").strip() == token[0]
+        seen = token_file.read_text(encoding="utf-8").strip() == token
     except OSError:
         seen = False
     blind = [info.members[r] for r, ok in enumerate(gather_to_all(seen)) if not ok]

@@ -13,12 +13,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from avatarl.model import GPT
+from torch import Tensor, nn
 
 # Temperatures tried for the calibrated CE: log-spaced from 1/8 to 32 (ratio ~1.15), with 1 among them.
 CALIBRATION_TEMPERATURES = torch.logspace(-3, 5, 41, base=2.0)
+LOGIT_ELEMENTS = 1 << 27  # logits per forward chunk (512 MiB in float32): GPT-2's 50k ids x 1024 -> 2 windows
 
 
 def nats_per_temperature(logits: Tensor, targets: Tensor, temperatures: Tensor) -> Tensor:
@@ -30,16 +29,25 @@ def nats_per_temperature(logits: Tensor, targets: Tensor, temperatures: Tensor) 
                         for t in temperatures.tolist()])
 
 
-def calibrated_ce(fit_nats: Tensor, fit_tokens: int, report_nats: Tensor, report_tokens: int,
-                  temperatures: Tensor = CALIBRATION_TEMPERATURES) -> tuple[float, float]:
-    """(CE on the report half at the temperature that minimises CE on the fit half, that temperature)."""
-    best = int(torch.argmin(fit_nats / max(fit_tokens, 1)))
-    return float(report_nats[best]) / max(report_tokens, 1), float(temperatures[best])
+def best_temperature(fit_ce: Tensor, temperatures: Tensor) -> int:
+    """Index of the temperature with the lowest CE; among ties (a flat curve) the one closest to 1."""
+    lowest = float(fit_ce.min())
+    tied = [i for i, ce in enumerate(fit_ce.tolist()) if ce <= lowest + 1e-9 * max(1.0, abs(lowest))]
+    return min(tied, key=lambda i: abs(math.log(float(temperatures[i]))))
+
+
+def validation_chunks(count: int, rows: int) -> list[tuple[str, int, int]]:
+    """(part, start, stop) row ranges of at most `rows` windows: the first half of `count` windows is the
+    "fit" part, the rest the "report" part, and no chunk straddles the two; one window is both parts."""
+    if count == 1:
+        return [("both", 0, 1)]
+    half = count // 2
+    return [(part, start, min(start + rows, stop)) for part, lo, stop in (("fit", 0, half), ("report", half, count))
+            for start in range(lo, stop, rows)]
 
 
 @torch.no_grad()
-def validation_metrics(model: GPT, windows: torch.Tensor, token_bytes: torch.Tensor,
-                       chunk: int = 256) -> dict[str, float]:
+def validation_metrics(model: nn.Module, windows: Tensor, token_bytes: Tensor) -> dict[str, float]:
     """Next-token metrics over fixed validation windows [N, T + 1]:
 
     val_ce  = total nats / predicted tokens                       (nats/token; nats/char for a char run)
@@ -48,30 +56,34 @@ def validation_metrics(model: GPT, windows: torch.Tensor, token_bytes: torch.Ten
     val_acc = share of predicted tokens that are the model's argmax
     val_ce_calibrated, val_temperature = the CE on the second half of the windows at the one temperature
               (of CALIBRATION_TEMPERATURES) that minimises the CE on the first half, and that temperature;
-              with a single window both halves are that window.
+    val_ce_second_half = the CE at temperature 1 on that second half, the figure to compare the calibrated
+              one with; with a single window both halves are that window.
     """
     was_training = model.training
     model.eval()
-    half = len(windows) // 2 if len(windows) > 1 else 1
     temperatures = CALIBRATION_TEMPERATURES
     sums = {part: torch.zeros(len(temperatures), dtype=torch.float64) for part in ("fit", "report")}
     counts = {"fit": 0, "report": 0}
     nats, tokens, utf8_bytes, hits = 0.0, 0, 0, 0
-    for start in range(0, len(windows), chunk):
-        batch = windows[start:start + chunk]
+    rows = max(1, LOGIT_ELEMENTS // (max(1, windows.size(1) - 1) * len(token_bytes)))
+    for part, start, stop in validation_chunks(len(windows), rows):
+        batch = windows[start:stop]
         targets = batch[:, 1:]
         logits = model(batch[:, :-1]).float()  # [n, T, V]
         nats += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         tokens += targets.numel()
         hits += int((logits.argmax(-1) == targets).sum().item())
         utf8_bytes += int(token_bytes[targets].sum().item())
-        rows = torch.arange(start, start + len(batch), device=batch.device)
-        for part, mask in (("fit", rows < half), ("report", rows >= half if len(windows) > 1 else rows < half)):
-            if mask.any():
-                sums[part] += nats_per_temperature(logits[mask].flatten(0, 1), targets[mask].flatten(),
-                                                   temperatures)
-                counts[part] += int(mask.sum()) * targets.size(1)
+        scored = nats_per_temperature(logits.flatten(0, 1), targets.flatten(), temperatures)
+        del logits
+        for name in (("fit", "report") if part == "both" else (part,)):
+            sums[name] += scored
+            counts[name] += targets.numel()
     model.train(was_training)
-    ce_calibrated, temperature = calibrated_ce(sums["fit"], counts["fit"], sums["report"], counts["report"])
+    best = best_temperature(sums["fit"] / max(counts["fit"], 1), temperatures)
+    unit = int(torch.argmin((temperatures - 1.0).abs()))
+    report_tokens = max(counts["report"], 1)
     return {"val_ce": nats / tokens, "val_bpb": nats / (math.log(2) * max(utf8_bytes, 1)),
-            "val_acc": hits / tokens, "val_ce_calibrated": ce_calibrated, "val_temperature": temperature}
+            "val_acc": hits / tokens, "val_ce_calibrated": float(sums["report"][best]) / report_tokens,
+            "val_temperature": float(temperatures[best]),
+            "val_ce_second_half": float(sums["report"][unit]) / report_tokens}

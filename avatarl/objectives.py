@@ -49,6 +49,11 @@ def window_len(cfg: Config, role: str) -> int:
     return cfg.context_len + (cfg.horizon if autoregressive else 1)
 
 
+def grpo_needs_reference(cfg: Config) -> bool:
+    """Autoregressive GRPO always scores against its n-gram; teacher-forced GRPO only for partial credit or KL."""
+    return cfg.rollouts == "autoregressive" or cfg.partial_credit > 0 or cfg.beta_kl > 0
+
+
 class GRPOObjective:
     """The seed's algorithm: rollouts from a periodically refreshed old policy, PPO-clip, entropy, KL; or,
     with ROLLOUTS=teacher_forced, on-policy draws at every position of a window (no old policy)."""
@@ -61,15 +66,18 @@ class GRPOObjective:
         self.teacher_forced = cfg.rollouts == "teacher_forced"
         self.window_len = window_len(cfg, "student")
         self.student = student
-        self.old_policy = frozen_copy(student)
-        use_graphs = cfg.use_cuda_graphs and device.type == "cuda"
+        # Teacher-forced draws come from the student itself: no old policy, no decode graphs.
+        self.old_policy = None if self.teacher_forced else frozen_copy(student)
+        use_graphs = cfg.use_cuda_graphs and device.type == "cuda" and self.old_policy is not None
         self.graphs = GraphedDecoding(self.old_policy, capture=True) if use_graphs else None
-        try:
-            self.credit, self.kl_reference = build_reference(
-                cfg.reference, cfg.ngram_order, cfg.reference_model, corpus.model_vocab_size,
-                char_vocabulary(corpus.tokenizer), reference_ids(corpus.train), device)
-        except ValueError as err:
-            raise ConfigError([str(err)]) from None
+        self.credit = self.kl_reference = None
+        if grpo_needs_reference(cfg):
+            try:
+                self.credit, self.kl_reference = build_reference(
+                    cfg.reference, cfg.ngram_order, cfg.reference_model, corpus.model_vocab_size,
+                    char_vocabulary(corpus.tokenizer), reference_ids(corpus.train), device)
+            except ValueError as err:
+                raise ConfigError([str(err)]) from None
         chars_per_iter = cfg.batch * cfg.k_samples * (cfg.context_len if self.teacher_forced else cfg.horizon)
         self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
                                                max_coef=cfg.kl_max_coef)
@@ -77,7 +85,7 @@ class GRPOObjective:
         self.kl_coef = 0.0
 
     def prepare_step(self, iteration: int, chars_seen: int) -> None:
-        if not self.teacher_forced and iteration % self.cfg.old_policy_interval == 0:
+        if self.old_policy is not None and iteration % self.cfg.old_policy_interval == 0:
             self.old_policy.load_state_dict(self.student.state_dict())
         base = self.controller.value if self.cfg.adaptive_kl else self.cfg.beta_kl
         self.kl_coef = kl_warmup(base, chars_seen, self.cfg.kl_warm)
@@ -97,10 +105,14 @@ class GRPOObjective:
         return {"kl_coef": self.kl_coef}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"old_policy": self.old_policy.state_dict(), "kl_controller": self.controller.state_dict()}
+        state = {"kl_controller": self.controller.state_dict()}
+        if self.old_policy is not None:
+            state["old_policy"] = self.old_policy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.old_policy.load_state_dict(state["old_policy"])
+        if self.old_policy is not None:
+            self.old_policy.load_state_dict(state["old_policy"])
         self.controller.load_state_dict(state["kl_controller"])
 
 

@@ -89,7 +89,8 @@ class MetricsLog(Duty):
 
 
 class Validation(Duty):
-    """At iteration 0 and every EVAL_INTERVAL: val_ce and val_bpb on EVAL_WINDOWS fixed validation windows."""
+    """At iteration 0 and every EVAL_INTERVAL: evaluation.validation_metrics (val_ce, val_bpb, val_acc, the
+    calibrated CE and its temperature) on EVAL_WINDOWS fixed validation windows."""
 
     def __init__(self, logger: NullLogger, run: Run):
         self.logger = logger
@@ -120,8 +121,6 @@ class TextSamples(Duty):
         samples = training_samples(run.raw_model, run.corpus.tokenizer, run.info.device,
                                    run.cfg.seed + run.state.iteration)
         self.logger.log_text("samples", format_samples(samples), run.state.iteration)
-        if not samples:  # a stubbed-out sampler (the learning benchmark's tests)
-            return
         health = sample_health([sample.ids for sample in samples])
         self.logger.log({**health, "chars_seen": run.state.chars_seen}, run.state.iteration)
         warning = degeneracy_warning(health, run.cfg.degeneracy_warn)

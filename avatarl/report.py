@@ -4,8 +4,8 @@ One panel per measurement the run logged, against corpus characters seen: valida
 byte), validation accuracy, calibrated CE, reward, the reward's share on the ground truth, entropy, KL
 to the reference, sample degeneracy and throughput. Panels whose metrics the run never logged are left
 out. The validation panels carry the count-model lines (unigram ... 4-gram, avatarl/baselines.py) in
-their own units, taken from a `baselines` record of metrics.jsonl or, for a char-level run whose corpus
-is on this machine, counted again from the config saved in its newest checkpoint.
+their own units when the run is char-level and its text corpus is on this machine: they are counted
+again from the config saved in its newest checkpoint. Other runs (BPE, a corpus elsewhere) get none.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from avatarl.config import Config, ConfigError
+from avatarl.plotting import require_pyplot
 from avatarl.run_dir import METRICS
 from avatarl.tracking import read_metrics
 
@@ -83,12 +84,6 @@ def panels_present(records: list[dict[str, Any]]) -> list[Panel]:
     return [panel for panel in PANELS if any(series(records, key)[0] for key in panel.keys)]
 
 
-def logged_baselines(records: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
-    """The last `baselines` record of metrics.jsonl ({"unigram": {"acc": .., "ce": ..}, ...}), if any."""
-    found = [r["baselines"] for r in records if isinstance(r.get("baselines"), dict)]
-    return found[-1] if found else None
-
-
 def rebuilt_baselines(run_dir: Path) -> tuple[dict[str, dict[str, float]] | None, str]:
     """Count-model figures on the run's own validation windows, rebuilt from the config in its newest
     checkpoint, and where they came from; (None, why not) unless that is cheap: a char-level run whose
@@ -116,21 +111,9 @@ def rebuilt_baselines(run_dir: Path) -> tuple[dict[str, dict[str, float]] | None
         reason = "; ".join(err.problems) if isinstance(err, ConfigError) else str(err)
         return None, f"none, the run's corpus could not be rebuilt ({reason})"
     windows = eval_windows(corpus.val, cfg.context_len, cfg.eval_windows)
-    return count_model_baselines(reference_ids(corpus.train), windows, corpus.model_vocab_size), \
+    # The tokenizer's ids, as the learning bench counts them: the padded ids above them never occur.
+    return count_model_baselines(reference_ids(corpus.train), windows, corpus.tokenizer.size), \
         f"rebuilt from {checkpoint.name}"
-
-
-def require_pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend, or ConfigError saying how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError(["`avatarl report` draws with matplotlib, which is not installed: "
-                           "pip install 'avatarl[plot]' (or pip install matplotlib)."]) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def draw_baselines(ax: Any, baselines: dict[str, dict[str, float]], unit: str) -> None:
@@ -171,7 +154,10 @@ def draw_report(records: list[dict[str, Any]], path: Path,
     if not panels:
         raise ConfigError([f"no metric of {[panel.name for panel in PANELS]} was logged against {X_KEY}: "
                            "nothing to draw."])
-    plt = require_pyplot()
+    try:
+        plt = require_pyplot("avatarl report")
+    except ImportError as err:  # the CLI's one line and exit 2
+        raise ConfigError([str(err)]) from None
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), dpi=100, squeeze=False)
@@ -191,7 +177,7 @@ def draw_report(records: list[dict[str, Any]], path: Path,
 class Report(NamedTuple):
     path: Path          # the PNG written
     panels: list[str]   # the names of the panels drawn, in order
-    baselines: str      # where the count-model lines came from: "metrics.jsonl", "rebuilt from ..." or "none, why"
+    baselines: str      # where the count-model lines came from: "rebuilt from CHECKPOINT" or "none, why"
     lines: dict[str, dict[str, float]] | None  # the count-model figures drawn: {"unigram": {"acc", "ce"}, ...}
 
 
@@ -200,8 +186,6 @@ def report_run(run_dir: Path, out: Path | None = None, rebuild_baselines: bool =
     records = load_records(run_dir)
     if not panels_present(records):  # before the count models are rebuilt for nothing
         raise ConfigError([f"{run_dir / METRICS} holds no metric logged against {X_KEY}: nothing to draw."])
-    baselines, source = logged_baselines(records), METRICS
-    if baselines is None:
-        baselines, source = rebuilt_baselines(run_dir) if rebuild_baselines else (None, "none, --no-baselines")
+    baselines, source = rebuilt_baselines(run_dir) if rebuild_baselines else (None, "none, --no-baselines")
     path = out or run_dir / REPORT
     return Report(path, draw_report(records, path, baselines, title=str(run_dir)), source, baselines)

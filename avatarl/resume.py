@@ -66,8 +66,17 @@ def shape_differences(saved: dict[str, Any], run: Run) -> list[str]:
 
 
 def restore_run(run: Run, path: Path) -> None:
-    """Load `path` into a freshly built run, refusing checkpoints of another model or algorithm."""
-    saved = load_checkpoint(path, map_location=run.info.device)
+    """Load `path` (rank 0's choice, the same on every rank) into a freshly built run, refusing checkpoints
+    of another model or algorithm. Collective: a rank that cannot read the file stops every rank."""
+    if not run.info.is_distributed:
+        saved = load_checkpoint(path, map_location=run.info.device)
+    else:
+        try:
+            saved, problem = load_checkpoint(path, map_location=run.info.device), None
+        except (CheckpointError, OSError) as err:
+            saved, problem = {}, (str(err).strip().splitlines() or [type(err).__name__])[0]
+        D.require_on_every_rank(problem, run.info, f"RESUME: cannot read the checkpoint {path} that rank 0 chose "
+                                "(every rank must see CHECKPOINT_DIR as rank 0 does)")
     problems = shape_differences(saved, run)
     if problems:
         raise CheckpointError(f"Cannot resume from {path}, the settings differ: " + "; ".join(problems) +

@@ -143,6 +143,12 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
+def agreed_resume_path(cfg: Config, run_dir: Path, info: D.DistInfo) -> Path | None:
+    """resume_path as rank 0 sees it, on every rank: ranks that each picked their own newest checkpoint
+    (another node's view of the directory lagging behind) would resume different iterations."""
+    return D.decided_by_rank0(lambda: resume_path(cfg, run_dir), info, "the checkpoint to resume from")
+
+
 def train(cfg: Config, role: str = "student") -> int:
     """Run training to TOTAL_ITERS (or a stop signal). Returns the process exit code."""
     info = D.init_distributed(cfg.device, cfg.dist_timeout_s)
@@ -158,7 +164,7 @@ def train(cfg: Config, role: str = "student") -> int:
             if info.is_main:
                 lock.acquire()
             run = build(cfg, info, role, run_dir)
-            checkpoint = resume_path(cfg, run_dir)
+            checkpoint = agreed_resume_path(cfg, run_dir, info)
             if checkpoint is not None:
                 restore_run(run, checkpoint)
             elif info.is_main and cfg.overwrite:

@@ -11,6 +11,7 @@ from avatarl.algorithms.avatarl import (
     action_set,
     avatarl_micro_step,
     ideal_distribution,
+    kl_to_referee,
     mentor_distribution,
     policy_gradient_loss,
     reality_distribution,
@@ -198,6 +199,19 @@ def test_micro_step_by_hand_referee_only():
         "reward_mean": 0.75, "reward_max": 1.5, "reward_min": 0.0, "action_set_size": 2.0,
         "true_top_frac": 0.5, "reward_true_share": 0.5, "entropy": round(entropy.item(), 5),
         "kl": round(kl.item(), 5)}
+
+
+def test_kl_in_row_chunks_equals_the_whole_and_keeps_no_graph():
+    torch.manual_seed(0)
+    student = torch.randn(7, 11, requires_grad=True)
+    referee = torch.randn(7, 11, dtype=torch.bfloat16)
+    whole = torch.nn.functional.kl_div(torch.log_softmax(referee.float(), -1), torch.log_softmax(student.float(), -1),
+                                       reduction="batchmean", log_target=True)
+    for chunk_elements in (11, 3 * 11, 4 * 11 + 5, 1, 10**9):  # one row, rows that do not divide 7, one chunk
+        chunked = kl_to_referee(student, referee, max_chunk_elements=chunk_elements)
+        assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-7), chunk_elements
+        assert not chunked.requires_grad
+    assert whole.item() > 0.1
 
 
 def loop_reference(student_logits, referee_logits, targets, cfg):

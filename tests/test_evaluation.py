@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from avatarl.baselines import count_model_baselines
-from avatarl.evaluation import CALIBRATION_TEMPERATURES, validation_metrics
+from avatarl.evaluation import CALIBRATION_TEMPERATURES, validation_chunks, validation_metrics
 
 
 class BigramLogits(nn.Module):
@@ -52,13 +52,34 @@ def test_temperature_fitted_on_first_half_reported_on_second():
     best = CALIBRATION_TEMPERATURES[fit.index(min(fit))].item()
     assert got["val_temperature"] == pytest.approx(best)
     assert got["val_ce_calibrated"] == pytest.approx(ce_by_hand(table, WINDOWS[2:], best), rel=1e-6)
-    assert best > 1 and got["val_ce_calibrated"] < got["val_ce"]
+    assert best > 1 and got["val_ce_calibrated"] < got["val_ce_second_half"]
+    assert got["val_ce_second_half"] == pytest.approx(ce_by_hand(table, WINDOWS[2:], 1.0), rel=1e-6)
 
 
-def test_calibration_leaves_a_calibrated_model_alone():
-    """Uniform logits: every temperature gives ln 2, the argmin is the first, and the CE is unchanged."""
+def test_a_calibrated_model_keeps_temperature_one():
+    """Logits that are the data's own conditional frequencies (after 0: 0 three times in four) on both halves:
+    the fitted temperature is 1 and the calibrated CE is the second half's CE."""
+    windows = torch.tensor([[0, 0, 0, 0, 1], [0, 1, 0, 0, 0]])
+    table = torch.log(torch.tensor([[0.75, 0.25], [0.5, 0.5]]))
+    got = validation_metrics(BigramLogits(table), windows, BYTES)
+    assert got["val_temperature"] == 1.0
+    assert got["val_ce_calibrated"] == pytest.approx(got["val_ce_second_half"], rel=1e-9)
+    assert got["val_ce_second_half"] == pytest.approx(ce_by_hand(table, windows[1:], 1.0), rel=1e-6)
+
+
+def test_a_flat_curve_picks_temperature_one():
     got = validation_metrics(BigramLogits(torch.zeros(2, 2)), WINDOWS, BYTES)
+    assert got["val_temperature"] == 1.0
     assert got["val_ce_calibrated"] == pytest.approx(math.log(2)) == pytest.approx(got["val_ce"])
+
+
+def test_chunks_never_straddle_the_halves_and_sum_to_the_whole(monkeypatch):
+    assert validation_chunks(5, 2) == [("fit", 0, 2), ("report", 2, 4), ("report", 4, 5)]
+    assert validation_chunks(1, 8) == [("both", 0, 1)]
+    table = torch.tensor([[6.0, 0.0], [0.0, 4.0]])
+    whole = validation_metrics(BigramLogits(table), WINDOWS, BYTES)
+    monkeypatch.setattr("avatarl.evaluation.LOGIT_ELEMENTS", 2)  # one window of 2 positions x 2 ids per chunk
+    assert validation_metrics(BigramLogits(table), WINDOWS, BYTES) == pytest.approx(whole, rel=1e-9)
 
 
 def test_count_model_baselines_by_hand():

@@ -263,8 +263,9 @@ def test_micro_step_backward_reaches_only_the_student():
     assert sum(float(p.grad.abs().sum()) for p in policy.parameters()) > 0
     assert all(p.grad is None for p in old_policy.parameters())
     assert all(p.grad is None for p in ref_model.parameters())
-    assert set(metrics) == {"reward_mean", "reward_std", "exact_match", "policy_loss", "kl", "entropy",
-                            "ratio_mean", "ratio_max", "clip_frac"}
+    assert set(metrics) == {"reward_mean", "reward_std", "exact_match", "reward_true_share", "policy_loss", "kl",
+                            "entropy", "ratio_mean", "ratio_max", "clip_frac"}
+    assert 0.0 <= float(metrics["reward_true_share"]) <= 1.0
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
     # student == old policy: the ratio is 1 up to cached-vs-full float error, so nothing is clipped
     assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4 and float(metrics["clip_frac"]) == 0.0

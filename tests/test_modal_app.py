@@ -111,9 +111,13 @@ def test_a_cluster_needs_whole_hosts_and_tells_the_containers_how_many():
     plan = plan_modal_run({"GPU_TYPE": "H100", "N_GPUS": "8", "MODAL_NODES": "4"})
     assert (plan.gpu, plan.nodes, plan.remote_settings["MODAL_NODES"]) == ("H100:8", 4, "4")
     assert plan_modal_run({}).nodes == 1
+    assert plan_modal_run({"MAX_RESTARTS": "2"}).nodes == 1, "one container reads what it wrote itself"
     for settings, fragment in [({"N_GPUS": "4", "MODAL_NODES": "2"}, "MODAL_NODES=2 needs N_GPUS=8"),
                                ({"N_GPUS": "8", "MODAL_NODES": "0"}, "MODAL_NODES='0': give 1 to 32"),
-                               ({"MODAL_NODES": "two"}, "MODAL_NODES='two'")]:
+                               ({"MODAL_NODES": "two"}, "MODAL_NODES='two'"),
+                               # a torchrun restart keeps the containers' stale volume snapshots
+                               ({"N_GPUS": "8", "MODAL_NODES": "2", "MAX_RESTARTS": "1"},
+                                "MAX_RESTARTS=1 with MODAL_NODES=2: set MAX_RESTARTS=0")]:
         with pytest.raises(ModalSetupError, match=fragment):
             plan_modal_run(settings)
 
@@ -417,3 +421,28 @@ def test_prepare_module_runs_as_a_script_and_without_modal():
             f"sys.exit(modal_prepare.main({PREPARE_OWT!r}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "pip install 'avatarl[modal]'" in out.stderr
+
+
+def test_a_cluster_container_learns_its_node_from_modal_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    modal = pytest.importorskip("modal")
+    import modal._cluster as cluster_state  # what Modal sets at the start of a clustered container
+
+    monkeypatch.setattr(cluster_state, "current_cluster_context", cluster_state.ClusterContext(
+        rank=1, cluster_id="cu-test", container_ips=["fd00::5", "fd00::6"], container_ipv4_ips=["10.1.0.5", "10.1.0.6"],
+        fabric_ids=[]))
+    monkeypatch.setattr(modal.Volume, "from_name", FakeVolume.from_name)
+    monkeypatch.setattr(FakeVolume, "commits", [])
+    runs: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake_supervise(command: list[str], env: dict[str, str], *_: object, **__: object) -> tuple[int, bool]:
+        runs.append((command, dict(env)))
+        return 0, False
+
+    monkeypatch.setattr(modal_app, "supervise", fake_supervise)
+    settings = {"MODAL_NODES": "2", "N_GPUS": "8", "CHECKPOINT_DIR": str(tmp_path),
+                "MODAL_CHECKPOINT_VOLUME": "checkpoints", "MODAL_DATA_VOLUME": "data"}
+    assert modal_app.train_in_container(settings) == 0
+    (command, env), = runs
+    assert command == ["avatarl", "launch", "-m", "avatarl", "train"]
+    assert (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"]) == ("2", "1", "10.1.0.5:29400")
+    assert FakeVolume.commits == ["checkpoints", "data"]

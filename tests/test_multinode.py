@@ -7,21 +7,35 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint
+from avatarl import distributed as D
+from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from avatarl.config import Config, ConfigError
-from avatarl.distributed import SNAPSHOT_SHARED_ENV, DistInfo, check_shared_directory
+from avatarl.distributed import (
+    SNAPSHOT_SHARED_ENV,
+    DistInfo,
+    check_shared_directory,
+    decided_by_rank0,
+    require_on_every_rank,
+)
 from avatarl.launchers.torchrun import given, rendezvous_args
 from tests.helpers import (
     LAUNCH,
     LONG,
+    REPO,
+    TIMEOUT,
     Job,
+    clean_env,
     compare_runs,
     free_port,
     kill_job,
@@ -155,6 +169,114 @@ def test_the_shared_directory_check_trusts_a_launcher_that_mounts_one_snapshot_e
     monkeypatch.delenv(SNAPSHOT_SHARED_ENV)
     with pytest.raises(ValueError):  # now it checks, and there is no process group to check with
         check_shared_directory(tmp_path, two_nodes)
+
+
+def two_nodes(rank: int) -> DistInfo:
+    return DistInfo(rank, 0, 2, torch.device("cpu"), ("node 0 (a, pid 1)", "node 1 (b, pid 2)"), nodes=2)
+
+
+class PlayedBroadcast:
+    """broadcast_object_list for ranks called one after another in this process, rank 0 first: the
+    others receive what rank 0 sent (no process group needed)."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] | None = None
+
+    def __call__(self, objects: list[object], src: int = 0) -> None:
+        if self.sent is None:
+            self.sent = list(objects)
+        else:
+            objects[:] = self.sent
+
+
+def test_rank_0_decides_for_every_rank_and_its_failure_stops_them_all(monkeypatch):
+    monkeypatch.setattr(dist, "broadcast_object_list", PlayedBroadcast())
+    views = {0: Path("ckpt_00000008.pt"), 1: Path("ckpt_00000004.pt")}  # rank 1's view lags behind
+    assert [decided_by_rank0(lambda r=r: views[r], two_nodes(r), "x") for r in (0, 1)] == [views[0]] * 2
+
+    def broken() -> Path:
+        raise OSError("Input/output error")
+
+    monkeypatch.setattr(dist, "broadcast_object_list", PlayedBroadcast())
+    with pytest.raises(OSError, match="Input/output error"):  # rank 0: its own error, with its traceback
+        decided_by_rank0(broken, two_nodes(0), "the checkpoint to resume from")
+    with pytest.raises(ConfigError) as caught:  # rank 1: told at once, not after DIST_TIMEOUT_S
+        decided_by_rank0(broken, two_nodes(1), "the checkpoint to resume from")
+    assert caught.value.problems == ["rank 0 failed while choosing the checkpoint to resume from (OSError: "
+                                     "Input/output error); see rank 0's error."]
+
+
+def test_a_token_rank_0_cannot_write_stops_every_rank_with_the_same_line(tmp_path, monkeypatch):
+    monkeypatch.delenv(SNAPSHOT_SHARED_ENV, raising=False)
+    monkeypatch.setattr(dist, "broadcast_object_list", PlayedBroadcast())
+    unmounted = tmp_path / "not-mounted"  # writing the token there raises FileNotFoundError on rank 0
+    seen = []
+    for rank in (0, 1):
+        with pytest.raises(ConfigError) as caught:
+            check_shared_directory(unmounted, two_nodes(rank))
+        seen.append(caught.value.problems)
+    assert seen[0] == seen[1] == [f"CHECKPOINT_DIR={unmounted}: rank 0 cannot write .shared-by-all-nodes there "
+                                  "(No such file or directory); make the shared directory writable by the "
+                                  "trainer's user on node 0."]
+
+
+def test_a_rank_that_cannot_read_the_chosen_checkpoint_is_named_on_every_rank(monkeypatch):
+    monkeypatch.setattr(D, "gather_to_all", lambda problem: [None, "No such file or directory"])
+    for rank in (0, 1):
+        with pytest.raises(ConfigError) as caught:
+            require_on_every_rank(None if rank == 0 else "No such file or directory", two_nodes(rank), "RESUME")
+        assert caught.value.problems == ["RESUME: rank 1 = node 1 (b, pid 2): No such file or directory"]
+    monkeypatch.setattr(D, "gather_to_all", lambda problem: [None, None])
+    require_on_every_rank(None, two_nodes(0), "RESUME")
+
+
+# One rank of a gloo group of two; each rank sees CHECKPOINT_DIR as the directory given for it (rank 1's a
+# stale snapshot without the newest checkpoint), as nodes with lagging views of a shared volume would.
+AGREE_ON_RESUME = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from avatarl import distributed as D
+    from avatarl.config import Config, ConfigError
+    from avatarl.resume import restore_run
+    from avatarl.trainer import agreed_resume_path
+
+    info = D.init_distributed("cpu", 30.0)
+    view = Path(sys.argv[1 + info.rank])
+    chosen = agreed_resume_path(Config(), view, info)
+    print("chosen", chosen, flush=True)
+    try:
+        restore_run(SimpleNamespace(info=info), view / chosen.name)  # this rank's view of rank 0's choice
+    except ConfigError as err:
+        print("refused", err, flush=True)
+    D.cleanup()
+""")
+
+
+def test_two_ranks_resume_the_checkpoint_rank_0_chose_or_stop_together(tmp_path):
+    views = [tmp_path / "rank0", tmp_path / "rank1"]
+    for view in views:
+        view.mkdir()
+    for iteration in (4, 8):
+        save_checkpoint(views[0], iteration, {"iteration": iteration}, keep=5)
+    save_checkpoint(views[1], 4, {"iteration": 4}, keep=5)  # rank 1 alone would resume from iteration 4
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_ON_RESUME)
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", PYTHONPATH=str(REPO))
+    ranks = [subprocess.Popen([sys.executable, str(script), *map(str, views)], cwd=tmp_path, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in (0, 1)]
+    outputs = [rank.communicate(timeout=TIMEOUT)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    newest = views[0] / "ckpt_00000008.pt"
+    for view, text in zip(views, outputs, strict=True):
+        assert f"chosen {newest}\n" in text, text  # not rank 1's own newest, ckpt_00000004.pt
+        refusal = re.search(r"refused (.*)", text)
+        assert refusal, text
+        assert refusal.group(1).startswith(f"RESUME: cannot read the checkpoint {view / newest.name} that rank 0 "
+                                           "chose (every rank must see CHECKPOINT_DIR as rank 0 does): rank 1 = ")
+        assert "rank 0 =" not in refusal.group(1) and "No such file" in refusal.group(1)
 
 
 def test_rendezvous_options_come_from_the_settings():

@@ -165,6 +165,7 @@ def test_nf4_without_cuda_is_one_line_before_any_model_is_built(tmp_path: Path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_student_and_referee_of_other_padded_sizes_train_and_the_checkpoint_names_the_referee(
         tmp_path: Path, tiny_hf_dir: Path, corpus_path: Path, capsys, monkeypatch):
     # The tiny BPE (361 ids): the student pads them to 384, the referee scores exactly 361.

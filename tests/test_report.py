@@ -1,10 +1,12 @@
 """`avatarl report RUN_DIR`: the PNG of a real tiny run's metrics.jsonl, panels only for what was logged,
-the count-model lines, and one line with exit 2 for a directory that holds nothing to draw."""
+the count-model lines rebuilt from a char run's corpus, and one line with exit 2 for a directory that holds
+nothing to draw."""
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ from tests.helpers import metric_records, run_cli
 pytest.importorskip("matplotlib")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Every evaluation logs val_ce/val_bpb, val_acc and val_ce_calibrated; GRPO logs the rest, samples included.
+PANEL_NAMES_OF_A_TINY_GRPO_RUN = ["val_ce", "val_acc", "val_ce_calibrated", "reward", "true_reward", "entropy", "kl",
+                                  "samples", "throughput"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -48,9 +53,7 @@ def test_report_of_a_tiny_grpo_run(tiny_env, tmp_path, corpus_path):
     assert drawn.path == run_dir / "report.png" and drawn.path.stat().st_size > 10_000
     width, height = png_size(drawn.path)
     assert width >= 1000 and height >= 600
-    assert drawn.panels == logged_panels(records)
-    assert {"val_ce", "reward", "true_reward", "entropy", "kl", "samples", "throughput"} <= set(drawn.panels)
-    assert ("val_acc" in drawn.panels) == any("val_acc" in record for record in records)
+    assert drawn.panels == logged_panels(records) == PANEL_NAMES_OF_A_TINY_GRPO_RUN
     assert drawn.baselines == "rebuilt from ckpt_00000004.pt", "a char run whose corpus is here gets its lines"
     counted = drawn.lines
     assert counted is not None and list(counted) == ["uniform", "unigram", "bigram", "trigram", "4-gram"]
@@ -58,17 +61,16 @@ def test_report_of_a_tiny_grpo_run(tiny_env, tmp_path, corpus_path):
     assert any("sample_distinct_2" in record and "sample_longest_run" in record for record in records)
 
 
-def test_report_draws_only_what_was_logged_with_the_logged_baselines(tmp_path):
+def test_report_draws_only_what_was_logged(tmp_path):
     write_lines(tmp_path / "metrics.jsonl", [
         {"iter": 0, "val_ce": 4.17, "chars_seen": 0},
         {"iter": 2, "chars_per_s": 900.0, "chars_seen": 640},
         {"iter": 2, "val_ce": 3.9, "val_acc": 0.12, "chars_seen": 640},
         {"iter": 2, "entropy": 4.1},  # no chars_seen: nothing to place it at
-        {"iter": 2, "baselines": {"unigram": {"acc": 0.15, "ce": 3.35}, "bigram": {"acc": 0.27, "ce": 2.48}}},
     ])
     drawn = report_run(tmp_path, out=tmp_path / "elsewhere.png")
     assert drawn.panels == ["val_ce", "val_acc", "throughput"]
-    assert drawn.baselines == "metrics.jsonl"
+    assert drawn.baselines == "none, no checkpoint holds the run's config" and drawn.lines is None
     assert png_size(tmp_path / "elsewhere.png")[0] > 0 and not (tmp_path / "report.png").exists()
     assert report_run(tmp_path, rebuild_baselines=False).panels == drawn.panels
 
@@ -95,3 +97,13 @@ def test_a_missing_run_dir_is_one_line_and_exit_2(tmp_path, capsys):
     assert avatarl_main(["report", str(tmp_path / "nowhere")]) == exit_codes.CONFIG
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such directory" in err
+
+
+def test_missing_matplotlib_is_one_line_naming_the_command_and_the_install(tmp_path, capsys, monkeypatch):
+    write_lines(tmp_path / "metrics.jsonl", [{"iter": 2, "kl": 0.5, "chars_seen": 640}])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert avatarl_main(["report", str(tmp_path), "--no-baselines"]) == exit_codes.CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`avatarl report` draws with matplotlib" in err
+    assert "pip install 'avatarl[plot]'" in err
+    assert not (tmp_path / "report.png").exists()

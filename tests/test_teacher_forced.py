@@ -1,20 +1,21 @@
 """Teacher-forced GRPO (ROLLOUTS=teacher_forced): rewards and per-position group advantages against a
 straightforward loop, the loss against a by-hand computation, and a reward that teaches."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from avatarl.algorithms.grpo import GRPOSettings, group_advantages
+from avatarl.algorithms.grpo import GRPOSettings, group_advantages, reward_metrics
 from avatarl.algorithms.reference import NgramReference
 from avatarl.algorithms.teacher_forced import position_rewards, sample_actions, teacher_forced_micro_step
-from avatarl.config import Config
-from avatarl.config_sources import load_config
-from avatarl.objectives import window_len
+from avatarl.config import Config, ConfigError
+from avatarl.config_sources import load_config, preset_values
+from avatarl.objectives import grpo_needs_reference, window_len
 from avatarl.trainer import train
-from tests.helpers import metric_records, run_cli
+from tests.helpers import metric_records
 
 V = 5
 
@@ -61,9 +62,18 @@ def test_per_position_group_advantages_match_a_loop():
     assert (got.sum(1).abs() < 1e-5).all()  # each position's group is centred on its own mean
 
 
+def test_reward_metrics_by_hand():
+    rewards = torch.tensor([[1.5, 0.5], [0.2, 0.0]])  # exact match 1 + partial credit, group on dim 1
+    hits = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    m = reward_metrics(rewards, hits, torch.tensor(0.3), torch.tensor(1.2), kl=None)
+    assert m["reward_true_share"].item() == pytest.approx(1.5 / 2.2)
+    assert m["reward_std"].item() == pytest.approx((0.5 + 0.1) / 2)
+    assert m["exact_match"].item() == 0.25 and "kl" not in m
+
+
 def test_loss_and_metrics_by_hand():
     torch.manual_seed(0)
-    s = settings(entropy_coef=0.05)
+    s = settings(entropy_coef=0.05, partial_credit=0.5)
     policy = TableLogits()
     train_ids = torch.randint(0, V, (200,))
     reference = NgramReference(2, V, train_ids, "cpu")
@@ -74,8 +84,9 @@ def test_loss_and_metrics_by_hand():
     logp = torch.log_softmax(policy.table.detach(), -1)
     inputs, truth = window[:, :-1].flatten().tolist(), window[:, 1:].flatten().tolist()
     actions = sample_actions(logp_t[window[:, :-1].flatten()], s.k_samples, torch.Generator().manual_seed(7))
-    advantages = loop_advantages(actions.tolist(), truth, [[0.0] * s.k_samples] * len(truth), s)
     ref = reference.log_probs(window[:, :-1]).flatten(0, 1)
+    credit = ref.gather(-1, actions).exp()
+    advantages = loop_advantages(actions.tolist(), truth, credit.tolist(), s)
     policy_loss = entropy = kl = 0.0
     for n, current in enumerate(inputs):
         policy_loss -= sum(a * logp_t[current, act].item() for a, act in zip(advantages[n], actions[n].tolist(),
@@ -87,20 +98,30 @@ def test_loss_and_metrics_by_hand():
     expected = policy_loss / n - 0.05 * entropy / n + 0.3 * kl / n
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     hits = (actions == torch.tensor(truth)[:, None]).float()
+    rewards = hits + 0.5 * credit
     assert m["exact_match"].item() == pytest.approx(hits.mean().item())
-    assert m["reward_true_share"].item() == pytest.approx(1.0 if hits.sum() else 0.0)
+    assert m["reward_true_share"].item() == pytest.approx(float((rewards * hits).sum() / rewards.sum()))
+    assert m["kl"].item() == pytest.approx(kl / n, rel=1e-5)
     assert m["entropy"].item() == pytest.approx(entropy / n, rel=1e-5)
     loss.backward()
     assert policy.table.grad is not None and policy.table.grad.abs().sum() > 0
 
 
-def test_reward_off_gives_no_policy_gradient():
+def test_reward_off_gives_no_policy_gradient_and_no_reference_no_kl():
     policy = TableLogits()
-    reference = NgramReference(1, V, torch.arange(V), "cpu")
-    loss, m = teacher_forced_micro_step(policy, reference, torch.tensor([[0, 1, 2, 3]]),
+    loss, m = teacher_forced_micro_step(policy, None, torch.tensor([[0, 1, 2, 3]]),
                                         settings(exact_match_reward=0.0), kl_coef=0.0)
     loss.backward()
     assert m["policy_loss"].item() == 0.0 and policy.table.grad.abs().max().item() == 0.0
+    assert "kl" not in m  # nothing was scored against a reference: no made-up zero
+
+
+def test_teacher_forced_builds_a_reference_only_when_it_uses_one():
+    shipped = Config(**preset_values("grpo-teacher-forced"))
+    assert not grpo_needs_reference(shipped)
+    assert grpo_needs_reference(dataclasses.replace(shipped, beta_kl=0.1))
+    assert grpo_needs_reference(dataclasses.replace(shipped, partial_credit=1.0))
+    assert grpo_needs_reference(dataclasses.replace(shipped, rollouts="autoregressive"))
 
 
 def test_a_teacher_forced_window_reads_context_plus_one():
@@ -108,13 +129,12 @@ def test_a_teacher_forced_window_reads_context_plus_one():
     assert window_len(cfg, "student") == 17
 
 
-def test_teacher_forced_needs_the_ngram(tmp_path, tiny_env):
-    done = run_cli(["train"], tmp_path, **tiny_env, ROLLOUTS="teacher_forced", REFERENCE="gpt2")
-    output = done.stdout + done.stderr
-    assert done.returncode == 2 and "ROLLOUTS=teacher_forced with REFERENCE=gpt2" in output
-    assert "Traceback" not in output and not (tmp_path / "ckpt").exists()  # refused before a run dir is made
+def test_teacher_forced_needs_the_ngram():
+    with pytest.raises(ConfigError, match="ROLLOUTS=teacher_forced with REFERENCE=gpt2: .* set REFERENCE=ngram"):
+        load_config(environ={"ROLLOUTS": "teacher_forced", "REFERENCE": "gpt2"})
 
 
+@pytest.mark.slow
 def test_exact_match_reward_teaches_accuracy(tmp_path, tiny_env):
     """The scalar reward alone (no reference, no KL) lifts next-char accuracy far above its reward-off run."""
     accuracy = {}

@@ -270,14 +270,22 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     loss = policy_loss - settings.entropy_coef * ent + kl_coef * kl
 
     hits = (ro.samples == truth[:, None, :]).float()
+    return loss, {**reward_metrics(rewards, hits, policy_loss, ent, kl), **stats}
+
+
+def reward_metrics(rewards: Tensor, hits: Tensor, policy_loss: Tensor, entropy: Tensor, kl: Tensor | None
+                   ) -> dict[str, Tensor]:
+    """The detached metrics of both rollout kinds; rewards and hits (1 where an action is the true token) have
+    the group on dim 1. reward_std is the within-group population std, averaged; reward_true_share the share
+    of the reward mass paid to true tokens; kl is left out when no reference was scored."""
     metrics = {
         "reward_mean": rewards.mean(),
         "reward_std": rewards.std(dim=1, correction=0).mean(),
         "exact_match": hits.mean(),
         "reward_true_share": (rewards * hits).sum() / rewards.sum().clamp_min(1e-12),
         "policy_loss": policy_loss.detach(),
-        "kl": kl.detach(),
-        "entropy": ent.detach(),
-        **stats,
+        "entropy": entropy.detach(),
     }
-    return loss, metrics
+    if kl is not None:
+        metrics["kl"] = kl.detach()
+    return metrics

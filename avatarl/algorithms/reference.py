@@ -19,6 +19,15 @@ from torch import Tensor, nn
 MAX_TABLE_ENTRIES = 1 << 26  # ~64M floats per table (256 MiB): order 4 at V=65 fits, order 5 does not
 
 
+def ngram_table_problem(order: int, vocab_size: int) -> str | None:
+    """Why an n-gram of this order cannot be tabled for this vocabulary, or None when it fits."""
+    if vocab_size ** order <= MAX_TABLE_ENTRIES:
+        return None
+    return (f"NGRAM_ORDER={order} needs a table of {vocab_size}^{order} = {vocab_size ** order:,} entries for a "
+            f"vocabulary of {vocab_size} (limit {MAX_TABLE_ENTRIES:,}): lower NGRAM_ORDER, or use REFERENCE=gpt2 "
+            "for credit.")
+
+
 class NgramReference:
     """Char n-gram of order n with interpolated add-alpha smoothing, counted on the training ids.
 
@@ -38,10 +47,8 @@ class NgramReference:
             raise ValueError(f"n-gram order must be at least 1, got {order}")
         if alpha <= 0:
             raise ValueError(f"smoothing alpha must be positive, got {alpha}")
-        if vocab_size ** order > MAX_TABLE_ENTRIES:
-            raise ValueError(f"NGRAM_ORDER={order} needs a table of {vocab_size}^{order} = "
-                             f"{vocab_size ** order:,} entries for a vocabulary of {vocab_size} (limit "
-                             f"{MAX_TABLE_ENTRIES:,}): lower NGRAM_ORDER, or use REFERENCE=gpt2 for credit.")
+        if problem := ngram_table_problem(order, vocab_size):
+            raise ValueError(problem)
         ids = train_ids.detach().to("cpu", torch.long).flatten()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(f"train ids must lie in [0, {vocab_size})")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_of_log_probs
-from avatarl.algorithms.grpo import GRPOSettings, KLReference, group_advantages, kl_to_reference
+from avatarl.algorithms.grpo import GRPOSettings, KLReference, group_advantages, kl_to_reference, reward_metrics
 
 
 def sample_actions(logp_tempered: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -41,23 +41,21 @@ def position_rewards(actions: Tensor, truth: Tensor, ref_prob: Tensor | None, se
     return rewards
 
 
-def teacher_forced_micro_step(policy: nn.Module, reference: KLReference, window: Tensor, settings: GRPOSettings,
-                              kl_coef: float | Tensor, generator: torch.Generator | None = None
-                              ) -> tuple[Tensor, dict[str, Tensor]]:
+def teacher_forced_micro_step(policy: nn.Module, reference: KLReference | None, window: Tensor,
+                              settings: GRPOSettings, kl_coef: float | Tensor,
+                              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch of windows [B, C + 1]: returns (loss, detached metrics) as grpo_micro_step does.
 
-    Metrics: reward_mean, reward_std (within-position population std, averaged), exact_match (share of
-    actions that hit the true token), reward_true_share (share of the reward mass paid to those
-    actions), policy_loss, kl, entropy.
+    `reference` (the n-gram) gives the partial credit and the KL; None when neither is used, and then no
+    KL is logged. Metrics: grpo.reward_metrics (the group is the K draws at one position).
     """
     inputs, truth = window[:, :-1], window[:, 1:].flatten()  # [B, C], [N]
     K, T = settings.k_samples, settings.temperature
     logits = policy(inputs).float().flatten(0, 1)  # [N, V]
     logp_tempered = F.log_softmax(logits / T, dim=-1)
     actions = sample_actions(logp_tempered, K, generator)  # [N, K]
-    need_reference = settings.partial_credit > 0 or float(kl_coef) > 0
     with torch.no_grad():
-        ref_logp = reference.log_probs(inputs).flatten(0, 1).float() if need_reference else None  # [N, V]
+        ref_logp = reference.log_probs(inputs).flatten(0, 1).float() if reference is not None else None  # [N, V]
         ref_prob = ref_logp.gather(-1, actions).exp() if ref_logp is not None else None
         rewards = position_rewards(actions, truth, ref_prob, settings)
         advantages = group_advantages(rewards[..., None], settings.min_variance)[..., 0]  # group: dim 1 (K)
@@ -65,16 +63,7 @@ def teacher_forced_micro_step(policy: nn.Module, reference: KLReference, window:
     logp = F.log_softmax(logits, dim=-1)
     p = logp.exp()
     ent = entropy_of_log_probs(logp, p).mean()
-    kl = kl_to_reference(logp, ref_logp, p).mean() if ref_logp is not None else torch.zeros((), device=p.device)
-    loss = policy_loss - settings.entropy_coef * ent + kl_coef * kl
+    kl = kl_to_reference(logp, ref_logp, p).mean() if ref_logp is not None else None
+    loss = policy_loss - settings.entropy_coef * ent + (kl_coef * kl if kl is not None else 0.0)
     hits = (actions == truth[:, None]).float()
-    metrics = {
-        "reward_mean": rewards.mean(),
-        "reward_std": rewards.std(dim=1, correction=0).mean(),
-        "exact_match": hits.mean(),
-        "reward_true_share": (rewards * hits).sum() / rewards.sum().clamp_min(1e-12),
-        "policy_loss": policy_loss.detach(),
-        "kl": kl.detach(),
-        "entropy": ent.detach(),
-    }
-    return loss, metrics
+    return loss, reward_metrics(rewards, hits, policy_loss, ent, kl)

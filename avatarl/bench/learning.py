@@ -41,15 +41,16 @@ from typing import Any
 import torch
 
 from avatarl import exit_codes
+from avatarl.algorithms.reference import ngram_table_problem
 from avatarl.baselines import ORDER_NAMES, count_model_baselines
 from avatarl.bench.learning_report import markdown_table, require_pyplot, summarize, write_outputs
-from avatarl.config import Config
+from avatarl.config import Config, ConfigError
 from avatarl.config_sources import preset_values
-from avatarl.data.corpus import load_corpus, reference_ids
+from avatarl.data.corpus import Corpus, load_corpus, reference_ids
 from avatarl.data.sampler import eval_windows
 from avatarl.data.tokenizers import CharTokenizer
-from avatarl.objectives import window_len
-from avatarl.referee import export_referee
+from avatarl.objectives import grpo_needs_reference, window_len
+from avatarl.referee import check_referee_quantize, export_referee
 from avatarl.run_dir import METRICS, run_dir
 from avatarl.tracking import read_metrics
 from avatarl.trainer import train
@@ -58,7 +59,7 @@ SCHEMA = "avatarl.bench.learning/2"
 QUICK_PRESET = "bench-quick"  # avatarl/presets/bench-quick.env: model, LR and budget of --quick
 TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
 EVAL_POINTS = 12
-FINAL_METRICS = ("val_ce", "val_bpb", "val_acc", "val_ce_calibrated", "val_temperature")
+FINAL_METRICS = ("val_ce", "val_bpb", "val_acc", "val_ce_second_half", "val_ce_calibrated", "val_temperature")
 SETTINGS_RECORDED = frozenset({
     "seed", "data_path", "tokenizer", "device", "context_len", "horizon", "k_samples", "batch", "micro_batch", "lr",
     "min_lr", "warmup_iters", "eval_windows", "temperature", "entropy_coef", "beta_kl", "kl_warm", "adaptive_kl",
@@ -152,13 +153,35 @@ def train_referee(base: Config, out: Path, iters: int, eval_points: int
     return code, result, path
 
 
-def corpus_lines(base: Config) -> tuple[dict[str, Any], int, str]:
-    """(count-model baselines on the validation windows every run is scored on, vocabulary size, token unit)."""
+def corpus_lines(base: Config) -> tuple[dict[str, Any], Corpus, str]:
+    """(count-model baselines on the validation windows every run is scored on, the corpus, token unit)."""
     corpus = load_corpus(base, torch.device("cpu"))
     windows = eval_windows(corpus.val, base.context_len, base.eval_windows)
     baselines = count_model_baselines(reference_ids(corpus.train), windows, corpus.tokenizer.size)
     unit = "char" if isinstance(corpus.tokenizer, CharTokenizer) else "token"
-    return baselines, corpus.tokenizer.size, unit
+    return baselines, corpus, unit
+
+
+def check_methods(base: Config, rows: tuple[Method, ...], model_vocab_size: int) -> None:
+    """The cheap checks of every row's settings, so that a row that cannot run stops the benchmark before
+    minutes of training the others: their Config validation, GRPO's n-gram table, the referee's quantisation."""
+    problems = []
+    for method in rows:
+        try:
+            cfg = dataclasses.replace(base, **dict(method.overrides))
+        except ConfigError as err:
+            problems += [f"{method.label}: {line}" for line in err.problems]
+            continue
+        if method.role == "student" and cfg.algorithm == "grpo" and grpo_needs_reference(cfg):
+            if problem := ngram_table_problem(cfg.ngram_order, model_vocab_size):
+                problems.append(f"{method.label}: {problem}")
+        if method.role == "student" and cfg.algorithm == "avatarl":
+            try:
+                check_referee_quantize(cfg)
+            except ConfigError as err:
+                problems += [f"{method.label}: {line}" for line in err.problems]
+    if problems:
+        raise ConfigError(sorted(set(problems), key=problems.index))
 
 
 def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: int, seeds: int = 1,
@@ -173,9 +196,11 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     out.mkdir(parents=True, exist_ok=True)
     base = dataclasses.replace(base, use_wandb=False, resume="never", overwrite=True,
                                save_intermediate_checkpoints=False, sample_interval=0)
-    baselines, vocab_size, unit = corpus_lines(base)
+    baselines, corpus, unit = corpus_lines(base)
+    vocab_size = corpus.tokenizer.size
     budget = budget_iters * base.batch * (base.context_len + 1)
     rows = methods()
+    check_methods(base, rows, corpus.model_vocab_size)
     report: dict[str, Any] = {
         "schema": SCHEMA, "budget_chars": budget, "token_unit": unit, "vocab_size": vocab_size,
         "baselines": baselines, "kl_reference": {"order": base.ngram_order,

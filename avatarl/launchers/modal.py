@@ -144,6 +144,12 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
     elif nodes > 1 and n_gpus != MAX_GPUS:
         problems.append(f"MODAL_NODES={nodes} needs N_GPUS={MAX_GPUS}: each container of a Modal cluster takes "
                         f"every GPU of its host (N_GPUS is {_setting(settings, 'N_GPUS')}).")
+    if nodes > 1 and _setting(settings, "MAX_RESTARTS").strip() not in ("", "0"):
+        # Each container mounts the checkpoint volume as committed when it started: after a torchrun restart
+        # inside the same containers, rank 0 would choose a checkpoint that the other containers cannot see.
+        problems.append(f"MAX_RESTARTS={_setting(settings, 'MAX_RESTARTS')} with MODAL_NODES={nodes}: set "
+                        "MAX_RESTARTS=0; on Modal a failed cluster is retried as a new cluster (Modal's retries), "
+                        "whose containers all see the newest committed checkpoint.")
     try:
         hours = float(_setting(settings, "MODAL_TIMEOUT_HOURS"))
     except ValueError:
@@ -341,9 +347,10 @@ def train_in_container(settings: dict[str, str]) -> int:
 
     nodes = int(settings.get("MODAL_NODES", "1"))
     if nodes > 1:
-        cluster = modal.experimental.get_cluster_info()
-        settings = {**settings, **cluster_settings(nodes, cluster.rank, list(cluster.container_ipv4_ips),
-                                                   list(cluster.container_ips))}
+        cluster = modal.Cluster.from_context()  # the API of modal.clustered (Modal >= 1.6), no network call
+        settings = {**settings, **cluster_settings(nodes, cluster.container_rank(),
+                                                   list(cluster.container_ips(family="ipv4")),
+                                                   list(cluster.container_ips(family="ipv6")))}
     checkpoint_dir = Path(settings["CHECKPOINT_DIR"])
     checkpoint_volume = modal.Volume.from_name(settings["MODAL_CHECKPOINT_VOLUME"])
     committer = CheckpointCommitter(checkpoint_dir / LATEST, checkpoint_volume.commit)
