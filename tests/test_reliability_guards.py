@@ -143,7 +143,8 @@ def test_resume_never_refuses_an_existing_run_unless_overwrite(finished_run, tmp
     fresh = run(TRAIN, {**env, "RESUME": "never", "OVERWRITE": "true", "TOTAL_ITERS": "1"}, tmp_path)
     assert fresh.proc.returncode == 0 and "resumed from" not in fresh.stdout
     assert sorted(p.name for p in run_dir.glob("ckpt_*")) == ["ckpt_00000001.pt"]
-    assert [r["iter"] for r in metric_records(run_dir)] == [0, 1, 1], "metrics.jsonl starts over too"
+    # validation at 0; training metrics, validation and the final samples' health at 1
+    assert [r["iter"] for r in metric_records(run_dir)] == [0, 1, 1, 1], "metrics.jsonl starts over too"
 
 
 @pytest.fixture
