@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from avatarl.algorithms.reference import MAX_TABLE_ENTRIES, NgramReference
+from avatarl.data.corpus import Corpus, reference_ids
+from avatarl.data.sampler import eval_windows
 
 ORDER_NAMES = {1: "unigram", 2: "bigram", 3: "trigram", 4: "4-gram"}
 
@@ -45,3 +47,10 @@ def count_model_baselines(train_ids: Tensor, val_windows: Tensor, vocab_size: in
             nats += float(-logp.gather(-1, truth[..., None]).sum())
         result[ORDER_NAMES[order]] = {"acc": hits / targets.numel(), "ce": nats / targets.numel()}
     return result
+
+
+def corpus_baselines(corpus: Corpus, context_len: int, windows: int) -> dict[str, dict[str, float]]:
+    """count_model_baselines of a run's corpus on the validation windows its Validation duty scores
+    (eval_windows with CONTEXT_LEN and EVAL_WINDOWS), over the tokenizer's ids: padded ids never occur."""
+    val_windows = eval_windows(corpus.val, context_len, windows)
+    return count_model_baselines(reference_ids(corpus.train), val_windows, corpus.tokenizer.size)

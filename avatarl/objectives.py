@@ -24,7 +24,7 @@ from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.data.corpus import Corpus, reference_ids
 from avatarl.data.tokenizers import char_vocabulary
 from avatarl.model import GPT, frozen_copy
-from avatarl.referee import describe_identity, module_bytes, open_referee
+from avatarl.referee import Referee, describe_identity, open_referee
 
 log = logging.getLogger("avatarl")
 
@@ -144,13 +144,12 @@ class AvataRLObjective(NextCharObjective):
 
     name = "avatarl"
 
-    def __init__(self, cfg: Config, referee: nn.Module, valid_vocab: int = 0,
-                 identity: dict[str, str] | None = None):
+    def __init__(self, cfg: Config, referee: Referee, valid_vocab: int = 0):
         super().__init__(cfg, "student")
-        self.referee = referee
+        self.referee = referee.module
         self.valid_vocab = valid_vocab  # the tokenizer's ids; those above are padding (0 = none)
-        self.identity = dict(identity or {})  # saved in every checkpoint: which referee taught this student
-        self.referee_memory_mib = module_bytes(referee) / 2**20
+        self.identity = dict(referee.identity)  # saved in every checkpoint: which referee taught this student
+        self.referee_memory_mib = referee.memory_bytes / 2**20
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg, self.valid_vocab)
@@ -185,6 +184,6 @@ def build_objective(cfg: Config, role: str, corpus: Corpus, student: GPT, device
     if role == "referee":
         return RefereeObjective(cfg)
     if cfg.algorithm == "avatarl":
-        referee = open_referee(cfg, corpus.tokenizer, corpus.model_vocab_size, device)
-        return AvataRLObjective(cfg, referee.module, corpus.tokenizer.size, referee.identity)
+        return AvataRLObjective(cfg, open_referee(cfg, corpus.tokenizer, corpus.model_vocab_size, device),
+                                corpus.tokenizer.size)
     return GRPOObjective(cfg, corpus, student, device)

@@ -36,6 +36,7 @@ from avatarl.data.tokenizers import (
     TiktokenTokenizer,
     Tokenizer,
     hf_tokenizer_file,
+    pieces_sha256,
     vocabulary_difference,
 )
 from avatarl.files import sha256_of
@@ -165,21 +166,20 @@ def token_table_sha256(tokenizer: Tokenizer) -> str | None:
     from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte <-> printable char table
 
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    digest = hashlib.sha256()
-    for i in range(tokenizer.size):
+
+    def piece(i: int) -> bytes:
         token = tokenizer.tokenizer.id_to_token(i) or ""
         if token in tokenizer.special or any(char not in byte_of for char in token):
-            piece = token.encode("utf-8")
-        else:
-            piece = bytes(byte_of[char] for char in token)
-        digest.update(len(piece).to_bytes(4, "little") + piece)
-    return digest.hexdigest()
+            return token.encode("utf-8")
+        return bytes(byte_of[char] for char in token)
+
+    return pieces_sha256(piece(i) for i in range(tokenizer.size))
 
 
 def check_referee_tokenizer(theirs: Tokenizer, mine: Tokenizer, source: str) -> None:
     """One ConfigError line naming both tokenizers unless their ids mean the same: the same identity (kind and
     sha256 of the definition) or the same table of token bytes."""
-    if (theirs.identity.kind, theirs.identity.sha256) == (mine.identity.kind, mine.identity.sha256):
+    if theirs.identity == mine.identity:
         return
     table = token_table_sha256(mine)
     if table is not None and table == token_table_sha256(theirs):

@@ -90,10 +90,9 @@ def rebuilt_baselines(run_dir: Path) -> tuple[dict[str, dict[str, float]] | None
     corpus is on this machine (a relative DATA_PATH is read from the current directory)."""
     import torch
 
-    from avatarl.baselines import count_model_baselines
+    from avatarl.baselines import corpus_baselines
     from avatarl.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
-    from avatarl.data.corpus import load_corpus, packaged_tiny_shakespeare, reference_ids
-    from avatarl.data.sampler import eval_windows
+    from avatarl.data.corpus import load_corpus, packaged_tiny_shakespeare
 
     checkpoint = find_resume_checkpoint(run_dir, quiet=True)
     if checkpoint is None:
@@ -110,10 +109,7 @@ def rebuilt_baselines(run_dir: Path) -> tuple[dict[str, dict[str, float]] | None
     except (ConfigError, CheckpointError, OSError, KeyError, TypeError, ValueError) as err:
         reason = "; ".join(err.problems) if isinstance(err, ConfigError) else str(err)
         return None, f"none, the run's corpus could not be rebuilt ({reason})"
-    windows = eval_windows(corpus.val, cfg.context_len, cfg.eval_windows)
-    # The tokenizer's ids, as the learning bench counts them: the padded ids above them never occur.
-    return count_model_baselines(reference_ids(corpus.train), windows, corpus.tokenizer.size), \
-        f"rebuilt from {checkpoint.name}"
+    return corpus_baselines(corpus, cfg.context_len, cfg.eval_windows), f"rebuilt from {checkpoint.name}"
 
 
 def draw_baselines(ax: Any, baselines: dict[str, dict[str, float]], unit: str) -> None:

@@ -42,12 +42,11 @@ import torch
 
 from avatarl import exit_codes
 from avatarl.algorithms.reference import ngram_table_problem
-from avatarl.baselines import ORDER_NAMES, count_model_baselines
+from avatarl.baselines import ORDER_NAMES, corpus_baselines
 from avatarl.bench.learning_report import markdown_table, require_pyplot, summarize, write_outputs
 from avatarl.config import Config, ConfigError
 from avatarl.config_sources import preset_values
-from avatarl.data.corpus import Corpus, load_corpus, reference_ids
-from avatarl.data.sampler import eval_windows
+from avatarl.data.corpus import Corpus, load_corpus
 from avatarl.data.tokenizers import CharTokenizer
 from avatarl.objectives import grpo_needs_reference, window_len
 from avatarl.referee import check_referee_quantize, export_referee
@@ -156,8 +155,7 @@ def train_referee(base: Config, out: Path, iters: int, eval_points: int
 def corpus_lines(base: Config) -> tuple[dict[str, Any], Corpus, str]:
     """(count-model baselines on the validation windows every run is scored on, the corpus, token unit)."""
     corpus = load_corpus(base, torch.device("cpu"))
-    windows = eval_windows(corpus.val, base.context_len, base.eval_windows)
-    baselines = count_model_baselines(reference_ids(corpus.train), windows, corpus.tokenizer.size)
+    baselines = corpus_baselines(corpus, base.context_len, base.eval_windows)
     unit = "char" if isinstance(corpus.tokenizer, CharTokenizer) else "token"
     return baselines, corpus, unit
 

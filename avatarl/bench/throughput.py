@@ -51,6 +51,7 @@ from avatarl.data.sampler import make_sampler
 from avatarl.device import mixed_precision, resolve_device
 from avatarl.model import GPT, attention_backend_available, frozen_copy
 from avatarl.objectives import AvataRLObjective, RefereeObjective
+from avatarl.referee import Referee, module_bytes
 from avatarl.run import MetricBuffer, Run, RunState
 from avatarl.trainer import build, model_config, train_step
 
@@ -177,8 +178,10 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
     if mixed_precision(cfg, device) == torch.bfloat16:
         referee = referee.to(torch.bfloat16)  # as referee.load_referee does for a bf16 run
     av_cfg = dataclasses.replace(cfg, algorithm="avatarl")
+    referee = frozen_copy(referee)
     avatarl = dataclasses.replace(
-        grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, frozen_copy(referee)), state=RunState(),
+        grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, Referee(referee, {}, module_bytes(referee))),
+        state=RunState(),
         metrics=MetricBuffer(device), sampler=make_sampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed, 0, device))
     return supervised, avatarl
 

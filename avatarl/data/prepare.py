@@ -28,7 +28,7 @@ from avatarl.config import ConfigError
 from avatarl.data.prepared import FORMAT, META, TRAIN_BIN, VAL_BIN, token_dtype
 from avatarl.data.sources import HFSource, documents, expand, require_sources
 from avatarl.data.tokenizers import Tokenizer, load_tokenizer
-from avatarl.files import fsync_path, sha256_of
+from avatarl.files import atomic_write, fsync_path, sha256_of
 
 CHUNK_CHARS = 1 << 16
 MIN_CHUNK_CHARS = 1 << 10
@@ -144,11 +144,8 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
             "sources": [str(path) for path in files] + ([f"hf:{hf.name}:{hf.config or ''}:{hf.split}"] if hf else []),
             "sha256": {TRAIN_BIN: sha256_of(train_tmp), VAL_BIN: sha256_of(val_tmp)},
             "tokens_per_s": total / elapsed, "seconds": round(elapsed, 2), "num_proc": num_proc}
-    meta_tmp = output / f"{META}{TEMP_SUFFIX}"
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    fsync_path(meta_tmp)
     os.replace(val_tmp, output / VAL_BIN)
-    os.replace(meta_tmp, output / META)
+    atomic_write(output / META, [(json.dumps(meta, indent=2) + "\n").encode()])
     os.replace(train_tmp, output / TRAIN_BIN)  # last: only now does the directory look complete
     fsync_path(output)
     return meta

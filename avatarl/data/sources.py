@@ -53,13 +53,6 @@ def expand(sources: list[str]) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"source {path} is not UTF-8 text (byte {err.start}): convert it to UTF-8."]) from None
-
-
 def _jsonl_documents(path: Path, column: str) -> Iterator[str]:
     with open(path, encoding="utf-8", errors="strict") as handle:
         for number, line in enumerate(handle, 1):
@@ -90,7 +83,7 @@ def file_documents(files: list[Path], column: str) -> Iterator[str]:
     for path in files:
         try:
             if path.suffix == ".txt":
-                yield _read_text(path)
+                yield path.read_text(encoding="utf-8")
             elif path.suffix == ".jsonl":
                 yield from _jsonl_documents(path, column)
             else:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ GPT2 = "gpt2"
 
 @dataclass(frozen=True)
 class TokenizerIdentity:
-    kind: str     # "char", "tiktoken" or "huggingface"
-    source: str   # what TOKENIZER said ("char", "gpt2", a path)
-    sha256: str   # of the definition: the chars, the token bytes, or tokenizer.json
+    """Equal when the ids mean the same: the same kind and definition, wherever it was loaded from."""
+
+    kind: str                             # "char", "tiktoken" or "huggingface"
+    source: str = field(compare=False)    # what TOKENIZER said ("char", "gpt2", a path)
+    sha256: str                           # of the definition: the chars, the token bytes, or tokenizer.json
 
     def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "source": self.source, "sha256": self.sha256}
@@ -100,6 +103,14 @@ class CharTokenizer(Tokenizer):
         return set(text) <= set(self.index)
 
 
+def pieces_sha256(pieces: Iterable[bytes]) -> str:
+    """sha256 of a tokenizer's table: the bytes each id stands for, in id order, each prefixed by its length."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(len(piece).to_bytes(4, "little") + piece)
+    return digest.hexdigest()
+
+
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken Encoding: GPT-2's by name, or one made from a rank file."""
 
@@ -108,10 +119,7 @@ class TiktokenTokenizer(Tokenizer):
         self.size = encoding.n_vocab
         self.eot_id = encoding.eot_token
         self.pieces = [self._bytes_of(i) for i in range(self.size)]  # the bytes each id stands for
-        digest = hashlib.sha256()
-        for piece in self.pieces:
-            digest.update(len(piece).to_bytes(4, "little") + piece)
-        self.identity = TokenizerIdentity("tiktoken", source, digest.hexdigest())
+        self.identity = TokenizerIdentity("tiktoken", source, pieces_sha256(self.pieces))
 
     def _bytes_of(self, i: int) -> bytes:
         try:
@@ -246,8 +254,7 @@ def vocabulary_difference(saved: dict[str, Any], tokenizer: Tokenizer) -> str | 
     mine = tokenizer.identity
     theirs = TokenizerIdentity.from_dict(saved["tokenizer"]) if saved.get("tokenizer") else None
     if theirs is not None and not theirs.kind == mine.kind == "char":
-        same = (theirs.kind, theirs.sha256) == (mine.kind, mine.sha256)
-        return None if same else f"tokenizer {theirs.describe()} vs {mine.describe()}"
+        return None if theirs == mine else f"tokenizer {theirs.describe()} vs {mine.describe()}"
     chars = list(saved.get("vocab") or saved.get("vocab_chars") or [])
     ours = char_vocabulary(tokenizer)
     if chars == ours:
@@ -260,7 +267,7 @@ def vocabulary_difference(saved: dict[str, Any], tokenizer: Tokenizer) -> str | 
 
 def check_same_tokenizer(theirs: TokenizerIdentity, mine: TokenizerIdentity, their_name: str, my_name: str) -> None:
     """ConfigError naming both tokenizers when the ids of one do not mean what they mean in the other."""
-    if (theirs.kind, theirs.sha256) != (mine.kind, mine.sha256):
+    if theirs != mine:
         raise ConfigError([f"tokenizer mismatch: {their_name} was made with {theirs.describe()}, {my_name} is "
                            f"{mine.describe()}; use the same tokenizer (TOKENIZER) for both."])
 
