@@ -187,6 +187,10 @@ class Config:
     rdzv_endpoint: str = setting("", "host:port of the rendezvous on node 0, reachable from every node; required "
                                  "when NNODES is not 1.", "distributed")
     rdzv_id: str = setting("avatarl", "Job id: nodes with the same id and endpoint form one job.", "distributed")
+    node_addr: str = setting("", "This node's address as the other nodes reach it (torchrun --local-addr); empty: "
+                             "its host name. torchrun tells nodes apart by address and process id, so nodes that "
+                             "share one host's network (containers on one machine) each need their own.",
+                             "distributed")
     max_restarts: int = setting(0, "Times torchrun restarts the worker group after a worker or node fails; "
                                 "restarted workers resume from the newest checkpoint (Modal: 0 when MODAL_NODES > 1, "
                                 "its retries restart a cluster).", "distributed", low=0)
@@ -314,6 +318,9 @@ def node_problems(cfg: Config) -> list[str]:
                         "the same on every node.")
     if not cfg.rdzv_id or not all(c.isalnum() or c in "-_." for c in cfg.rdzv_id):
         problems.append(f"RDZV_ID={cfg.rdzv_id!r} is not allowed: use letters, digits, '-', '_' or '.'.")
+    if cfg.node_addr and not all(c.isalnum() or c in "-_.:[]" for c in cfg.node_addr):
+        problems.append(f"NODE_ADDR={cfg.node_addr!r} is not an address: give this node's host name or IP "
+                        "address, e.g. 10.0.0.2.")
     return problems
 
 

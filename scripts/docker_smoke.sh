@@ -349,8 +349,10 @@ for rank in 0 1; do
     if [ "$memlock_kb" != unlimited ]; then
         printf '    ulimits:\n      memlock: %d\n      stack: 67108864\n' $((memlock_kb * 1024)) >> "$node/smoke.yaml"
     fi
+    # Both containers see the host's name and run torchrun as the same PID of their own namespace: without
+    # an address of its own each, torchrun takes the two for one node and waits for a second one forever.
     write_env 6 "$MULTI" DEVICE=cpu NNODES=2 NODE_RANK=$rank RDZV_ENDPOINT=127.0.0.1:$port RDZV_ID=smoke \
-        N_GPUS=1 MAX_RESTARTS=0 DIST_TIMEOUT_S=120 GLOO_SOCKET_IFNAME=lo
+        NODE_ADDR=127.0.0.$((rank + 1)) N_GPUS=1 MAX_RESTARTS=0 DIST_TIMEOUT_S=120 GLOO_SOCKET_IFNAME=lo
     mv "$WORK/project/.env" "$node/.env"
 done
 NODE0=("$COMPOSE_BIN" --ansi never -p "$PROJECT-node0" -f "$WORK/node0/compose.yaml" -f "$WORK/node0/smoke.yaml")
@@ -365,9 +367,15 @@ for rank in 0 1; do
     if [ "$rank" = 0 ]; then node=("${NODE0[@]}"); else node=("${NODE1[@]}"); fi
     state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$("${node[@]}" ps --all --quiet train-multinode)" \
         2>&1 || true)
-    [ "$state" = "exited 0" ] || { tail -30 "$WORK/multinode$rank.log" >&2; fail "node $rank did not exit 0 ($state)"; }
-    grep -q -- "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:$port" "$WORK/multinode$rank.log" \
-        || fail "node $rank did not start torchrun's c10d rendezvous"
+    if [ "$state" != "exited 0" ]; then
+        for log_rank in 0 1; do
+            echo "--- node $log_rank, without torch's C++ stack frames:" >&2
+            grep -v '^train-multinode-1  | frame #' "$WORK/multinode$log_rank.log" | tail -25 >&2
+        done
+        fail "node $rank did not exit 0 ($state)"
+    fi
+    grep -q -- "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:$port .*--local-addr=127.0.0.$((rank + 1))" \
+        "$WORK/multinode$rank.log" || fail "node $rank did not start torchrun's c10d rendezvous with its NODE_ADDR"
 done
 grep -q "world size 2" "$WORK"/multinode[01].log || fail "the two projects did not form one world of size 2"
 [ "$(newest_iter "$MULTI")" = 6 ] || fail "the two-node run left no checkpoint of iteration 6"

@@ -51,7 +51,7 @@ from tests.helpers import (
 TRAIN_ARGS = ["-m", "avatarl", "train"]
 ONE_NODE = [*LAUNCH, "--standalone", "--nproc-per-node=2", *TRAIN_ARGS]
 NODE = [*LAUNCH, *TRAIN_ARGS]  # the rendezvous comes from NNODES, RDZV_ENDPOINT, ...
-DISTRIBUTED = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts", "dist_timeout_s")
+DISTRIBUTED = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "node_addr", "max_restarts", "dist_timeout_s")
 # Cut inside a log and an old-policy interval with an unsaturated KL controller, as tests/helpers.py
 # check_equivalence does: a resume must restore every rank's partial sums to stay bit-identical.
 EIGHT = dict(TOTAL_ITERS=8, CHECKPOINT_INTERVAL=4, LOG_INTERVAL=3, EVAL_INTERVAL=4, OLD_POLICY_INTERVAL=3,
@@ -76,11 +76,14 @@ def reference_state(one_node: tuple[Job, dict[str, str]]) -> dict[str, Any]:
     return final_state(env)
 
 
-def start_nodes(env: dict[str, str], cwd: Path, tag: str, nodes: int = 2, **per_node: Any) -> list[Job]:
-    """`nodes` launchers forming one job at a fresh local endpoint; `per_node` values are lists by node."""
+def start_nodes(env: dict[str, str], cwd: Path, tag: str, nodes: int = 2, prefix: tuple[str, ...] = (),
+                **per_node: Any) -> list[Job]:
+    """`nodes` launchers forming one job at a fresh local endpoint, each run under `prefix`; `per_node`
+    values are lists by node."""
     common = {**env, "NNODES": str(nodes), "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
-    return [start(NODE, {**common, "NODE_RANK": str(rank), **{k: str(v[rank]) for k, v in per_node.items()}},
-                  cwd, f"{tag}{rank}") for rank in range(nodes)]
+    return [start([*prefix, *NODE], {**common, "NODE_RANK": str(rank),
+                                     **{k: str(v[rank]) for k, v in per_node.items()}}, cwd, f"{tag}{rank}")
+            for rank in range(nodes)]
 
 
 def output(jobs: list[Job]) -> str:
@@ -159,6 +162,34 @@ def test_a_checkpoint_dir_the_nodes_do_not_share_is_refused(tmp_path, corpus_pat
     assert re.search(r"error: CHECKPOINT_DIR=\S+ is not one directory shared by all nodes: node \d .* cannot "
                      r"read what rank 0 wrote there", text), text
     assert not list(tmp_path.glob("node*/ckpt_*.pt")), "refused before training"
+
+
+@pytest.fixture
+def own_pid_namespace() -> tuple[str, ...]:
+    """A command prefix that runs a process in a PID namespace of its own, as a container does."""
+    prefix = ("unshare", "--pid", "--fork", "--mount-proc")
+    try:
+        allowed = subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        allowed = False
+    if not allowed:
+        pytest.skip("unshare --pid is not allowed here (it needs root or user namespaces)")
+    return prefix
+
+
+@pytest.mark.slow
+def test_nodes_with_one_host_name_and_one_pid_form_a_world_only_with_node_addr(tmp_path, corpus_path,
+                                                                               own_pid_namespace):
+    """Two containers with host networking on one machine, as the docker smoke test runs them: the same host
+    name and, each in its own PID namespace, the same torchrun pid, which is all torchrun knows a node by."""
+    same = start_nodes(settings(tmp_path, corpus_path, "same", DIST_TIMEOUT_S=5), tmp_path, "same",
+                       prefix=own_pid_namespace)
+    assert [job.wait() for job in same] != [0, 0]
+    assert "RendezvousTimeoutError" in output(same), "taken for one node, the pair waited for a second one"
+    apart = start_nodes(settings(tmp_path, corpus_path, "apart"), tmp_path, "apart", prefix=own_pid_namespace,
+                        NODE_ADDR=["127.0.0.1", "127.0.0.2"])
+    assert [job.wait() for job in apart] == [0, 0], output(apart)
+    assert "--local-addr=127.0.0.2" in output(apart) and "world size 2" in output(apart)
 
 
 def test_the_shared_directory_check_trusts_a_launcher_that_mounts_one_snapshot_everywhere(tmp_path, monkeypatch):
@@ -290,6 +321,12 @@ def test_rendezvous_options_come_from_the_settings():
     # What the command line sets wins; --standalone or a rendezvous of one's own keeps torchrun's.
     assert rendezvous_args(cfg, ["--standalone", "--nproc_per_node", "2", *TRAIN_ARGS]) == ["--max-restarts=3"]
     assert rendezvous_args(Config(), TRAIN_ARGS) == ["--nproc-per-node=1", "--max-restarts=0"]
+    # Two nodes in one host's network can share a host name and (one PID namespace each) a process id,
+    # torchrun's whole node identity: NODE_ADDR tells them apart.
+    node_addr = rendezvous_args(Config(**{**vars(cfg), "node_addr": "10.0.0.2"}), TRAIN_ARGS)
+    assert node_addr[:-1] == rendezvous_args(cfg, TRAIN_ARGS) and node_addr[-1] == "--local-addr=10.0.0.2"
+    assert "--local-addr=10.0.0.2" not in rendezvous_args(Config(**{**vars(cfg), "node_addr": "10.0.0.2"}),
+                                                          ["--local_addr", "10.0.0.9", *TRAIN_ARGS])
     assert given(["--max_restarts=1", *TRAIN_ARGS], "--max-restarts")
     assert not given([*TRAIN_ARGS, "--nnodes=2"], "--nnodes"), "the trainer's own flags are not torchrun's"
 
@@ -301,6 +338,7 @@ def test_rendezvous_options_come_from_the_settings():
     (dict(nnodes="2", rdzv_endpoint="10.0.0.1"), "RDZV_ENDPOINT='10.0.0.1' is not host:port"),
     (dict(nnodes="2", rdzv_endpoint="h:1", node_rank=2), "NODE_RANK=2 is out of range"),
     (dict(rdzv_id="my job"), "RDZV_ID='my job' is not allowed"),
+    (dict(node_addr="10.0.0.2 10.0.0.3"), "NODE_ADDR='10.0.0.2 10.0.0.3' is not an address"),
 ])
 def test_bad_node_settings_are_one_line_each(settings_, problem):
     with pytest.raises(ConfigError) as caught:

@@ -1,6 +1,6 @@
 """`avatarl launch`: torchrun whose workers, not torchrun itself, receive the stop signals, and whose
 rendezvous (one node or several, elastic restarts) comes from the settings NNODES, NODE_RANK,
-RDZV_ENDPOINT, RDZV_ID, MAX_RESTARTS, DIST_TIMEOUT_S and N_GPUS.
+RDZV_ENDPOINT, RDZV_ID, NODE_ADDR, MAX_RESTARTS, DIST_TIMEOUT_S and N_GPUS.
 
     avatarl launch --standalone -m avatarl train        # one node, a free local port
     NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=10.0.0.1:29400 avatarl launch -m avatarl train   # on each node
@@ -64,7 +64,8 @@ def given(args: Sequence[str], *options: str) -> bool:
 def rendezvous_args(cfg: Config, args: Sequence[str]) -> list[str]:
     """torchrun options from the settings, for the ones `args` leave unset: processes per node (N_GPUS),
     restarts (MAX_RESTARTS) and, unless `--standalone` or a rendezvous is given, the c10d rendezvous of
-    NNODES nodes at RDZV_ENDPOINT, hosted by node 0, whose joins wait at most DIST_TIMEOUT_S."""
+    NNODES nodes at RDZV_ENDPOINT, hosted by node 0, whose joins wait at most DIST_TIMEOUT_S, with this
+    node's address NODE_ADDR when it is set."""
     extra = []
     if not given(args, "--nproc-per-node"):
         extra.append(f"--nproc-per-node={cfg.n_gpus}")
@@ -74,8 +75,11 @@ def rendezvous_args(cfg: Config, args: Sequence[str]) -> list[str]:
     if own_rendezvous or (cfg.node_range == (1, 1) and not cfg.rdzv_endpoint):
         return extra
     conf = f"is_host={int(cfg.node_rank == 0)},join_timeout={math.ceil(cfg.dist_timeout_s)}"
-    return [*extra, f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
-            f"--rdzv-id={cfg.rdzv_id}", f"--rdzv-conf={conf}"]
+    extra += [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+              f"--rdzv-id={cfg.rdzv_id}", f"--rdzv-conf={conf}"]
+    if cfg.node_addr and not given(args, "--local-addr"):
+        extra.append(f"--local-addr={cfg.node_addr}")
+    return extra
 
 
 def launch_torchrun(torchrun_args: Sequence[str], cfg: Config | None = None) -> int:
