@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from avatarl.exit_codes import first_line
 from avatarl.faults import write_slowly_if_asked
 from avatarl.files import atomic_write
 
@@ -169,7 +170,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                               "Delete the file, or set RESUME to a checkpoint you trust.") from None
     except (RuntimeError, KeyError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path} has a valid checksum but is not a torch checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+                              f"{first_line(err)}).") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not an avatarl checkpoint.")
     return state

@@ -162,7 +162,7 @@ def command_prepare(args: argparse.Namespace) -> int:
     # which prepare cannot use and which a .env made from .env.example always holds.
     spec = args.tokenizer or cfg.tokenizer
     meta = prepare(args.sources, Path(args.output).expanduser(), spec, hf_source(args), args.text_column,
-                   args.num_proc, args.val_fraction, args.dtype)
+                   args.num_proc or max(1, os.cpu_count() or 1), args.val_fraction, args.dtype)
     print(f"[avatarl] prepared {args.output}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}) from {meta['documents']:,} documents in {meta['seconds']:.1f}s, "
           f"{meta['tokens_per_s']:,.0f} tokens/s with {meta['num_proc']} process(es)")
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(the nanoGPT layout; DATA_PATH=DIR trains from it)")
     add_source_arguments(prep)
     prep.add_argument("--output", required=True, help="the directory to write")
-    prep.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
+    prep.add_argument("--num-proc", type=int, default=None, help="worker processes (default: this machine's cores)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens in val.bin")
     prep.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
                       help="token id type (auto: uint16 when the vocabulary fits)")
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     bench.add_argument("--out", default="bench-out", help="output directory (learning)")
     bench.add_argument("--seeds", type=int, default=1, help="repeat every method for SEED, SEED+1, ... (learning)")
+    bench.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                       help="(learning) train nothing: join the learning.json of runs for other seeds into OUT")
     add_setting_flags(bench)
     bench.set_defaults(handler=command_bench)
 

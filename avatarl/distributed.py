@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from avatarl.device import resolve_device
+from avatarl.exit_codes import first_line
 
 T = TypeVar("T")
 
@@ -45,6 +46,10 @@ class DistInfo:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    def describe(self, rank: int) -> str:
+        """'rank R = node N (host, pid P)' for error lines; 'rank R' where the members are not known."""
+        return f"rank {rank} = {self.members[rank]}" if self.members else f"rank {rank}"
 
 
 def launched_by_torchrun() -> bool:
@@ -89,8 +94,8 @@ def lost_peers_message(info: DistInfo, error: BaseException, grace_s: float = 5.
     """The one line a rank prints when a collective failed: which ranks did not answer, found by every
     surviving rank checking in at the workers' store (MASTER_ADDR:MASTER_PORT) and waiting `grace_s`
     for the others; when that store is gone too, every other rank is named."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]  # gloo: "[file.cc:537] Read..."
+    # gloo's messages start "[file.cc:537] Read error ..." and end in advice that does not apply here.
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". This is typically")[0]
     others = [r for r in range(info.world_size) if r != info.rank]
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -105,8 +110,7 @@ def lost_peers_message(info: DistInfo, error: BaseException, grace_s: float = 5.
         where = "did not answer"
     except (KeyError, ValueError, RuntimeError):  # the store is rank 0's (avatarl launch): rank 0 is gone
         where = "did not answer, nor did rank 0's store"
-    members = info.members or tuple(f"rank {r}" for r in range(info.world_size))
-    lost = "; ".join(f"rank {r} = {members[r]}" for r in others) or "none found"
+    lost = "; ".join(info.describe(r) for r in others) or "none found"
     return (f"error: rank {info.rank} lost its peers: {lost} {where} ({detail}). A node or worker died or "
             "hung longer than DIST_TIMEOUT_S; with MAX_RESTARTS > 0 torchrun restarts the group, otherwise "
             "start every node again and RESUME=auto continues from the newest checkpoint.")
@@ -150,8 +154,7 @@ def require_on_every_rank(problem: str | None, info: DistInfo, what: str) -> Non
     raises the same one-line ConfigError naming those ranks, so none trains on alone."""
     from avatarl.config import ConfigError
 
-    members = info.members or tuple(f"rank {r}" for r in range(info.world_size))
-    failed = [f"rank {r} = {members[r]}: {p}" for r, p in enumerate(gather_to_all(problem)) if p is not None]
+    failed = [f"{info.describe(r)}: {p}" for r, p in enumerate(gather_to_all(problem)) if p is not None]
     if failed:
         raise ConfigError([f"{what}: " + "; ".join(failed)])
 

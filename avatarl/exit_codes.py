@@ -1,4 +1,5 @@
-"""Exit codes of every avatarl command: the one list that the CLI, the trainer, the launchers and the docs use."""
+"""Exit codes of every avatarl command: the one list that the CLI, the trainer, the launchers and the docs use;
+and the one line an error becomes in the messages that go with them."""
 
 from __future__ import annotations
 
@@ -11,3 +12,9 @@ ABORTED = 130    # a second Ctrl-C: the step in progress is lost, the newest che
 
 # What a retry (Modal, Kubernetes) cannot fix: it would fail the same way every time.
 NOT_RETRYABLE = (CONFIG, BAD_STEPS)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or the name of its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

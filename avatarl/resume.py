@@ -22,6 +22,7 @@ from avatarl.checkpoint import (
     set_aside_newer,
 )
 from avatarl.data.tokenizers import vocabulary_difference
+from avatarl.exit_codes import first_line
 from avatarl.run import Run
 
 log = logging.getLogger("avatarl")
@@ -74,7 +75,7 @@ def restore_run(run: Run, path: Path) -> None:
         try:
             saved, problem = load_checkpoint(path, map_location=run.info.device), None
         except (CheckpointError, OSError) as err:
-            saved, problem = {}, (str(err).strip().splitlines() or [type(err).__name__])[0]
+            saved, problem = {}, first_line(err)
         D.require_on_every_rank(problem, run.info, f"RESUME: cannot read the checkpoint {path} that rank 0 chose "
                                 "(every rank must see CHECKPOINT_DIR as rank 0 does)")
     problems = shape_differences(saved, run)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,11 @@ def prepare_run_dir(cfg: Config, role: str) -> Path:
     directory = run_dir(cfg.checkpoint_dir, role)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        # A name no other process can hold: ranks of several containers that share this directory can
+        # have the same pid, and one would delete the other's probe.
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise ConfigError([f"CHECKPOINT_DIR={cfg.checkpoint_dir!r} is not writable ({err.strerror}): "
                            "choose a directory you can write to."]) from None

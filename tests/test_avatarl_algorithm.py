@@ -11,7 +11,7 @@ from avatarl.algorithms.avatarl import (
     action_set,
     avatarl_micro_step,
     ideal_distribution,
-    kl_to_referee,
+    kl_and_entropy,
     mentor_distribution,
     policy_gradient_loss,
     reality_distribution,
@@ -201,16 +201,18 @@ def test_micro_step_by_hand_referee_only():
         "kl": round(kl.item(), 5)}
 
 
-def test_kl_in_row_chunks_equals_the_whole_and_keeps_no_graph():
+def test_kl_and_entropy_in_row_chunks_equal_the_whole_and_keep_no_graph():
     torch.manual_seed(0)
     student = torch.randn(7, 11, requires_grad=True)
     referee = torch.randn(7, 11, dtype=torch.bfloat16)
     whole = torch.nn.functional.kl_div(torch.log_softmax(referee.float(), -1), torch.log_softmax(student.float(), -1),
                                        reduction="batchmean", log_target=True)
+    whole_entropy = -(student.softmax(-1) * student.log_softmax(-1)).sum(-1).mean()
     for chunk_elements in (11, 3 * 11, 4 * 11 + 5, 1, 10**9):  # one row, rows that do not divide 7, one chunk
-        chunked = kl_to_referee(student, referee, max_chunk_elements=chunk_elements)
-        assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-7), chunk_elements
-        assert not chunked.requires_grad
+        kl, student_entropy = kl_and_entropy(student, referee, max_chunk_elements=chunk_elements)
+        assert torch.allclose(kl, whole, rtol=1e-6, atol=1e-7), chunk_elements
+        assert torch.allclose(student_entropy, whole_entropy, rtol=1e-6, atol=1e-7), chunk_elements
+        assert not kl.requires_grad and not student_entropy.requires_grad
     assert whole.item() > 0.1
 
 

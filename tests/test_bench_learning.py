@@ -13,7 +13,7 @@ import pytest
 from avatarl.algorithms.reference import ngram_table_problem
 from avatarl.baselines import count_model_baselines
 from avatarl.bench.learning import chars_to_beat, corpus_lines, learning_bench, methods, run_learning_bench
-from avatarl.bench.learning_report import markdown_table, summarize, write_outputs
+from avatarl.bench.learning_report import markdown_table, merge_reports, summarize, write_outputs
 from avatarl.checkpoint import load_checkpoint
 from avatarl.config import Config, ConfigError
 from avatarl.data.corpus import reference_ids
@@ -164,3 +164,46 @@ def test_seeds_below_one_are_refused_before_training(tmp_path, capsys):
     args = argparse.Namespace(quick=True, out=str(tmp_path / "out"), json_path=None, seeds=0)
     assert run_learning_bench(Config(device="cpu"), args) == 2
     assert "--seeds 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def one_seed(report: dict, seed: int) -> dict:
+    """The report a run of `report`'s benchmark for `seed` alone writes."""
+    return {**report, "seeds": [seed], "referee": {str(seed): report["referee"][str(seed)]},
+            "settings": {**report["settings"], "SEED": seed},
+            "methods": {name: {**entry, "runs": [run for run in entry["runs"] if run["seed"] == seed],
+                               "summary": summarize([run for run in entry["runs"] if run["seed"] == seed])}
+                        for name, entry in report["methods"].items()}}
+
+
+def test_runs_of_other_seeds_merge_into_the_report_of_all_seeds(bench, tmp_path, capsys):
+    report = json.loads(json.dumps(bench[2]))  # as a learning.json holds it
+    first, second = (one_seed(report, seed) for seed in report["seeds"])
+    merged = merge_reports([first, second], ["a", "b"])
+    assert merged["seeds"] == report["seeds"] and merged["referee"] == report["referee"]
+    assert {name: entry["summary"] for name, entry in merged["methods"].items()} == \
+        {name: entry["summary"] for name, entry in report["methods"].items()}
+    assert merged["methods"]["avatarl"]["summary"]["final_val_ce"]["n"] == SEEDS
+
+    with pytest.raises(ValueError, match="a seed comes twice"):
+        merge_reports([first, first], ["a", "a"])
+    other_budget = {**second, "budget_chars": 1, "settings": {**second["settings"], "LR": 1.0}}
+    with pytest.raises(ValueError, match="b: budget_chars is not a's; b: settings LR are not a's"):
+        merge_reports([first, other_budget], ["a", "b"])
+
+    paths = []
+    for name, part in (("a", first), ("b", second)):
+        paths.append(tmp_path / name / "learning.json")
+        paths[-1].parent.mkdir()
+        paths[-1].write_text(json.dumps(part))
+    args = argparse.Namespace(quick=True, out=str(tmp_path / "merged"), json_path=None, seeds=1,
+                              merge=[str(path) for path in paths])
+    assert run_learning_bench(Config(device="cpu"), args) == 0
+    written = json.loads((tmp_path / "merged" / "learning.json").read_text())
+    assert written["seeds"] == report["seeds"] and (tmp_path / "merged" / "learning.png").is_file()
+    assert f"Seeds {report['seeds'][0]}, {report['seeds'][1]}; mean" in capsys.readouterr().out
+
+    paths[1].write_text("{not json")
+    args.out = str(tmp_path / "x")
+    assert run_learning_bench(Config(device="cpu"), args) == 2
+    assert capsys.readouterr().err.startswith(f"error: --merge {paths[1]}: cannot read it as JSON")
+    assert not (tmp_path / "x").exists()

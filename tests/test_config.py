@@ -124,6 +124,20 @@ def test_unwritable_checkpoint_dir(tiny_env, tmp_path: Path):
     assert result.returncode == 2 and "CHECKPOINT_DIR=" in result.stdout + result.stderr
 
 
+def test_the_writability_probe_leaves_another_process_s_probe_of_the_same_pid_alone(tmp_path: Path):
+    """Ranks in two containers sharing CHECKPOINT_DIR can have one pid: a probe named after the pid was
+    overwritten and deleted by the other, which then failed with 'not writable'."""
+    import os
+
+    from avatarl.run_dir import prepare_run_dir
+
+    theirs = tmp_path / f".write-test-{os.getpid()}"
+    theirs.write_text("another container's")
+    assert prepare_run_dir(Config(checkpoint_dir=str(tmp_path)), "student") == tmp_path
+    assert theirs.read_text() == "another container's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [theirs.name], "its own probe is gone"
+
+
 def test_device_cuda_without_gpu(tiny_env, tmp_path: Path):
     import torch
 

@@ -52,20 +52,22 @@ def test_sample_health_tells_text_from_a_loop():
 def test_avatarl_logs_the_reward_true_share_and_kl_to_its_referee():
     import torch
 
-    from avatarl.algorithms.avatarl import _metrics, kl_to_referee
+    from avatarl.algorithms.avatarl import _metrics, kl_and_entropy
 
     student = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     referee = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     p, q = student.softmax(-1), referee.softmax(-1)
     by_hand = (p * (p.log() - q.log())).sum(-1).mean()
-    assert torch.allclose(kl_to_referee(student, referee), by_hand)
-    assert float(kl_to_referee(referee, referee)) == 0.0
+    kl, student_entropy = kl_and_entropy(student, referee)
+    assert torch.allclose(kl, by_hand)
+    assert torch.allclose(student_entropy, -(p * p.log()).sum(-1).mean())
+    assert float(kl_and_entropy(referee, referee)[0]) == 0.0
 
     actions = torch.tensor([[0, 1, 2], [0, 1, 2]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
     targets = torch.tensor([1, 0])
     rewards = torch.tensor([[0.0, 3.0, 1.0], [1.0, 0.0, 5.0]])  # the 5.0 sits on a masked slot: not paid
-    logged = _metrics(student, actions, mask, targets, rewards)
+    logged = _metrics(actions, mask, targets, rewards)
     assert torch.isclose(logged["reward_true_share"], torch.tensor((3.0 + 1.0) / (3.0 + 1.0 + 1.0)))
 
 

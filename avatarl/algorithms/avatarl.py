@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatarl.algorithms.entropy import entropy
+from avatarl.algorithms.entropy import entropy_of_log_probs
 from avatarl.config import Config
 
 # Ties with the mean (e.g. a uniform ideal) must not count as "above" because of rounding.
 _ABOVE_MEAN_RTOL = 1e-6
-# Logits per chunk of the `kl` metric: 2**25 fp32 values are 128 MiB and a few such temporaries are
-# alive at once (645 MiB extra peak measured on a CPU, whatever N), where whole [16·1024, 50k] fp32
-# tensors are 3.3 GB each.
+# Logits per chunk of the `kl` and `entropy` metrics: 2**25 fp32 values are 128 MiB and a few such
+# temporaries are alive at once, whatever N, where whole [16·1024, 50k] fp32 tensors are 3.3 GB each.
 KL_CHUNK_ELEMENTS = 2**25
 
 
@@ -187,7 +186,7 @@ def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Ten
     reward_mean / reward_max / reward_min over the valid actions, action_set_size (mean valid
     actions per position), true_top_frac (positions where the true token has the largest,
     positive reward), reward_true_share (the share of all reward paid to the true token), entropy
-    (mean entropy of the student's softmax at temperature 1, nats), kl (kl_to_referee).
+    (mean entropy of the student's softmax at temperature 1, nats), kl (both from kl_and_entropy).
     """
     assert not referee.training, "the referee must be in eval mode"
     logits = student(x)
@@ -197,15 +196,14 @@ def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Ten
     flat = logits.reshape(-1, vocab)
     targets = y.reshape(-1)
     loss, actions, mask, rewards = avatarl_loss(flat, referee_logits.reshape(-1, vocab), targets, cfg, valid_vocab)
-    kl = kl_to_referee(flat.detach(), referee_logits.reshape(-1, vocab))
+    kl, student_entropy = kl_and_entropy(flat.detach(), referee_logits.reshape(-1, vocab))
     del referee_logits  # [B, T, V]: not needed past the rewards, so not held through the backward
     with torch.no_grad():
-        metrics = {**_metrics(flat.detach().float(), actions, mask, targets, rewards), "kl": kl}
+        metrics = {**_metrics(actions, mask, targets, rewards), "entropy": student_entropy, "kl": kl}
     return loss, metrics
 
 
-def _metrics(logits: Tensor, actions: Tensor, mask: Tensor, targets: Tensor,
-             rewards: Tensor) -> dict[str, Tensor]:
+def _metrics(actions: Tensor, mask: Tensor, targets: Tensor, rewards: Tensor) -> dict[str, Tensor]:
     # Masked reductions rather than boolean indexing: no host-device synchronisation.
     count = mask.sum().clamp(min=1)
     top = rewards.masked_fill(~mask, float("-inf")).amax(-1)
@@ -217,29 +215,31 @@ def _metrics(logits: Tensor, actions: Tensor, mask: Tensor, targets: Tensor,
         "action_set_size": mask.sum(-1).float().mean(),
         "true_top_frac": ((true_reward >= top) & (top > 0)).float().mean(),
         "reward_true_share": true_reward.sum() / (rewards * mask).sum().clamp_min(1e-12),
-        "entropy": entropy(logits).mean(),
     }
 
 
 @torch.no_grad()
-def kl_to_referee(student_logits: Tensor, referee_logits: Tensor,
-                  max_chunk_elements: int = KL_CHUNK_ELEMENTS) -> Tensor:
-    """KL(student || referee) = sum_v p_v (log p_v - log q_v) over the full vocabulary, mean over the
-    positions of [N, V] logits, in nats: how far the student is from its reference (GRPO's `kl`).
+def kl_and_entropy(student_logits: Tensor, referee_logits: Tensor,
+                   max_chunk_elements: int = KL_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """KL(student || referee) = sum_v p_v (log p_v - log q_v) over the full vocabulary, and the student's
+    entropy -sum_v p_v log p_v, each the mean over the positions of [N, V] logits, in nats: how far the
+    student is from its reference (GRPO's `kl`) and how spread its policy is.
 
-    A health metric, so no gradient; the rows go through in chunks of at most max_chunk_elements
-    logits (at least one row), so its fp32 temporaries stay a few chunks in size instead of several
-    [N, V] tensors. Each row's KL is its own, so the chunking does not change the value.
+    Health metrics, so no gradient; the rows go through in chunks of at most max_chunk_elements logits
+    (at least one row), so the fp32 temporaries stay a few chunks in size instead of several [N, V]
+    tensors. Each row's values are its own, so the chunking does not change them.
     """
     rows, vocab = student_logits.shape
-    per_row = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
+    per_row = torch.empty(2, rows, dtype=torch.float32, device=student_logits.device)
     step = max(1, max_chunk_elements // max(vocab, 1))
     for start in range(0, rows, step):
         logp = F.log_softmax(student_logits[start:start + step].float(), dim=-1)
         logq = F.log_softmax(referee_logits[start:start + step].float(), dim=-1)
         p = logp.exp()
-        per_row[start:start + step] = p.mul_(logp.sub_(logq)).sum(-1)
-    return per_row.mean()
+        per_row[1, start:start + step] = entropy_of_log_probs(logp, p)
+        per_row[0, start:start + step] = p.mul_(logp.sub_(logq)).sum(-1)
+    kl, student_entropy = per_row.mean(-1)
+    return kl, student_entropy
 
 
 def referee_loss(referee_logits: Tensor, y: Tensor) -> Tensor:

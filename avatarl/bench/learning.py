@@ -26,13 +26,16 @@ are scored on those windows in the same units.
 that fits minutes on 2 CPU cores); otherwise the model, batch, LR, TOTAL_ITERS (the supervised step
 count that sets the budget) and REFEREE_ITERS come from the settings, as do TOKENIZER and DATA_PATH
 (a text file or a directory made by `avatarl prepare`). Outputs: OUT/learning.json, OUT/learning.png
-(bench/learning_report.py), and each run under OUT/runs/.
+(bench/learning_report.py), and each run under OUT/runs/. `--merge A/learning.json B/learning.json`
+trains nothing: it joins runs of the same benchmark for other seeds (SEED=1338 --seeds 2 on a second
+machine beside SEED=1337 --seeds 1) into the one table and plot of all their seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,7 @@ import torch
 from avatarl import exit_codes
 from avatarl.algorithms.reference import ngram_table_problem
 from avatarl.baselines import ORDER_NAMES, corpus_baselines
-from avatarl.bench.learning_report import markdown_table, require_pyplot, summarize, write_outputs
+from avatarl.bench.learning_report import markdown_table, merge_reports, require_pyplot, summarize, write_outputs
 from avatarl.config import Config, ConfigError
 from avatarl.config_sources import preset_values
 from avatarl.data.corpus import Corpus, load_corpus
@@ -232,6 +235,32 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     return exit_codes.OK, report
 
 
+def merge_learning_benches(paths: list[Path], out: Path, json_path: Path | None) -> int:
+    """`--merge`: one table, plot and JSON in OUT from the learning.json of runs for other seeds."""
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            print(f"error: --merge {path}: cannot read it as JSON ({err}).", file=sys.stderr)
+            return exit_codes.CONFIG
+        if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+            print(f"error: --merge {path}: not a {SCHEMA} report (the learning.json of avatarl bench learning).",
+                  file=sys.stderr)
+            return exit_codes.CONFIG
+        reports.append(report)
+    try:
+        merged = merge_reports(reports, [str(path) for path in paths])
+    except ValueError as err:
+        print(f"error: --merge: {err}.", file=sys.stderr)
+        return exit_codes.CONFIG
+    write_outputs(merged, out, json_path)
+    print(markdown_table(merged), end="", flush=True)
+    print(f"[bench] wrote {out / 'learning.json'} and {out / 'learning.png'} (seeds "
+          f"{', '.join(map(str, merged['seeds']))})", flush=True)
+    return exit_codes.OK
+
+
 def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
     """Run the benchmark; write OUT/learning.json, OUT/learning.png (and args.json_path); print the table."""
     try:
@@ -239,6 +268,9 @@ def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.CONFIG
+    if getattr(args, "merge", None):
+        return merge_learning_benches([Path(name).expanduser() for name in args.merge], Path(args.out).expanduser(),
+                                      Path(args.json_path).expanduser() if args.json_path else None)
     seeds = getattr(args, "seeds", 1)
     if seeds < 1:
         print(f"error: --seeds {seeds}: give at least 1.", file=sys.stderr)

@@ -113,6 +113,41 @@ def plot_learning(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# What must agree for runs of other seeds to be one benchmark (SEED aside, and `settings` checked apart).
+SAME_BENCHMARK = ("schema", "budget_chars", "token_unit", "vocab_size", "baselines", "kl_reference", "model")
+
+
+def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One report from runs of the same benchmark for other seeds (on other machines, or one after
+    another): their settings but SEED, budget, baselines and methods must agree, and no seed may
+    come twice. ValueError says what differs, naming the report by `names`."""
+    first, problems = reports[0], []
+    for report, name in zip(reports[1:], names[1:], strict=True):
+        problems += [f"{name}: {key} is not {names[0]}'s" for key in SAME_BENCHMARK
+                     if report.get(key) != first.get(key)]
+        settings = {k for k in {*report["settings"], *first["settings"]} if k != "SEED"
+                    and report["settings"].get(k) != first["settings"].get(k)}
+        if settings:
+            problems.append(f"{name}: settings {', '.join(sorted(settings))} are not {names[0]}'s")
+        if [(k, m["settings"]) for k, m in report["methods"].items()] != \
+                [(k, m["settings"]) for k, m in first["methods"].items()]:
+            problems.append(f"{name}: its methods are not {names[0]}'s")
+    seeds = [seed for report in reports for seed in report["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        problems.append(f"a seed comes twice among {', '.join(map(str, seeds))}: merge runs of other seeds")
+    if problems:
+        raise ValueError("; ".join(problems))
+    merged = {**first, "seeds": seeds, "referee": {k: v for r in reports for k, v in r["referee"].items()},
+              "wall_s": round(sum(r.get("wall_s", 0.0) for r in reports), 1),
+              "merged_from": [{"argv": r.get("argv"), "seeds": r["seeds"], "wall_s": r.get("wall_s")} for r in reports]}
+    merged["methods"] = {name: {**entry, "runs": [run for r in reports for run in r["methods"][name]["runs"]]}
+                         for name, entry in first["methods"].items()}
+    for entry in merged["methods"].values():
+        entry["summary"] = summarize(entry["runs"])
+    merged.pop("argv", None)
+    return merged
+
+
 def write_outputs(report: dict[str, Any], out: Path, json_path: Path | None = None) -> None:
     """OUT/learning.json, OUT/learning.png, and a copy of the JSON at json_path when given."""
     text = json.dumps(report, indent=2) + "\n"

@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,19 @@ class TiktokenTokenizer(Tokenizer):
 
     def __init__(self, encoding: Any, source: str):
         self.encoding = encoding
+        self.source = source
         self.size = encoding.n_vocab
         self.eot_id = encoding.eot_token
-        self.pieces = [self._bytes_of(i) for i in range(self.size)]  # the bytes each id stands for
-        self.identity = TokenizerIdentity("tiktoken", source, pieces_sha256(self.pieces))
+
+    # Made when first asked for, not in `avatarl prepare`'s workers, which only encode.
+    @cached_property
+    def pieces(self) -> list[bytes]:
+        """The bytes each id stands for."""
+        return [self._bytes_of(i) for i in range(self.size)]
+
+    @cached_property
+    def identity(self) -> TokenizerIdentity:
+        return TokenizerIdentity("tiktoken", self.source, pieces_sha256(self.pieces))
 
     def _bytes_of(self, i: int) -> bytes:
         try:

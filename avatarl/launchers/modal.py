@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 from avatarl import exit_codes
 from avatarl.config import LAUNCHER_NAMES, LAUNCHER_VARIABLES, config_fields, is_secret
@@ -49,6 +49,8 @@ MAX_NODES = 32  # containers of one Modal cluster
 RDZV_PORT = 29400  # the c10d rendezvous on container 0 of a cluster
 MAX_TIMEOUT_HOURS = 24.0  # Modal's limit for one function call
 RETRIES = 3
+# Hugging Face downloads and the token cache live in the data volume, so a retry does not fetch them again.
+VOLUME_CACHES = {"DATA_CACHE_DIR": f"{DATA_MOUNT}/cache", "HF_HOME": f"{DATA_MOUNT}/hf"}
 COMMIT_POLL_SECONDS = 30.0
 # Keys the remote trainer reads from the environment, sent only inside a Modal secret.
 SECRET_KEYS = ("WANDB_API_KEY", "HF_TOKEN")
@@ -126,6 +128,17 @@ def _setting(settings: Mapping[str, str], name: str) -> str:
     return str(default_of(fields[name])) if name in fields else defaults.get(name, "")
 
 
+def time_limit_hours(settings: Mapping[str, str], given: float | None = None) -> float | None:
+    """A Modal function's time limit in hours: `given`, else MODAL_TIMEOUT_HOURS; None unless it is a
+    number above 0 and within Modal's limit."""
+    if given is None:
+        try:
+            given = float(_setting(settings, "MODAL_TIMEOUT_HOURS"))
+        except ValueError:
+            return None
+    return given if 0 < given <= MAX_TIMEOUT_HOURS else None
+
+
 def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
     """Turn local settings into a Modal plan; ModalSetupError lists every problem."""
     problems = []
@@ -150,11 +163,8 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
         problems.append(f"MAX_RESTARTS={_setting(settings, 'MAX_RESTARTS')} with MODAL_NODES={nodes}: set "
                         "MAX_RESTARTS=0; on Modal a failed cluster is retried as a new cluster (Modal's retries), "
                         "whose containers all see the newest committed checkpoint.")
-    try:
-        hours = float(_setting(settings, "MODAL_TIMEOUT_HOURS"))
-    except ValueError:
-        hours = -1.0
-    if not 0 < hours <= MAX_TIMEOUT_HOURS:
+    hours = time_limit_hours(settings)
+    if hours is None:
         problems.append(f"MODAL_TIMEOUT_HOURS={_setting(settings, 'MODAL_TIMEOUT_HOURS')!r}: "
                         f"give a number of hours above 0 and at most {MAX_TIMEOUT_HOURS:g} (Modal's limit).")
     volumes = {name: _setting(settings, name) for name in ("MODAL_DATA_VOLUME", "MODAL_CHECKPOINT_VOLUME")}
@@ -165,8 +175,8 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
     remote = {name: value for name, value in settings.items()
               if name in config_fields() and name not in HOST_ONLY and not is_secret(name)}
     # TRAINING_MODE=generic: the hand-over happened; the trainer in the container must not start another.
-    remote.update(volumes, CHECKPOINT_DIR=CHECKPOINT_MOUNT, DATA_CACHE_DIR=f"{DATA_MOUNT}/cache",
-                  HF_HOME=f"{DATA_MOUNT}/hf", N_GPUS=str(n_gpus), TRAINING_MODE="generic", MODAL_NODES=str(nodes))
+    remote.update(volumes, **VOLUME_CACHES, CHECKPOINT_DIR=CHECKPOINT_MOUNT, N_GPUS=str(n_gpus),
+                  TRAINING_MODE="generic", MODAL_NODES=str(nodes))
     if settings.get("WANDB_MODE"):
         remote["WANDB_MODE"] = settings["WANDB_MODE"]
     upload = None
@@ -183,7 +193,7 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
 
     gpu_type = _setting(settings, "GPU_TYPE")
     return ModalPlan(gpu=f"{gpu_type}:{n_gpus}" if n_gpus > 1 else gpu_type, n_gpus=n_gpus, nodes=nodes,
-                     timeout_s=round(hours * 3600), data_volume=volumes["MODAL_DATA_VOLUME"],
+                     timeout_s=round(cast(float, hours) * 3600), data_volume=volumes["MODAL_DATA_VOLUME"],
                      checkpoint_volume=volumes["MODAL_CHECKPOINT_VOLUME"],
                      named_secret=_setting(settings, "MODAL_WANDB_SECRET"), remote_settings=remote, upload=upload,
                      local_secrets={key: settings[key] for key in SECRET_KEYS if settings.get(key)})
@@ -219,22 +229,28 @@ def dockerfile_image(modal: Any) -> Any:
     return modal.Image.from_dockerfile(str(root / DOCKERFILE), context_dir=str(root))
 
 
+def function_options(modal: Any, timeout_s: int, retries: int, named_secret: str,
+                     local_secrets: Mapping[str, str]) -> dict[str, Any]:
+    """What the training and the prepare function share: the Dockerfile's image with no source mounted
+    over it (it holds this package, built from the same tree), the named secret and the local ones (a
+    Modal secret, never a function argument), the time limit, and retries with backoff."""
+    secrets = [modal.Secret.from_name(named_secret)] if named_secret else []
+    if local_secrets:
+        secrets.append(modal.Secret.from_dict(dict(local_secrets)))
+    return dict(image=dockerfile_image(modal), secrets=secrets, timeout=timeout_s, include_source=False,
+                retries=modal.Retries(max_retries=retries, initial_delay=10.0, backoff_coefficient=2.0))
+
+
 def build_app(plan: ModalPlan) -> tuple[Any, Any]:
     """The Modal app and its training function for `plan` (defined offline; nothing runs yet)."""
     modal = _import_modal()
-    image = dockerfile_image(modal)
     volumes = {DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True),
                CHECKPOINT_MOUNT: modal.Volume.from_name(plan.checkpoint_volume, create_if_missing=True)}
-    secrets = [modal.Secret.from_name(plan.named_secret)] if plan.named_secret else []
-    if plan.local_secrets:
-        secrets.append(modal.Secret.from_dict(plan.local_secrets))
     app = modal.App(APP_NAME)
     # Several containers scheduled together, all or nothing, with RDMA between them for NCCL.
     body = modal.clustered(size=plan.nodes, rdma=True)(train_in_container) if plan.nodes > 1 else train_in_container
-    # The image already holds this package, built from the same tree, so no source is mounted over it.
-    function = app.function(image=image, gpu=plan.gpu, volumes=volumes, secrets=secrets, timeout=plan.timeout_s,
-                            retries=modal.Retries(max_retries=RETRIES, initial_delay=10.0, backoff_coefficient=2.0),
-                            include_source=False)(body)
+    function = app.function(gpu=plan.gpu, volumes=volumes, **function_options(
+        modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets))(body)
     return app, function
 
 

@@ -8,18 +8,20 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 from avatarl import exit_codes
 from avatarl.launchers.modal import (
     DATA_MOUNT,
     MAX_TIMEOUT_HOURS,
+    VOLUME_CACHES,
     ModalSetupError,
     _import_modal,
     _setting,
     collect_settings,
-    dockerfile_image,
+    function_options,
     supervise,
+    time_limit_hours,
 )
 
 APP_NAME = "avatarl-prepare"
@@ -27,8 +29,6 @@ DEFAULT_CPU = 16.0
 DEFAULT_MEMORY_GB = 32.0
 # A rerun starts over from the sources and writes the same bytes; the download cache survives in the volume.
 RETRIES = 2
-# Hugging Face downloads are cached in the data volume, as for training, so a retry does not fetch them again.
-CONTAINER_ENV = {"HF_HOME": f"{DATA_MOUNT}/hf", "DATA_CACHE_DIR": f"{DATA_MOUNT}/cache"}
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,6 @@ class PreparePlan:
 
 def _on_volume(path: str) -> bool:
     return PurePosixPath(path).is_relative_to(DATA_MOUNT) and PurePosixPath(path) != PurePosixPath(DATA_MOUNT)
-
-
-def _has_option(args: Sequence[str], name: str) -> bool:
-    return any(arg == name or arg.startswith(f"{name}=") for arg in args)
 
 
 def plan_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str], cpu: float = DEFAULT_CPU,
@@ -77,16 +73,12 @@ def plan_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str],
     for path in local:
         problems.append(f"{path}: not in the data volume; upload it first (modal volume put {volume or 'VOLUME'} "
                         f"{path} /corpus/) and name it {DATA_MOUNT}/corpus/...")
-    if _has_option(prepare_args, "--env-file"):
+    if parsed.env_file is not None:
         problems.append("--env-file names a file on this machine; give the settings as flags instead.")
-    hours = timeout_hours
+    hours = time_limit_hours(settings, timeout_hours)
     if hours is None:
-        try:
-            hours = float(_setting(settings, "MODAL_TIMEOUT_HOURS"))
-        except ValueError:
-            hours = -1.0
-    if not 0 < hours <= MAX_TIMEOUT_HOURS:
-        problems.append(f"timeout {hours:g} h: give a number of hours above 0 and at most {MAX_TIMEOUT_HOURS:g}.")
+        asked = f"{timeout_hours:g}" if timeout_hours is not None else _setting(settings, "MODAL_TIMEOUT_HOURS")
+        problems.append(f"timeout {asked} h: give a number of hours above 0 and at most {MAX_TIMEOUT_HOURS:g}.")
     if not cpu > 0 or not memory_gb > 0:
         problems.append(f"--cpu {cpu:g} --memory-gb {memory_gb:g}: both must be above 0.")
     if not volume:
@@ -94,9 +86,10 @@ def plan_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str],
     if problems:
         raise ModalSetupError("\n".join(problems))
     args = list(prepare_args)
-    if not _has_option(args, "--num-proc"):  # os.cpu_count() in a container counts the host's cores
+    if parsed.num_proc is None:  # os.cpu_count() in a container counts the host's cores
         args += ["--num-proc", str(max(1, int(cpu)))]
-    return PreparePlan(args=tuple(args), cpu=cpu, memory_mib=round(memory_gb * 1024), timeout_s=round(hours * 3600),
+    return PreparePlan(args=tuple(args), cpu=cpu, memory_mib=round(memory_gb * 1024),
+                       timeout_s=round(cast(float, hours) * 3600),
                        data_volume=volume, named_secret=_setting(settings, "MODAL_WANDB_SECRET"),
                        local_secrets={"HF_TOKEN": settings["HF_TOKEN"]} if settings.get("HF_TOKEN") else {})
 
@@ -104,15 +97,11 @@ def plan_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str],
 def build_prepare_app(plan: PreparePlan) -> tuple[Any, Any]:
     """The Modal app and its prepare function: the Dockerfile image, CPUs only, the data volume at /data."""
     modal = _import_modal()
-    secrets = [modal.Secret.from_name(plan.named_secret)] if plan.named_secret else []
-    if plan.local_secrets:  # HF_TOKEN, for gated datasets; never a function argument
-        secrets.append(modal.Secret.from_dict(plan.local_secrets))
     app = modal.App(APP_NAME)
-    function = app.function(image=dockerfile_image(modal), cpu=plan.cpu, memory=plan.memory_mib,
-                            volumes={DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True)},
-                            secrets=secrets, timeout=plan.timeout_s,
-                            retries=modal.Retries(max_retries=RETRIES, initial_delay=10.0, backoff_coefficient=2.0),
-                            include_source=False)(prepare_in_container)
+    volumes = {DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True)}
+    # The local secret is HF_TOKEN, for gated datasets.
+    function = app.function(cpu=plan.cpu, memory=plan.memory_mib, volumes=volumes, **function_options(
+        modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets))(prepare_in_container)
     return app, function
 
 
@@ -136,7 +125,7 @@ def prepare_in_container(args: list[str], data_volume: str) -> int:
     failure raises, and Modal runs it again."""
     import modal
 
-    code, _ = supervise(["avatarl", "prepare", *args], {**os.environ, **CONTAINER_ENV})
+    code, _ = supervise(["avatarl", "prepare", *args], {**os.environ, **VOLUME_CACHES})
     modal.Volume.from_name(data_volume).commit()
     if code in (exit_codes.OK, *exit_codes.NOT_RETRYABLE):
         return code
