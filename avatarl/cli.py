@@ -162,7 +162,7 @@ def command_prepare(args: argparse.Namespace) -> int:
     # which prepare cannot use and which a .env made from .env.example always holds.
     spec = args.tokenizer or cfg.tokenizer
     meta = prepare(args.sources, Path(args.output).expanduser(), spec, hf_source(args), args.text_column,
-                   args.num_proc or max(1, os.cpu_count() or 1), args.val_fraction, args.dtype)
+                   args.num_proc if args.num_proc is not None else os.cpu_count() or 1, args.val_fraction, args.dtype)
     print(f"[avatarl] prepared {args.output}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}) from {meta['documents']:,} documents in {meta['seconds']:.1f}s, "
           f"{meta['tokens_per_s']:,.0f} tokens/s with {meta['num_proc']} process(es)")
@@ -178,6 +178,17 @@ def command_tokenizer_train(args: argparse.Namespace) -> int:
                      Path(args.output).expanduser())
     print(f"[avatarl] byte-level BPE of {args.vocab_size} ids saved to {path} (use TOKENIZER={args.output})")
     return exit_codes.OK
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "(the nanoGPT layout; DATA_PATH=DIR trains from it)")
     add_source_arguments(prep)
     prep.add_argument("--output", required=True, help="the directory to write")
-    prep.add_argument("--num-proc", type=int, default=None, help="worker processes (default: this machine's cores)")
+    prep.add_argument("--num-proc", type=positive_int, default=None,
+                      help="worker processes (default: this machine's cores)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens in val.bin")
     prep.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
                       help="token id type (auto: uint16 when the vocabulary fits)")

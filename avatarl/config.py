@@ -13,7 +13,9 @@ generated `.env.example`, so the documentation cannot drift from the code.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -299,6 +301,17 @@ def parse_nnodes(text: str) -> tuple[int, int] | None:
     return (fewest, most) if 1 <= fewest <= most else None
 
 
+def is_plain_address(text: str) -> bool:
+    """A host name, an IPv4 address or an unbracketed IPv6 address, as torchrun's --local-addr takes it
+    (it becomes the workers' MASTER_ADDR on the node of rank 0)."""
+    if ":" in text:
+        try:
+            return ipaddress.ip_address(text).version == 6
+        except ValueError:
+            return False
+    return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", text) is not None
+
+
 def node_problems(cfg: Config) -> list[str]:
     """What is wrong with the settings of several nodes, one line each."""
     nodes = parse_nnodes(cfg.nnodes)
@@ -318,9 +331,9 @@ def node_problems(cfg: Config) -> list[str]:
                         "the same on every node.")
     if not cfg.rdzv_id or not all(c.isalnum() or c in "-_." for c in cfg.rdzv_id):
         problems.append(f"RDZV_ID={cfg.rdzv_id!r} is not allowed: use letters, digits, '-', '_' or '.'.")
-    if cfg.node_addr and not all(c.isalnum() or c in "-_.:[]" for c in cfg.node_addr):
+    if cfg.node_addr and not is_plain_address(cfg.node_addr):
         problems.append(f"NODE_ADDR={cfg.node_addr!r} is not an address: give this node's host name or IP "
-                        "address, e.g. 10.0.0.2.")
+                        "address alone, e.g. 10.0.0.2 or fd00::2 (no port, no brackets).")
     return problems
 
 

@@ -370,7 +370,7 @@ for rank in 0 1; do
     if [ "$state" != "exited 0" ]; then
         for log_rank in 0 1; do
             echo "--- node $log_rank, without torch's C++ stack frames:" >&2
-            grep -v '^train-multinode-1  | frame #' "$WORK/multinode$log_rank.log" | tail -25 >&2
+            { grep -v -E '\| frame #[0-9]+' "$WORK/multinode$log_rank.log" || true; } | tail -25 >&2
         done
         fail "node $rank did not exit 0 ($state)"
     fi

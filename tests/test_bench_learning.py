@@ -178,8 +178,10 @@ def one_seed(report: dict, seed: int) -> dict:
 def test_runs_of_other_seeds_merge_into_the_report_of_all_seeds(bench, tmp_path, capsys):
     report = json.loads(json.dumps(bench[2]))  # as a learning.json holds it
     first, second = (one_seed(report, seed) for seed in report["seeds"])
-    merged = merge_reports([first, second], ["a", "b"])
+    elsewhere = {**second, "settings": {**second["settings"], "DATA_PATH": "/mnt/other/copy.txt"}}
+    merged = merge_reports([elsewhere, first], ["b", "a"])  # another machine's path; parts in any order
     assert merged["seeds"] == report["seeds"] and merged["referee"] == report["referee"]
+    assert [part["seeds"] for part in merged["merged_from"]] == [[report["seeds"][1]], [report["seeds"][0]]]
     assert {name: entry["summary"] for name, entry in merged["methods"].items()} == \
         {name: entry["summary"] for name, entry in report["methods"].items()}
     assert merged["methods"]["avatarl"]["summary"]["final_val_ce"]["n"] == SEEDS

@@ -327,6 +327,8 @@ def test_rendezvous_options_come_from_the_settings():
     assert node_addr[:-1] == rendezvous_args(cfg, TRAIN_ARGS) and node_addr[-1] == "--local-addr=10.0.0.2"
     assert "--local-addr=10.0.0.2" not in rendezvous_args(Config(**{**vars(cfg), "node_addr": "10.0.0.2"}),
                                                           ["--local_addr", "10.0.0.9", *TRAIN_ARGS])
+    for address in ("10.0.0.2", "fd00::2", "node-2.cluster.local"):
+        assert Config(node_addr=address).node_addr == address
     assert given(["--max_restarts=1", *TRAIN_ARGS], "--max-restarts")
     assert not given([*TRAIN_ARGS, "--nnodes=2"], "--nnodes"), "the trainer's own flags are not torchrun's"
 
@@ -339,6 +341,8 @@ def test_rendezvous_options_come_from_the_settings():
     (dict(nnodes="2", rdzv_endpoint="h:1", node_rank=2), "NODE_RANK=2 is out of range"),
     (dict(rdzv_id="my job"), "RDZV_ID='my job' is not allowed"),
     (dict(node_addr="10.0.0.2 10.0.0.3"), "NODE_ADDR='10.0.0.2 10.0.0.3' is not an address"),
+    (dict(node_addr="10.0.0.2:29400"), "NODE_ADDR='10.0.0.2:29400' is not an address"),
+    (dict(node_addr="[fd00::2]"), "NODE_ADDR='[fd00::2]' is not an address"),
 ])
 def test_bad_node_settings_are_one_line_each(settings_, problem):
     with pytest.raises(ConfigError) as caught:

@@ -244,7 +244,8 @@ def merge_learning_benches(paths: list[Path], out: Path, json_path: Path | None)
         except (OSError, ValueError) as err:
             print(f"error: --merge {path}: cannot read it as JSON ({err}).", file=sys.stderr)
             return exit_codes.CONFIG
-        if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        if not isinstance(report, dict) or report.get("schema") != SCHEMA or \
+                not all(key in report for key in ("seeds", "settings", "methods", "referee")):
             print(f"error: --merge {path}: not a {SCHEMA} report (the learning.json of avatarl bench learning).",
                   file=sys.stderr)
             return exit_codes.CONFIG

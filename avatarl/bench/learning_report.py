@@ -113,19 +113,23 @@ def plot_learning(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# What must agree for runs of other seeds to be one benchmark (SEED aside, and `settings` checked apart).
+# What must agree for runs of other seeds to be one benchmark (`settings` are checked apart).
 SAME_BENCHMARK = ("schema", "budget_chars", "token_unit", "vocab_size", "baselines", "kl_reference", "model")
+# Settings that may differ: the seed, and where the corpus and tokenizer lie and what runs them on each
+# machine (the same corpus and tokenizer give the same vocab_size and baselines, which are compared).
+PER_MACHINE = frozenset({"SEED", "DATA_PATH", "TOKENIZER", "DEVICE"})
 
 
 def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """One report from runs of the same benchmark for other seeds (on other machines, or one after
-    another): their settings but SEED, budget, baselines and methods must agree, and no seed may
-    come twice. ValueError says what differs, naming the report by `names`."""
+    another): their settings but PER_MACHINE, budget, baselines and methods must agree, and no seed
+    may come twice. ValueError says what differs, naming the report by `names`. The seeds are sorted;
+    each part's command, seeds, wall time and torch threads are kept in `merged_from`."""
     first, problems = reports[0], []
     for report, name in zip(reports[1:], names[1:], strict=True):
         problems += [f"{name}: {key} is not {names[0]}'s" for key in SAME_BENCHMARK
                      if report.get(key) != first.get(key)]
-        settings = {k for k in {*report["settings"], *first["settings"]} if k != "SEED"
+        settings = {k for k in {*report["settings"], *first["settings"]} if k not in PER_MACHINE
                     and report["settings"].get(k) != first["settings"].get(k)}
         if settings:
             problems.append(f"{name}: settings {', '.join(sorted(settings))} are not {names[0]}'s")
@@ -137,14 +141,17 @@ def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, 
         problems.append(f"a seed comes twice among {', '.join(map(str, seeds))}: merge runs of other seeds")
     if problems:
         raise ValueError("; ".join(problems))
-    merged = {**first, "seeds": seeds, "referee": {k: v for r in reports for k, v in r["referee"].items()},
-              "wall_s": round(sum(r.get("wall_s", 0.0) for r in reports), 1),
-              "merged_from": [{"argv": r.get("argv"), "seeds": r["seeds"], "wall_s": r.get("wall_s")} for r in reports]}
-    merged["methods"] = {name: {**entry, "runs": [run for r in reports for run in r["methods"][name]["runs"]]}
+    parts = [{"argv": r.get("argv"), "seeds": r["seeds"], "wall_s": r.get("wall_s"),
+              "torch_threads": r.get("torch_threads")} for r in reports]
+    merged = {key: value for key, value in first.items() if key not in ("argv", "wall_s", "torch_threads")}
+    merged.update(seeds=sorted(seeds), merged_from=parts,
+                  referee={str(seed): next(r["referee"][str(seed)] for r in reports if seed in r["seeds"])
+                           for seed in sorted(seeds)})
+    merged["methods"] = {name: {**entry, "runs": sorted((run for r in reports for run in r["methods"][name]["runs"]),
+                                                        key=lambda run: run["seed"])}
                          for name, entry in first["methods"].items()}
     for entry in merged["methods"].values():
         entry["summary"] = summarize(entry["runs"])
-    merged.pop("argv", None)
     return merged
 
 

@@ -345,13 +345,15 @@ def run_finished(checkpoint_dir: Path) -> bool:
 def cluster_settings(nodes: int, rank: int, ipv4: list[str], ipv6: list[str]) -> dict[str, str]:
     """The settings that make container `rank` of a Modal cluster one node of its job: a c10d rendezvous
     on container 0, and CHECKPOINT_DIR a volume that every container mounts as the same committed
-    snapshot (what rank 0 writes reaches the others at the next start, which is when they read it)."""
+    snapshot (what rank 0 writes reaches the others at the next start, which is when they read it); the
+    container is known to the rendezvous by its own address."""
     from avatarl.distributed import SNAPSHOT_SHARED_ENV  # here: torch is not needed to plan a run
 
+    addresses = ipv4 or ipv6
     host = ipv4[0] if ipv4 else f"[{ipv6[0]}]"
-
+    # NODE_ADDR: this container's own address, not one a .env carried along (the same in every container).
     return {"NNODES": str(nodes), "NODE_RANK": str(rank), "RDZV_ENDPOINT": f"{host}:{RDZV_PORT}",
-            SNAPSHOT_SHARED_ENV: "1"}
+            "NODE_ADDR": addresses[rank], SNAPSHOT_SHARED_ENV: "1"}
 
 
 def train_in_container(settings: dict[str, str]) -> int:
