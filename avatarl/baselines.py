@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from avatarl.algorithms.reference import MAX_TABLE_ENTRIES, NgramReference
+from avatarl.algorithms.reference import NgramReference, ngram_table_problem
 from avatarl.data.corpus import Corpus, reference_ids
 from avatarl.data.sampler import eval_windows
 
@@ -36,7 +36,7 @@ def count_model_baselines(train_ids: Tensor, val_windows: Tensor, vocab_size: in
     targets = windows[:, 1:]
     result = {"uniform": {"acc": 1.0 / vocab_size, "ce": math.log(vocab_size)}}
     for order in orders:
-        if vocab_size ** order > MAX_TABLE_ENTRIES:
+        if ngram_table_problem(order, vocab_size):
             continue
         model = NgramReference(order, vocab_size, train_ids, "cpu")
         hits, nats = 0, 0.0

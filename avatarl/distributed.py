@@ -37,7 +37,7 @@ class DistInfo:
     world_size: int
     device: torch.device
     members: tuple[str, ...] = ()  # "node N (host, pid P)" of every rank, in rank order
-    nodes: int = 1  # torchrun's worker groups (GROUP_RANK), one per node
+    nodes: int = 1  # torchrun's worker groups (GROUP_WORLD_SIZE), one per node
 
     @property
     def is_main(self) -> bool:
@@ -71,14 +71,14 @@ def init_distributed(device_preference: str, timeout_s: float = 600.0) -> DistIn
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(seconds=timeout_s))
     # A node is known by its NODE_RANK where the user gave one (avatarl launch), else by torchrun's own
-    # number for it (GROUP_RANK, in the rendezvous's order), which also counts the nodes.
+    # number for it (GROUP_RANK, in the rendezvous's order); torchrun counts the nodes (GROUP_WORLD_SIZE).
     group = os.environ.get("GROUP_RANK", "0")
-    me = (group, f"node {os.environ.get('NODE_RANK', group)} ({socket.gethostname()}, pid {os.getpid()})")
-    members = cast(list[tuple[str, str]], gather_to_all(me))
-    info = DistInfo(rank, local_rank, world_size, device, tuple(m[1] for m in members), len({m[0] for m in members}))
+    me = f"node {os.environ.get('NODE_RANK', group)} ({socket.gethostname()}, pid {os.getpid()})"
+    members = cast(list[str], gather_to_all(me))
+    info = DistInfo(rank, local_rank, world_size, device, tuple(members), int(os.environ.get("GROUP_WORLD_SIZE", "1")))
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if restarts and local_rank == 0:  # each node counts its own: a node restarted to let another rejoin does not
-        print(f"[avatarl] {me[1]}: torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}, "
+        print(f"[avatarl] {me}: torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}, "
               f"the worker group started again ({world_size} ranks on {info.nodes} nodes); RESUME decides where it "
               "continues.", flush=True)
     return info

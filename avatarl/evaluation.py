@@ -25,8 +25,8 @@ def nats_per_temperature(logits: Tensor, targets: Tensor, temperatures: Tensor) 
 
     One temperature at a time, so the memory is that of the logits, not S times it."""
     true = logits.gather(-1, targets[:, None]).squeeze(-1)  # [N]
-    return torch.stack([(torch.logsumexp(logits / t, dim=-1) - true / t).sum().double().cpu()
-                        for t in temperatures.tolist()])
+    return torch.stack([(torch.logsumexp(logits / t, dim=-1) - true / t).sum().double()
+                        for t in temperatures.tolist()]).cpu()  # one device-to-host copy, not one per t
 
 
 def best_temperature(fit_ce: Tensor, temperatures: Tensor) -> int:

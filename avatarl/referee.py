@@ -19,7 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")  # what a save_pretrained di
 class Referee:
     module: nn.Module          # token ids [B, T] -> logits [B, T, student vocab], eval mode, no gradients
     identity: dict[str, str]   # kind, source, revision, sha256 (and quantize for a Hugging Face LM)
-    memory_bytes: int          # of its parameters and buffers as stored (module_bytes)
+    memory_bytes: int = field(init=False)  # of its parameters and buffers as stored (module_bytes)
+
+    def __post_init__(self) -> None:
+        self.memory_bytes = module_bytes(self.module)
 
 
 def referee_kind(cfg: Config) -> tuple[str, str]:
@@ -276,11 +279,12 @@ def open_referee(cfg: Config, tokenizer: Tokenizer, vocab_size: int, device: tor
         module = load_referee(cfg, tokenizer, device)
     else:
         module, identity = load_hf_referee(cfg, identity, tokenizer, vocab_size, device)
-    memory = module_bytes(module)
+    referee = Referee(module, identity)
+    memory = referee.memory_bytes
     dtypes = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()}))
     D.print0(f"[avatarl] referee: {describe_identity(identity)}; {memory:,} bytes ({memory / 2**20:.1f} MiB) of "
              f"parameters and buffers ({dtypes}) on {device}")
-    return Referee(module, identity, memory)
+    return referee
 
 
 def check_referee_compatible(referee_meta: dict, tokenizer: Tokenizer, context_len: int) -> None:
@@ -308,10 +312,7 @@ def check_referee_compatible(referee_meta: dict, tokenizer: Tokenizer, context_l
 
 def load_referee(cfg: Config, tokenizer: Tokenizer, device: torch.device) -> nn.Module:
     """The frozen avatarl referee file of REFEREE_PATH, checked against this run's tokenizer and context."""
-    path = referee_path(cfg)
-    if not path.is_file():
-        raise ConfigError([f"REFEREE_PATH={str(path)!r}: no referee there. Train one first with "
-                           "`avatarl train-referee` (same DATA_PATH and CONTEXT_LEN), or set REFEREE_PATH."])
+    path = referee_path(cfg)  # a file: referee_kind has checked it
     try:
         saved = load_checkpoint(path, map_location=device)
         check_referee_compatible(saved, tokenizer, cfg.context_len)

@@ -143,17 +143,9 @@ def draw_panel(ax: Any, panel: Panel, records: list[dict[str, Any]],
     ax.legend(fontsize=7, loc="best")
 
 
-def draw_report(records: list[dict[str, Any]], path: Path,
+def draw_report(plt: Any, panels: list[Panel], records: list[dict[str, Any]], path: Path,
                 baselines: dict[str, dict[str, float]] | None = None, title: str = "") -> list[str]:
-    """One PNG at `path` with a panel per measurement present in `records`; returns the panels' names."""
-    panels = panels_present(records)
-    if not panels:
-        raise ConfigError([f"no metric of {[panel.name for panel in PANELS]} was logged against {X_KEY}: "
-                           "nothing to draw."])
-    try:
-        plt = require_pyplot("avatarl report")
-    except ImportError as err:  # the CLI's one line and exit 2
-        raise ConfigError([str(err)]) from None
+    """One PNG at `path` with the given panels (those present in `records`); returns the panels' names."""
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), dpi=100, squeeze=False)
@@ -180,8 +172,14 @@ class Report(NamedTuple):
 def report_run(run_dir: Path, out: Path | None = None, rebuild_baselines: bool = True) -> Report:
     """Draw RUN_DIR's metrics.jsonl into `out` (default RUN_DIR/report.png)."""
     records = load_records(run_dir)
-    if not panels_present(records):  # before the count models are rebuilt for nothing
+    # Both checks come before the count models are rebuilt for nothing.
+    panels = panels_present(records)
+    if not panels:
         raise ConfigError([f"{run_dir / METRICS} holds no metric logged against {X_KEY}: nothing to draw."])
+    try:
+        plt = require_pyplot("avatarl report")
+    except ImportError as err:  # the CLI's one line and exit 2
+        raise ConfigError([str(err)]) from None
     baselines, source = rebuilt_baselines(run_dir) if rebuild_baselines else (None, "none, --no-baselines")
     path = out or run_dir / REPORT
-    return Report(path, draw_report(records, path, baselines, title=str(run_dir)), source, baselines)
+    return Report(path, draw_report(plt, panels, records, path, baselines, title=str(run_dir)), source, baselines)

@@ -225,6 +225,7 @@ from avatarl import distributed as D
 from avatarl.bench.throughput import gpu_peak_tflops
 from avatarl.config import ConfigError
 from avatarl.config_sources import load_config
+from avatarl.exit_codes import first_line
 from avatarl.referee import module_bytes
 from avatarl.run_dir import prepare_run_dir
 from avatarl.trainer import build, train_step
@@ -302,7 +303,7 @@ for name, overrides in ROWS.items():
     except Exception as err:  # noqa: BLE001 - one failing row (e.g. bitsandbytes without this GPU's kernels)
         report["rows"][name] = {"referee_quantize": overrides["REFEREE_QUANTIZE"],
                                 "action_set": overrides["ACTION_SET"],
-                                "status": f"fail ({type(err).__name__}: {str(err).splitlines()[0][:300]})"}
+                                "status": f"fail ({type(err).__name__}: {first_line(err)[:300]})"}
     print(name, json.dumps(report["rows"][name]), flush=True)
 none, nf4 = report["rows"]["referee_none"], report["rows"]["referee_nf4"]
 both = none["status"] == nf4["status"] == "pass"

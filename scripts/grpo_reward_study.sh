@@ -51,8 +51,12 @@ for row in "${rows[@]}"; do
   env "${common[@]}" $settings CHECKPOINT_DIR="$dir" "$python" -m avatarl train --preset bench-quick \
     >"$dir/log.txt" 2>&1
   "$python" - "$dir/metrics.jsonl" "$name" <<'PY'
-import json, sys
-records = [json.loads(line) for line in open(sys.argv[1])]
+import sys
+from pathlib import Path
+
+from avatarl.tracking import read_metrics
+
+records = read_metrics(Path(sys.argv[1]))
 last = [r for r in records if "val_acc" in r][-1]
 entropy = min(r["entropy"] for r in records if "entropy" in r)
 print(f"{sys.argv[2]:24s} acc {last['val_acc']:.3f}  ce {last['val_ce']:.3f}  "

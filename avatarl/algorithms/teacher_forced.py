@@ -60,7 +60,7 @@ def teacher_forced_micro_step(policy: nn.Module, reference: KLReference | None, 
         rewards = position_rewards(actions, truth, ref_prob, settings)
         advantages = group_advantages(rewards[..., None], settings.min_variance)[..., 0]  # group: dim 1 (K)
     policy_loss = -(advantages * logp_tempered.gather(-1, actions)).mean()
-    logp = F.log_softmax(logits, dim=-1)
+    logp = logp_tempered if T == 1 else F.log_softmax(logits, dim=-1)  # the same tensor at T = 1
     p = logp.exp()
     ent = entropy_of_log_probs(logp, p).mean()
     kl = kl_to_reference(logp, ref_logp, p).mean() if ref_logp is not None else None

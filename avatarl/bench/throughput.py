@@ -51,7 +51,7 @@ from avatarl.data.sampler import make_sampler
 from avatarl.device import mixed_precision, resolve_device
 from avatarl.model import GPT, attention_backend_available, frozen_copy
 from avatarl.objectives import AvataRLObjective, RefereeObjective
-from avatarl.referee import Referee, module_bytes
+from avatarl.referee import Referee
 from avatarl.run import MetricBuffer, Run, RunState
 from avatarl.trainer import build, model_config, train_step
 
@@ -180,7 +180,7 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
     av_cfg = dataclasses.replace(cfg, algorithm="avatarl")
     referee = frozen_copy(referee)
     avatarl = dataclasses.replace(
-        grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, Referee(referee, {}, module_bytes(referee))),
+        grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, Referee(referee, {})),
         state=RunState(),
         metrics=MetricBuffer(device), sampler=make_sampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed, 0, device))
     return supervised, avatarl
