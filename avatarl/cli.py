@@ -8,7 +8,6 @@ only when that command runs, so `avatarl --help` and `avatarl config` stay fast.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ def report(err: ConfigError) -> int:
 
 def command_train(args: argparse.Namespace) -> int:
     cfg, _ = resolve(args)
-    if cfg.training_mode == "modal" and not in_modal_container():
+    if cfg.launch.training_mode == "modal" and not in_modal_container():
         from avatarl.launchers.modal import hand_over_to_modal
 
         return hand_over_to_modal(args.env_file, cli_settings(args), args.preset)
@@ -72,7 +71,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_train_referee(args: argparse.Namespace) -> int:
     cfg, _ = resolve(args)
-    cfg = dataclasses.replace(cfg, total_iters=cfg.referee_iters, save_final_checkpoint=True)
+    cfg = cfg.replace(total_iters=cfg.referee.referee_iters, save_final_checkpoint=True)
     from avatarl.referee import export_referee
     from avatarl.trainer import train
 
@@ -92,7 +91,7 @@ def command_config(args: argparse.Namespace) -> int:
     launchers = launcher_values(args.env_file)  # before resolve() copies .env's library variables into os.environ
     cfg, sources = resolve(args)
     print(describe(cfg, sources, launchers))
-    if cfg.algorithm == "avatarl":
+    if cfg.run.algorithm == "avatarl":
         from avatarl.referee import describe_referee
 
         print(describe_referee(cfg))
@@ -103,8 +102,8 @@ def command_sample(args: argparse.Namespace) -> int:
     from avatarl.generate import sample_from_checkpoint
 
     cfg, _ = resolve(args)
-    texts = sample_from_checkpoint(args.checkpoint, Path(cfg.checkpoint_dir), args.prompt, args.max_new_tokens,
-                                   args.temperature, args.top_k, args.num_samples, args.seed, cfg.device)
+    texts = sample_from_checkpoint(args.checkpoint, Path(cfg.run.checkpoint_dir), args.prompt, args.max_new_tokens,
+                                   args.temperature, args.top_k, args.num_samples, args.seed, cfg.run.device)
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}\n{text}")
     return exit_codes.OK
@@ -114,8 +113,8 @@ def command_health(args: argparse.Namespace) -> int:
     from avatarl.run_dir import heartbeat_age, run_dir
 
     cfg, _ = resolve(args)
-    max_age = args.max_age if args.max_age is not None else max(60.0, 4 * cfg.heartbeat_interval)
-    directory = run_dir(cfg.checkpoint_dir)
+    max_age = args.max_age if args.max_age is not None else max(60.0, 4 * cfg.run.heartbeat_interval)
+    directory = run_dir(cfg.run.checkpoint_dir)
     try:
         age, beat = heartbeat_age(directory)
     except (OSError, ValueError, KeyError) as err:
@@ -160,7 +159,7 @@ def command_prepare(args: argparse.Namespace) -> int:
     cfg, _ = resolve(args)
     # --tokenizer names the BPE outright; TOKENIZER (env, .env) stands in for it unless it is the default char,
     # which prepare cannot use and which a .env made from .env.example always holds.
-    spec = args.tokenizer or cfg.tokenizer
+    spec = args.tokenizer or cfg.data.tokenizer
     meta = prepare(args.sources, Path(args.output).expanduser(), spec, hf_source(args), args.text_column,
                    args.num_proc if args.num_proc is not None else os.cpu_count() or 1, args.val_fraction, args.dtype)
     print(f"[avatarl] prepared {args.output}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "

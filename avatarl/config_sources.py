@@ -136,7 +136,7 @@ def load_config(cli: Mapping[str, str] | None = None, env_file: str | os.PathLik
             sources[name] = SOURCE_DEFAULT
     if problems:
         raise ConfigError(problems)
-    return Config(**values), sources
+    return Config.of(**values), sources
 
 
 def export_launcher_variables(env_file: str | os.PathLike | None, environ: dict[str, str] | None = None) -> None:

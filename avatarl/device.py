@@ -20,15 +20,15 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
 
 def check_device(cfg: Config, device: torch.device, world_size: int) -> None:
     """Problems only visible at run time, reported before any model is built."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(["DEVICE=cuda but no CUDA GPU is visible: use DEVICE=auto or DEVICE=cpu, or run "
                            "on a GPU host (docker: --gpus all)."])
-    if world_size > 1 and cfg.n_gpus != world_size and device.type == "cuda":
-        log.warning("N_GPUS=%d but torchrun started %d processes: trusting torchrun.", cfg.n_gpus, world_size)
+    if world_size > 1 and cfg.launch.n_gpus != world_size and device.type == "cuda":
+        log.warning("N_GPUS=%d but torchrun started %d processes: trusting torchrun.", cfg.launch.n_gpus, world_size)
 
 
 def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full float32 (always on CPU)."""
-    if device.type != "cuda" or not cfg.use_amp:
+    if device.type != "cuda" or not cfg.optim.use_amp:
         return None
-    return torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    return torch.bfloat16 if cfg.optim.amp_dtype == "bfloat16" else torch.float16

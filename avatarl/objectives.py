@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from avatarl.algorithms.avatarl import avatarl_micro_step, referee_loss
-from avatarl.algorithms.grpo import AdaptiveKLController, GRPOSettings, grpo_micro_step, kl_warmup
+from avatarl.algorithms.grpo import AdaptiveKLController, grpo_micro_step, kl_warmup
 from avatarl.algorithms.reference import build_reference
 from avatarl.algorithms.teacher_forced import teacher_forced_micro_step
 from avatarl.config import Config, ConfigError
@@ -45,13 +45,13 @@ def window_len(cfg: Config, role: str) -> int:
     """Corpus chars one context reads, and adds to chars_seen: CONTEXT_LEN + HORIZON for a GRPO student
     with autoregressive rollouts (context and true continuation), CONTEXT_LEN + 1 for teacher-forced
     GRPO, AvataRL and the referee (every next char)."""
-    autoregressive = role == "student" and cfg.algorithm == "grpo" and cfg.rollouts == "autoregressive"
-    return cfg.context_len + (cfg.horizon if autoregressive else 1)
+    autoregressive = role == "student" and cfg.run.algorithm == "grpo" and cfg.grpo.rollouts == "autoregressive"
+    return cfg.model.context_len + (cfg.grpo.horizon if autoregressive else 1)
 
 
 def grpo_needs_reference(cfg: Config) -> bool:
     """Autoregressive GRPO always scores against its n-gram; teacher-forced GRPO only for partial credit or KL."""
-    return cfg.rollouts == "autoregressive" or cfg.partial_credit > 0 or cfg.beta_kl > 0
+    return cfg.grpo.rollouts == "autoregressive" or cfg.grpo.partial_credit > 0 or cfg.grpo.beta_kl > 0
 
 
 class GRPOObjective:
@@ -62,43 +62,43 @@ class GRPOObjective:
 
     def __init__(self, cfg: Config, corpus: Corpus, student: GPT, device: torch.device):
         self.cfg = cfg
-        self.settings = GRPOSettings.of(cfg)
-        self.teacher_forced = cfg.rollouts == "teacher_forced"
+        self.settings = cfg.grpo
+        self.teacher_forced = cfg.grpo.rollouts == "teacher_forced"
         self.window_len = window_len(cfg, "student")
         self.student = student
         # Teacher-forced draws come from the student itself: no old policy, no decode graphs.
         self.old_policy = None if self.teacher_forced else frozen_copy(student)
-        use_graphs = cfg.use_cuda_graphs and device.type == "cuda" and self.old_policy is not None
+        use_graphs = cfg.model.use_cuda_graphs and device.type == "cuda" and self.old_policy is not None
         self.graphs = GraphedDecoding(self.old_policy, capture=True) if use_graphs else None
         self.credit = self.kl_reference = None
         if grpo_needs_reference(cfg):
             try:
                 self.credit, self.kl_reference = build_reference(
-                    cfg.reference, cfg.ngram_order, cfg.reference_model, corpus.model_vocab_size,
+                    cfg.grpo.reference, cfg.grpo.ngram_order, cfg.grpo.reference_model, corpus.model_vocab_size,
                     char_vocabulary(corpus.tokenizer), reference_ids(corpus.train), device)
             except ValueError as err:
                 raise ConfigError([str(err)]) from None
-        chars_per_iter = cfg.batch * cfg.k_samples * (cfg.context_len if self.teacher_forced else cfg.horizon)
-        self.controller = AdaptiveKLController(cfg.beta_kl, cfg.kl_target, horizon_chars=10 * chars_per_iter,
-                                               max_coef=cfg.kl_max_coef)
-        self.chars_per_log = cfg.log_interval * chars_per_iter
+        chars_per_iter = cfg.optim.batch * cfg.grpo.k_samples * (cfg.model.context_len if self.teacher_forced else cfg.grpo.horizon)
+        self.controller = AdaptiveKLController(cfg.grpo.beta_kl, cfg.grpo.kl_target, horizon_chars=10 * chars_per_iter,
+                                               max_coef=cfg.grpo.kl_max_coef)
+        self.chars_per_log = cfg.run.log_interval * chars_per_iter
         self.kl_coef = 0.0
 
     def prepare_step(self, iteration: int, chars_seen: int) -> None:
-        if self.old_policy is not None and iteration % self.cfg.old_policy_interval == 0:
+        if self.old_policy is not None and iteration % self.cfg.grpo.old_policy_interval == 0:
             self.old_policy.load_state_dict(self.student.state_dict())
-        base = self.controller.value if self.cfg.adaptive_kl else self.cfg.beta_kl
-        self.kl_coef = kl_warmup(base, chars_seen, self.cfg.kl_warm)
+        base = self.controller.value if self.cfg.grpo.adaptive_kl else self.cfg.grpo.beta_kl
+        self.kl_coef = kl_warmup(base, chars_seen, self.cfg.grpo.kl_warm)
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self.teacher_forced:
             return teacher_forced_micro_step(model, self.kl_reference, window, self.settings, self.kl_coef)
-        ctx, truth = window[:, :self.cfg.context_len], window[:, self.cfg.context_len:]
+        ctx, truth = window[:, :self.cfg.model.context_len], window[:, self.cfg.model.context_len:]
         return grpo_micro_step(model, self.old_policy, self.kl_reference, ctx, truth, self.settings, self.kl_coef,
                                credit_reference=self.credit, graphs=self.graphs)
 
     def after_log(self, metrics: dict[str, float]) -> None:
-        if self.cfg.adaptive_kl and "kl" in metrics:
+        if self.cfg.grpo.adaptive_kl and "kl" in metrics:
             self.controller.update(metrics["kl"], self.chars_per_log)
 
     def host_metrics(self) -> dict[str, float]:
@@ -152,7 +152,8 @@ class AvataRLObjective(NextCharObjective):
         self.referee_memory_mib = referee.memory_bytes / 2**20
 
     def micro_step(self, model: nn.Module, window: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg, self.valid_vocab)
+        return avatarl_micro_step(model, self.referee, window[:, :-1], window[:, 1:], self.cfg.avatarl,
+                                  self.cfg.grpo.entropy_coef, self.valid_vocab)
 
     def host_metrics(self) -> dict[str, float]:
         return {"referee_memory_mib": self.referee_memory_mib}
@@ -183,7 +184,7 @@ class RefereeObjective(NextCharObjective):
 def build_objective(cfg: Config, role: str, corpus: Corpus, student: GPT, device: torch.device) -> Objective:
     if role == "referee":
         return RefereeObjective(cfg)
-    if cfg.algorithm == "avatarl":
+    if cfg.run.algorithm == "avatarl":
         return AvataRLObjective(cfg, open_referee(cfg, corpus.tokenizer, corpus.model_vocab_size, device),
                                 corpus.tokenizer.size)
     return GRPOObjective(cfg, corpus, student, device)

@@ -35,7 +35,7 @@ def peak_rss_mib() -> float:
 
 def every(interval: int, run: Run) -> bool:
     """Due every `interval` iterations and at the last one."""
-    return run.state.iteration % interval == 0 or run.state.iteration == run.cfg.total_iters
+    return run.state.iteration % interval == 0 or run.state.iteration == run.cfg.optim.total_iters
 
 
 class Duty:
@@ -73,7 +73,7 @@ class MetricsLog(Duty):
 
     def after_step(self, run: Run, good: bool) -> None:
         self.progress.update(1)
-        if not every(run.cfg.log_interval, run):
+        if not every(run.cfg.run.log_interval, run):
             return
         metrics = run.metrics.drain()
         run.objective.after_log(metrics)
@@ -83,9 +83,9 @@ class MetricsLog(Duty):
         self.logger.log(metrics, run.state.iteration)
         self.progress.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean")
                                    if k in metrics})
-        if "entropy" in metrics and metrics["entropy"] < run.cfg.entropy_warn:
+        if "entropy" in metrics and metrics["entropy"] < run.cfg.run.entropy_warn:
             log.warning("Policy entropy %.3f nats/char is below ENTROPY_WARN=%s: the policy is collapsing.",
-                        metrics["entropy"], run.cfg.entropy_warn)
+                        metrics["entropy"], run.cfg.run.entropy_warn)
 
 
 class Validation(Duty):
@@ -94,7 +94,7 @@ class Validation(Duty):
 
     def __init__(self, logger: NullLogger, run: Run):
         self.logger = logger
-        self.windows = eval_windows(run.corpus.val, run.cfg.context_len, run.cfg.eval_windows, run.info.device)
+        self.windows = eval_windows(run.corpus.val, run.cfg.model.context_len, run.cfg.run.eval_windows, run.info.device)
 
     def _measure(self, run: Run) -> dict[str, float]:
         return validation_metrics(run.raw_model, self.windows, run.corpus.token_bytes)
@@ -104,7 +104,7 @@ class Validation(Duty):
             self.logger.log({**self._measure(run), "chars_seen": 0}, 0)
 
     def after_step(self, run: Run, good: bool) -> None:
-        if every(run.cfg.eval_interval, run):
+        if every(run.cfg.run.eval_interval, run):
             measured = self._measure(run)
             self.logger.log({**measured, "val_ppl": math.exp(min(measured["val_ce"], 50.0)),
                              "chars_seen": run.state.chars_seen}, run.state.iteration)
@@ -119,16 +119,16 @@ class TextSamples(Duty):
 
     def _log(self, run: Run) -> None:
         samples = training_samples(run.raw_model, run.corpus.tokenizer, run.info.device,
-                                   run.cfg.seed + run.state.iteration)
+                                   run.cfg.run.seed + run.state.iteration)
         self.logger.log_text("samples", format_samples(samples), run.state.iteration)
         health = sample_health([sample.ids for sample in samples])
         self.logger.log({**health, "chars_seen": run.state.chars_seen}, run.state.iteration)
-        warning = degeneracy_warning(health, run.cfg.degeneracy_warn)
+        warning = degeneracy_warning(health, run.cfg.run.degeneracy_warn)
         if warning:
             log.warning(warning)
 
     def after_step(self, run: Run, good: bool) -> None:
-        interval = run.cfg.sample_interval
+        interval = run.cfg.run.sample_interval
         if run.info.is_main and interval and run.state.iteration % interval == 0:
             self._log(run)
 
@@ -144,13 +144,13 @@ class Heartbeat(Duty):  # listed after Checkpoints: a run is marked finished onl
         self.throughput, self.last_beat = throughput, 0.0
 
     def after_step(self, run: Run, good: bool) -> None:
-        if run.info.is_main and time.monotonic() - self.last_beat >= run.cfg.heartbeat_interval:
+        if run.info.is_main and time.monotonic() - self.last_beat >= run.cfg.run.heartbeat_interval:
             self.last_beat = time.monotonic()
-            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.total_iters, self.throughput.chars_per_s(run))
+            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.optim.total_iters, self.throughput.chars_per_s(run))
 
     def at_end(self, run: Run, outcome: str) -> None:
         if run.info.is_main:
-            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.total_iters, 0.0,
+            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.optim.total_iters, 0.0,
                             finished=outcome == COMPLETED)
 
 
@@ -159,9 +159,9 @@ class Checkpoints(Duty):
 
     def after_step(self, run: Run, good: bool) -> None:
         cfg = run.cfg
-        if cfg.save_intermediate_checkpoints and good and run.state.iteration % cfg.checkpoint_interval == 0:
+        if cfg.run.save_intermediate_checkpoints and good and run.state.iteration % cfg.run.checkpoint_interval == 0:
             save_run(run)
 
     def at_end(self, run: Run, outcome: str) -> None:
-        if outcome == BAD_STEPS or (outcome == COMPLETED and run.cfg.save_final_checkpoint):
+        if outcome == BAD_STEPS or (outcome == COMPLETED and run.cfg.run.save_final_checkpoint):
             save_run(run)

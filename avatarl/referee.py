@@ -69,10 +69,10 @@ def referee_kind(cfg: Config) -> tuple[str, str]:
     if path.is_dir():
         if (path / "config.json").is_file():
             return HF_LOCAL, str(path.resolve())
-        raise ConfigError([f"REFEREE_PATH={cfg.referee_path!r} is a directory without config.json: use a Hugging "
+        raise ConfigError([f"REFEREE_PATH={cfg.referee.referee_path!r} is a directory without config.json: use a Hugging "
                            "Face save_pretrained directory, a hub name, or a file from `avatarl train-referee`."])
-    if cfg.referee_path and HUB_NAME.match(cfg.referee_path) and path.suffix != ".pt":
-        return HF_HUB, cfg.referee_path
+    if cfg.referee.referee_path and HUB_NAME.match(cfg.referee.referee_path) and path.suffix != ".pt":
+        return HF_HUB, cfg.referee.referee_path
     raise ConfigError([f"REFEREE_PATH={str(path)!r}: no referee there. Train one first with "
                        "`avatarl train-referee` (same DATA_PATH and CONTEXT_LEN), or set REFEREE_PATH to it or to "
                        "a Hugging Face causal LM with the student's tokenizer."])
@@ -82,11 +82,11 @@ def check_referee_quantize(cfg: Config) -> None:
     """One ConfigError line when REFEREE_QUANTIZE=int8|nf4 cannot run here: cheap, so the CLI calls it before any
     model is built. bitsandbytes' 8-bit and 4-bit kernels need CUDA, and it quantises a Hugging Face model
     while transformers loads it."""
-    if cfg.algorithm != "avatarl" or cfg.referee_quantize == "none":
+    if cfg.run.algorithm != "avatarl" or cfg.referee.referee_quantize == "none":
         return
-    name = f"REFEREE_QUANTIZE={cfg.referee_quantize}"
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        where = "DEVICE=cpu" if cfg.device == "cpu" else "this machine has no CUDA device"
+    name = f"REFEREE_QUANTIZE={cfg.referee.referee_quantize}"
+    if cfg.run.device == "cpu" or not torch.cuda.is_available():
+        where = "DEVICE=cpu" if cfg.run.device == "cpu" else "this machine has no CUDA device"
         raise ConfigError([f"{name} needs CUDA (bitsandbytes' 8-bit / 4-bit kernels) but {where}: set "
                            "REFEREE_QUANTIZE=none (the referee then runs in float32 on a CPU, bf16 on CUDA)."])
     missing = [module for module in ("transformers", "accelerate", "bitsandbytes")
@@ -114,8 +114,8 @@ def referee_identity(cfg: Config) -> dict[str, str]:
     kind, source = referee_kind(cfg)
     if kind == AVATARL:
         return {"kind": kind, "source": source, "revision": "", "sha256": sha256_of(Path(source))}
-    identity = {"kind": kind, "source": source, "revision": cfg.referee_revision, "sha256": "",
-                "quantize": cfg.referee_quantize}
+    identity = {"kind": kind, "source": source, "revision": cfg.referee.referee_revision, "sha256": "",
+                "quantize": cfg.referee.referee_quantize}
     if kind == HF_LOCAL:
         identity["sha256"] = directory_sha256(Path(source))
     return identity
@@ -251,21 +251,21 @@ def load_hf_referee(cfg: Config, identity: dict[str, str], tokenizer: Tokenizer,
                     device: torch.device) -> tuple[nn.Module, dict[str, str]]:
     """A Hugging Face causal LM as referee, checked (tokenizer, vocabulary, context) before its weights load."""
     kind, source = identity["kind"], identity["source"]
-    check_referee_tokenizer(hf_referee_tokenizer(kind, source, cfg.referee_revision), tokenizer, source)
+    check_referee_tokenizer(hf_referee_tokenizer(kind, source, cfg.referee.referee_revision), tokenizer, source)
     from transformers import AutoConfig
 
-    lm_config = AutoConfig.from_pretrained(source, revision=cfg.referee_revision or None)
+    lm_config = AutoConfig.from_pretrained(source, revision=cfg.referee.referee_revision or None)
     if getattr(lm_config, "vocab_size", tokenizer.size) < tokenizer.size:
         raise ConfigError([f"REFEREE_PATH={source!r}: the model scores {lm_config.vocab_size} ids, fewer than its "
                            f"tokenizer's {tokenizer.size}: it is not a language model of that tokenizer."])
     positions = getattr(lm_config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions < cfg.context_len:
+    if isinstance(positions, int) and positions < cfg.model.context_len:
         raise ConfigError([f"REFEREE_PATH={source!r}: the model reads at most {positions} positions but the student "
-                           f"uses CONTEXT_LEN={cfg.context_len}: lower CONTEXT_LEN or use a longer-context referee."])
+                           f"uses CONTEXT_LEN={cfg.model.context_len}: lower CONTEXT_LEN or use a longer-context referee."])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm = load_frozen_causal_lm(source, device, dtype, cfg.referee_revision, quantization_config(cfg.referee_quantize))
+    lm = load_frozen_causal_lm(source, device, dtype, cfg.referee.referee_revision, quantization_config(cfg.referee.referee_quantize))
     if kind == HF_HUB:
-        identity = {**identity, "revision": getattr(lm.config, "_commit_hash", None) or cfg.referee_revision}
+        identity = {**identity, "revision": getattr(lm.config, "_commit_hash", None) or cfg.referee.referee_revision}
     referee = HFRefereeLM(lm, tokenizer.size, vocab_size).eval()
     referee.requires_grad_(False)
     return referee, identity
@@ -315,11 +315,11 @@ def load_referee(cfg: Config, tokenizer: Tokenizer, device: torch.device) -> nn.
     path = referee_path(cfg)  # a file: referee_kind has checked it
     try:
         saved = load_checkpoint(path, map_location=device)
-        check_referee_compatible(saved, tokenizer, cfg.context_len)
+        check_referee_compatible(saved, tokenizer, cfg.model.context_len)
     except (CheckpointError, ValueError) as err:
         raise ConfigError([f"REFEREE_PATH={str(path)!r}: {err}"]) from None
     referee = GPT.from_saved(saved, device)
-    if device.type == "cuda" and cfg.use_amp and cfg.amp_dtype == "bfloat16":
+    if device.type == "cuda" and cfg.optim.use_amp and cfg.optim.amp_dtype == "bfloat16":
         referee = referee.to(torch.bfloat16)
     return frozen_copy(referee)
 
@@ -332,7 +332,7 @@ def last_val_ce(metrics_path: Path) -> float | None:
 
 def export_referee(cfg: Config) -> Path:
     """Write REFEREE_PATH (weights, model shape, vocabulary, context length, val CE) atomically."""
-    directory = run_dir(cfg.checkpoint_dir, "referee")
+    directory = run_dir(cfg.run.checkpoint_dir, "referee")
     source = find_resume_checkpoint(directory)
     if source is None:
         raise FileNotFoundError(f"no referee checkpoint in {directory}")

@@ -10,13 +10,12 @@ again from the config saved in its newest checkpoint. Other runs (BPE, a corpus 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from avatarl.config import Config, ConfigError
+from avatarl.config import Config, ConfigError, setting_fields
 from avatarl.plotting import require_pyplot
 from avatarl.run_dir import METRICS
 from avatarl.tracking import read_metrics
@@ -99,17 +98,17 @@ def rebuilt_baselines(run_dir: Path) -> tuple[dict[str, dict[str, float]] | None
         return None, "none, no checkpoint holds the run's config"
     try:
         saved = load_checkpoint(checkpoint)["config"]
-        known = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{name: value for name, value in saved.items() if name in known})
-        if cfg.tokenizer != "char":
-            return None, f"none, TOKENIZER={cfg.tokenizer} (only a char-level corpus is counted again)"
-        if not cfg.data_path and packaged_tiny_shakespeare() is None:
+        known = setting_fields()
+        cfg = Config.of(**{name: value for name, value in saved.items() if name in known})
+        if cfg.data.tokenizer != "char":
+            return None, f"none, TOKENIZER={cfg.data.tokenizer} (only a char-level corpus is counted again)"
+        if not cfg.data.data_path and packaged_tiny_shakespeare() is None:
             return None, "none, the default corpus would have to be downloaded"
         corpus = load_corpus(cfg, torch.device("cpu"))
     except (ConfigError, CheckpointError, OSError, KeyError, TypeError, ValueError) as err:
         reason = "; ".join(err.problems) if isinstance(err, ConfigError) else str(err)
         return None, f"none, the run's corpus could not be rebuilt ({reason})"
-    return corpus_baselines(corpus, cfg.context_len, cfg.eval_windows), f"rebuilt from {checkpoint.name}"
+    return corpus_baselines(corpus, cfg.model.context_len, cfg.run.eval_windows), f"rebuilt from {checkpoint.name}"
 
 
 def draw_baselines(ax: Any, baselines: dict[str, dict[str, float]], unit: str) -> None:

@@ -41,7 +41,7 @@ def save_run(run: Run) -> Path | None:
         started = time.perf_counter()
         try:
             path = save_checkpoint(run.run_dir, state.iteration, {**run.state_dict(), "rank_states": rank_states},
-                                   run.cfg.keep_checkpoints)
+                                   run.cfg.run.keep_checkpoints)
             log.info("Saved %s in %.2fs", path.name, time.perf_counter() - started)
         except (CheckpointError, OSError) as err:
             error = err if isinstance(err, CheckpointError) else CheckpointError(f"Could not save a checkpoint: {err}")

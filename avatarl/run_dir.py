@@ -39,12 +39,12 @@ def run_dir(checkpoint_dir: str | os.PathLike, role: str = "student") -> Path:
 
 def referee_path(cfg: Config) -> Path:
     """REFEREE_PATH, or CHECKPOINT_DIR/referee.pt when it is empty."""
-    return Path(cfg.referee_path or Path(cfg.checkpoint_dir) / REFEREE_FILE).expanduser()
+    return Path(cfg.referee.referee_path or Path(cfg.run.checkpoint_dir) / REFEREE_FILE).expanduser()
 
 
 def prepare_run_dir(cfg: Config, role: str) -> Path:
     """The run directory, created and checked writable; RESUME=never refuses one that holds a run."""
-    directory = run_dir(cfg.checkpoint_dir, role)
+    directory = run_dir(cfg.run.checkpoint_dir, role)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # A name no other process can hold: ranks of several containers that share this directory can
@@ -53,10 +53,10 @@ def prepare_run_dir(cfg: Config, role: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ConfigError([f"CHECKPOINT_DIR={cfg.checkpoint_dir!r} is not writable ({err.strerror}): "
+        raise ConfigError([f"CHECKPOINT_DIR={cfg.run.checkpoint_dir!r} is not writable ({err.strerror}): "
                            "choose a directory you can write to."]) from None
     existing = list_checkpoints(directory)
-    if cfg.resume == "never" and existing and not cfg.overwrite:
+    if cfg.run.resume == "never" and existing and not cfg.run.overwrite:
         raise ConfigError([f"RESUME=never but {directory} already holds a run ({existing[0].name}): "
                            "set RESUME=auto to continue it, OVERWRITE=true to start over, or another "
                            "CHECKPOINT_DIR."])

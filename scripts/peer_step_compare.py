@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -39,17 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     add_setting_flags(parser)
     args = parser.parse_args(argv)
     cfg, _ = load_config(cli_settings(args), args.env_file, preset=args.preset)
-    device = resolve_device(cfg.device)
-    cfg = dataclasses.replace(cfg, batch=cfg.micro_batch, algorithm="grpo")
+    device = resolve_device(cfg.run.device)
+    cfg = cfg.replace(batch=cfg.optim.micro_batch, algorithm="grpo")
     with tempfile.TemporaryDirectory(prefix="avatarl-peer-") as tmp:
-        cfg = dataclasses.replace(cfg, checkpoint_dir=tmp)
+        cfg = cfg.replace(checkpoint_dir=tmp)
         grpo = build(cfg, D.DistInfo(0, 0, 1, device), "student", Path(tmp))
     supervised, _ = derived_runs(grpo)
     built = build_peer(cfg, grpo.corpus.model_vocab_size, device)
     if isinstance(built, str):
         print(f"error: {built}", file=sys.stderr)
         return 1
-    peer_step, _ = peer_step_fn(cfg, built[0], WindowSampler(grpo.corpus.train, cfg.seq_len + 1, cfg.seed), device)
+    peer_step, _ = peer_step_fn(cfg, built[0], WindowSampler(grpo.corpus.train, cfg.seq_len + 1, cfg.run.seed), device)
     calls = {"ours": lambda: train_step(supervised), "peer": peer_step}
     for fn in calls.values():
         fn(), fn()
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             for event in prof.key_averages():
                 self_ms[name][event.key] += event.self_cpu_time_total / 1e3 / args.steps
             total_ms[name] += sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / args.steps
-    print(f"{cfg.n_layer}L {cfg.n_head}H {cfg.n_emb}d, {cfg.micro_batch * cfg.k_samples} rows of {cfg.seq_len} "
+    print(f"{cfg.model.n_layer}L {cfg.model.n_head}H {cfg.model.n_emb}d, {cfg.optim.micro_batch * cfg.grpo.k_samples} rows of {cfg.seq_len} "
           f"tokens, {torch.get_num_threads()} thread(s), {device}; self CPU ms per step (profiled), "
           f"mean of {args.steps}")
     print(f"{'op':<56}{'ours':>10}{'peer':>10}")

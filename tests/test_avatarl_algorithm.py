@@ -183,10 +183,10 @@ class Bigram(nn.Module):
 def test_micro_step_by_hand_referee_only():
     student = Table(t([[1, 2, 0, -1], [0, 0, 1, 2]]))              # top-1: token 1, token 3
     referee = Table(torch.log(t([[0.6, 0.1, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]]))).eval()
-    cfg = Config(top_k=1, label_smoothing=0.1, reality_weight=0.0, mentor_weight=1.0, reward_scale=100.0,
+    cfg = Config.of(top_k=1, label_smoothing=0.1, reality_weight=0.0, mentor_weight=1.0, reward_scale=100.0,
                  max_reward_clamp=1.5, entropy_coef=0.0)
     x, y = torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]])
-    loss, m = avatarl_micro_step(student, referee, x, y, cfg)
+    loss, m = avatarl_micro_step(student, referee, x, y, cfg.avatarl, cfg.grpo.entropy_coef)
     # position 0: actions {0, 1}, mentor [6/7, 1/7] -> rewards [1.5, 0] (85.7 clamped)
     # position 1: actions {2, 3}, mentor [1/8, 7/8] -> rewards [0, 1.5]: the true token 2 is not top
     logp = torch.log_softmax(student.table.detach(), -1)
@@ -222,22 +222,22 @@ def loop_reference(student_logits, referee_logits, targets, cfg):
     Returns ([(sorted actions, {action: reward})] per position, loss)."""
     rows, terms = [], []
     for z, r, y in zip(student_logits, referee_logits, targets.tolist(), strict=True):
-        k = min(cfg.top_k, z.numel())
+        k = min(cfg.avatarl.top_k, z.numel())
         by_student = sorted(range(z.numel()), key=lambda i: -z[i].item())[:k]
         by_referee = sorted(range(r.numel()), key=lambda i: -r[i].item())[:k]
         acts = sorted(set(by_student) | set(by_referee) | {y})
-        eps = cfg.label_smoothing
+        eps = cfg.avatarl.label_smoothing
         reality = {a: (1 - eps if len(acts) > 1 else 1.0) if a == y else eps / (len(acts) - 1) for a in acts}
         p = torch.softmax(r.double(), -1)
         mentor = {a: p[a].item() / sum(p[b].item() for b in acts) for a in acts}
-        score = {a: reality[a] ** cfg.reality_weight * mentor[a] ** cfg.mentor_weight for a in acts}
+        score = {a: reality[a] ** cfg.avatarl.reality_weight * mentor[a] ** cfg.avatarl.mentor_weight for a in acts}
         ideal = {a: score[a] / sum(score.values()) for a in acts}
         mean = sum(ideal.values()) / len(acts)
-        reward = {a: cfg.reward_scale * ideal[a] if ideal[a] > mean else 0.0 for a in acts}
+        reward = {a: cfg.avatarl.reward_scale * ideal[a] if ideal[a] > mean else 0.0 for a in acts}
         top = max(reward.values())
-        if top > cfg.max_reward_clamp:
-            reward = {a: v * cfg.max_reward_clamp / top for a, v in reward.items()}
-        logp = torch.log_softmax(z / (1 + cfg.entropy_coef), -1)
+        if top > cfg.avatarl.max_reward_clamp:
+            reward = {a: v * cfg.avatarl.max_reward_clamp / top for a, v in reward.items()}
+        logp = torch.log_softmax(z / (1 + cfg.grpo.entropy_coef), -1)
         terms.append(-sum(logp[a] * reward[a] for a in acts) / len(acts))
         rows.append((acts, reward))
     return rows, torch.stack(terms).mean()
@@ -249,11 +249,11 @@ def test_vectorised_matches_loop_reference(top_k, rw, mw):
     n, vocab = 200, 8
     student, referee = 2 * torch.randn(n, vocab), 2 * torch.randn(n, vocab)
     targets = torch.randint(0, vocab, (n,))
-    cfg = Config(top_k=top_k, reality_weight=rw, mentor_weight=mw)
+    cfg = Config.of(top_k=top_k, reality_weight=rw, mentor_weight=mw)
     actions, mask = action_set(student, referee, targets, top_k)
-    reality = reality_distribution(actions, mask, targets, cfg.label_smoothing)
+    reality = reality_distribution(actions, mask, targets, cfg.avatarl.label_smoothing)
     ideal = ideal_distribution(reality, mentor_distribution(referee, actions, mask), mask, rw, mw)
-    rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
+    rewards = action_rewards(ideal, mask, cfg.avatarl.reward_scale, cfg.avatarl.max_reward_clamp)
     rows, _ = loop_reference(student, referee, targets, cfg)
     for i, (acts, reward) in enumerate(rows):
         assert valid_rows(actions[i:i + 1], mask[i:i + 1])[0] == acts
@@ -264,10 +264,10 @@ def test_vectorised_matches_loop_reference(top_k, rw, mw):
 def test_student_gradient_is_the_policy_gradient_and_referee_gets_none():
     vocab = 7
     student, referee = Bigram(vocab, seed=1), Bigram(vocab, seed=2).eval()
-    cfg = Config(top_k=2, entropy_coef=0.05)
+    cfg = Config.of(top_k=2, entropy_coef=0.05)
     torch.manual_seed(3)
     x, y = torch.randint(0, vocab, (3, 5)), torch.randint(0, vocab, (3, 5))
-    loss, _ = avatarl_micro_step(student, referee, x, y, cfg)
+    loss, _ = avatarl_micro_step(student, referee, x, y, cfg.avatarl, cfg.grpo.entropy_coef)
     loss.backward()
     assert all(p.grad is None for p in referee.parameters())
     grad = student.emb.weight.grad.clone()
@@ -289,7 +289,7 @@ def test_micro_step_requires_eval_referee():
     model = Bigram(5, seed=0)
     with pytest.raises(AssertionError, match="eval"):
         avatarl_micro_step(model, Bigram(5, seed=1), torch.zeros(1, 2, dtype=torch.long),
-                           torch.zeros(1, 2, dtype=torch.long), Config())
+                           torch.zeros(1, 2, dtype=torch.long), Config().avatarl, 0.0)
 
 
 # ---------------------------------------------------------------- referee compatibility

@@ -43,9 +43,9 @@ def test_summary_over_seeds_by_hand():
 
 
 def test_count_model_lines_of_a_prepared_bpe_directory(prepared_shakespeare):
-    cfg = Config(**TINY_BENCH, data_path=str(prepared_shakespeare))
+    cfg = Config.of(**TINY_BENCH, data_path=str(prepared_shakespeare))
     baselines, corpus, unit = corpus_lines(cfg)
-    windows = eval_windows(corpus.val, cfg.context_len, cfg.eval_windows)
+    windows = eval_windows(corpus.val, cfg.model.context_len, cfg.run.eval_windows)
     assert unit == "token" and corpus.tokenizer.size == 512
     assert baselines == count_model_baselines(reference_ids(corpus.train), windows, 512)
     assert list(baselines) == ["uniform", "unigram", "bigram"]  # 512^3 ids would not fit a trigram table
@@ -59,7 +59,7 @@ def bench(tmp_path_factory, corpus_path):
     root = tmp_path_factory.mktemp("bench")
     data = root / "shakespeare-200k.txt"
     data.write_text(corpus_path.read_text()[:200_000])
-    base = Config(**TINY_BENCH, data_path=str(data))
+    base = Config.of(**TINY_BENCH, data_path=str(data))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("avatarl.periodic.training_samples", lambda *args: [Sample("A", [1, 2, 3], "bcd")])
         patch.chdir(root)
@@ -144,7 +144,7 @@ def test_outputs_are_written(bench):
 
 
 def test_a_row_that_cannot_run_stops_the_bench_before_any_training(tmp_path, prepared_shakespeare):
-    base = Config(**TINY_BENCH, data_path=str(prepared_shakespeare))  # 512 ids: the default trigram does not fit
+    base = Config.of(**TINY_BENCH, data_path=str(prepared_shakespeare))  # 512 ids: the default trigram does not fit
     with pytest.raises(ConfigError) as refused:
         learning_bench(base, tmp_path / "out", BUDGET_ITERS, REFEREE_ITERS)
     rows = ("GRPO (autoregressive, shipped defaults)", "GRPO, reward off (KL + entropy only)")
@@ -155,14 +155,14 @@ def test_a_row_that_cannot_run_stops_the_bench_before_any_training(tmp_path, pre
 def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     args = argparse.Namespace(quick=True, out=str(tmp_path / "out"), json_path=None, seeds=1)
-    assert run_learning_bench(Config(device="cpu"), args) == 2
+    assert run_learning_bench(Config.of(device="cpu"), args) == 2
     assert "pip install 'avatarl[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_seeds_below_one_are_refused_before_training(tmp_path, capsys):
     args = argparse.Namespace(quick=True, out=str(tmp_path / "out"), json_path=None, seeds=0)
-    assert run_learning_bench(Config(device="cpu"), args) == 2
+    assert run_learning_bench(Config.of(device="cpu"), args) == 2
     assert "--seeds 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
@@ -199,13 +199,13 @@ def test_runs_of_other_seeds_merge_into_the_report_of_all_seeds(bench, tmp_path,
         paths[-1].write_text(json.dumps(part))
     args = argparse.Namespace(quick=True, out=str(tmp_path / "merged"), json_path=None, seeds=1,
                               merge=[str(path) for path in paths])
-    assert run_learning_bench(Config(device="cpu"), args) == 0
+    assert run_learning_bench(Config.of(device="cpu"), args) == 0
     written = json.loads((tmp_path / "merged" / "learning.json").read_text())
     assert written["seeds"] == report["seeds"] and (tmp_path / "merged" / "learning.png").is_file()
     assert f"Seeds {report['seeds'][0]}, {report['seeds'][1]}; mean" in capsys.readouterr().out
 
     paths[1].write_text("{not json")
     args.out = str(tmp_path / "x")
-    assert run_learning_bench(Config(device="cpu"), args) == 2
+    assert run_learning_bench(Config.of(device="cpu"), args) == 2
     assert capsys.readouterr().err.startswith(f"error: --merge {paths[1]}: cannot read it as JSON")
     assert not (tmp_path / "x").exists()

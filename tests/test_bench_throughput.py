@@ -92,7 +92,7 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
 
 
 def tiny_bench_config(corpus_path: Path) -> Config:
-    return Config(n_layer=1, n_head=2, n_emb=32, micro_batch=2, batch=2, k_samples=2, horizon=3, context_len=6,
+    return Config.of(n_layer=1, n_head=2, n_emb=32, micro_batch=2, batch=2, k_samples=2, horizon=3, context_len=6,
                   device="cpu", data_path=str(corpus_path), use_wandb=False)
 
 
@@ -169,7 +169,7 @@ def test_flop_counts_hand_values():
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
     # N = wte 5*8 (tied head) + norms 8+8+8 + qkv 8*24 + proj 8*8 + fc 8*32 + proj 32*8 = 40+24+192+64+256+256 = 832
     assert model.num_params() == 832
-    cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
+    cfg = Config.of(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
     flops = flop_counts(cfg, model, model)
     # F(T) = 6*832 + 12*1*8*T = 4992 + 96 T.  B=2, C=3, K=2, H=2, S = C+H-1 = 4
     assert flops["supervised_step"] == (4992 + 96 * 5) * 2 * 2 * 5  # F(5) x BK(C+H) = 5472 x 20 = 109440
@@ -182,7 +182,7 @@ def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytes
     # the CUDA branch of the report, fed made-up times: its numbers must follow from them
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
-    cfg = Config(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
+    cfg = Config.of(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
     times = {"supervised_step": 2e-9, "grpo_iteration": 4e-9, "rollout_kv_cache": 1e-9, "grpo_scoring": 5e-10,
              "rollout_recompute": 3e-9, "grpo_full_rows": 8e-9, "avatarl_iteration": 1e-9}
     result = {"timings": {name: Timing([t, 2 * t, t / 2], peak_memory_mib=100.0) for name, t in times.items()},
@@ -212,7 +212,7 @@ def test_bench_dispatches_learning_lazily(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_report_has_mfu_and_peak_memory(corpus_path: Path):
-    cfg = Config(n_layer=2, n_head=4, n_emb=128, micro_batch=64, batch=64, device="cuda",
+    cfg = Config.of(n_layer=2, n_head=4, n_emb=128, micro_batch=64, batch=64, device="cuda",
                  data_path=str(corpus_path), use_wandb=False)
     device = torch.device("cuda")
     report = summarise(cfg, device, measure(cfg, device, warmup=2, iters=3), warmup=2, iters=3)

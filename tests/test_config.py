@@ -14,31 +14,31 @@ from tests.helpers import run_cli
 
 def test_defaults_match_the_seed():
     cfg = Config()
-    assert (cfg.context_len, cfg.horizon, cfg.batch, cfg.micro_batch, cfg.total_iters) == (32, 8, 16384, 512, 2000)
-    assert (cfg.n_layer, cfg.n_head, cfg.n_emb, cfg.k_samples) == (6, 8, 512, 4)
-    assert cfg.lr == 3e-4 and cfg.min_lr == 3e-5 and cfg.old_policy_interval == 5 and cfg.temperature == 1.2
+    assert (cfg.model.context_len, cfg.grpo.horizon, cfg.optim.batch, cfg.optim.micro_batch, cfg.optim.total_iters) == (32, 8, 16384, 512, 2000)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_emb, cfg.grpo.k_samples) == (6, 8, 512, 4)
+    assert cfg.optim.lr == 3e-4 and cfg.optim.min_lr == 3e-5 and cfg.grpo.old_policy_interval == 5 and cfg.grpo.temperature == 1.2
 
 
 def test_kl_defaults_deviate_from_the_seed_on_purpose():
     """The seed's KL settings (BETA_KL 1e-3, KL_WARM 50000, bigram, KL_TARGET 0.02) collapse; see README."""
     cfg = Config()
-    assert (cfg.beta_kl, cfg.kl_warm, cfg.ngram_order, cfg.kl_target) == (1.0, 0, 3, 0.1)
+    assert (cfg.grpo.beta_kl, cfg.grpo.kl_warm, cfg.grpo.ngram_order, cfg.grpo.kl_target) == (1.0, 0, 3, 0.1)
 
 
 def test_precedence_env_over_dotenv_over_cli_over_default(tmp_path: Path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("LR=0.002\nHORIZON=6\n")
     cfg, sources = load_config({"LR": "0.003", "HORIZON": "5", "N_LAYER": "3"}, dotenv, environ={"LR": "0.001"})
-    assert cfg.lr == 0.001 and sources["LR"] == "env"
-    assert cfg.horizon == 6 and sources["HORIZON"] == ".env"
-    assert cfg.n_layer == 3 and sources["N_LAYER"] == "cli"
-    assert cfg.n_emb == 512 and sources["N_EMB"] == "default"
+    assert cfg.optim.lr == 0.001 and sources["LR"] == "env"
+    assert cfg.grpo.horizon == 6 and sources["HORIZON"] == ".env"
+    assert cfg.model.n_layer == 3 and sources["N_LAYER"] == "cli"
+    assert cfg.model.n_emb == 512 and sources["N_EMB"] == "default"
 
 
 @pytest.mark.parametrize("text,expected", [("yes", True), ("0", False), ("TRUE", True), ("off", False)])
 def test_booleans(text: str, expected: bool):
     cfg, _ = load_config(environ={"USE_AMP": text}, env_file=None)
-    assert cfg.use_amp is expected
+    assert cfg.optim.use_amp is expected
 
 
 @pytest.mark.parametrize("environ,fragment", [
@@ -133,7 +133,7 @@ def test_the_writability_probe_leaves_another_process_s_probe_of_the_same_pid_al
 
     theirs = tmp_path / f".write-test-{os.getpid()}"
     theirs.write_text("another container's")
-    assert prepare_run_dir(Config(checkpoint_dir=str(tmp_path)), "student") == tmp_path
+    assert prepare_run_dir(Config.of(checkpoint_dir=str(tmp_path)), "student") == tmp_path
     assert theirs.read_text() == "another container's"
     assert sorted(p.name for p in tmp_path.iterdir()) == [theirs.name], "its own probe is gone"
 
@@ -170,14 +170,14 @@ def test_every_preset_is_valid_and_sits_below_flags_dotenv_and_env(tmp_path: Pat
     for name in preset_names():
         cfg, sources = load_config({}, None, environ={}, preset=name)
         assert {k for k, v in sources.items() if v == "preset"} == set(preset_settings(name)), name
-        assert preset_values(name) == {k.lower(): getattr(cfg, k.lower()) for k in preset_settings(name)}
+        assert preset_values(name) == {k.lower(): cfg.to_dict()[k.lower()] for k in preset_settings(name)}
     dotenv = tmp_path / "run.env"
     dotenv.write_text("N_EMB=256\n")
     cfg, sources = load_config({"N_LAYER": "3", "N_EMB": "64"}, dotenv, environ={"LR": "0.5"}, preset="cpu-small")
-    assert (cfg.n_layer, sources["N_LAYER"]) == (3, "cli")          # flag over preset
-    assert (cfg.n_emb, sources["N_EMB"]) == (256, ".env")           # .env over flag and preset
-    assert (cfg.lr, sources["LR"]) == (0.5, "env")                  # env over everything
-    assert (cfg.batch, sources["BATCH"]) == (64, "preset")          # the preset over the default
+    assert (cfg.model.n_layer, sources["N_LAYER"]) == (3, "cli")          # flag over preset
+    assert (cfg.model.n_emb, sources["N_EMB"]) == (256, ".env")           # .env over flag and preset
+    assert (cfg.optim.lr, sources["LR"]) == (0.5, "env")                  # env over everything
+    assert (cfg.optim.batch, sources["BATCH"]) == (64, "preset")          # the preset over the default
 
 
 def test_preset_flag_reaches_the_cli_and_an_unknown_one_is_refused(tmp_path: Path):

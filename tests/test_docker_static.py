@@ -317,7 +317,7 @@ def test_compose_multinode_takes_the_topology_and_nccl_variables_from_dotenv(tmp
     assert (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"], env["N_GPUS"]) == ("2", "1", "10.0.0.1:29400", "4")
     assert env["NCCL_SOCKET_IFNAME"] == "eth1" and env["GLOO_SOCKET_IFNAME"] is None, "unset stays unset"
     assert gpu_devices(service)[0]["count"] == 4
-    cfg = Config(nnodes=env["NNODES"], node_rank=int(env["NODE_RANK"]), rdzv_endpoint=env["RDZV_ENDPOINT"],
+    cfg = Config.of(nnodes=env["NNODES"], node_rank=int(env["NODE_RANK"]), rdzv_endpoint=env["RDZV_ENDPOINT"],
                  max_restarts=int(env["MAX_RESTARTS"]), n_gpus=int(env["N_GPUS"]))
     assert rendezvous_args(cfg, service["command"][2:]) == [
         "--nproc-per-node=4", f"--max-restarts={env['MAX_RESTARTS']}", "--nnodes=2", "--rdzv-backend=c10d",
@@ -392,7 +392,7 @@ def test_k8s_pytorchjob_is_elastic_with_plain_torchrun_and_shared_storage():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert {k: env.get(k) for k in FRESH_STORE_EACH_ROUND} == FRESH_STORE_EACH_ROUND
     assert env["MAX_RESTARTS"] == str(elastic["maxRestarts"])
-    Config(max_restarts=int(env["MAX_RESTARTS"]), dist_timeout_s=float(env["DIST_TIMEOUT_S"]))  # valid settings
+    Config.of(max_restarts=int(env["MAX_RESTARTS"]), dist_timeout_s=float(env["DIST_TIMEOUT_S"]))  # valid settings
 
 
 def test_k8s_prepare_job_runs_avatarl_prepare_on_cpus_into_the_data_claim():

@@ -42,7 +42,7 @@ def small_cfg(**overrides) -> Config:
                 min_variance=0.1, partial_credit=0.5, context_len=6, n_layer=2, n_head=2, n_emb=16,
                 batch=4, micro_batch=4)
     base.update(overrides)
-    return Config(**base)
+    return Config.of(**base)
 
 
 # --- rewards and advantages
@@ -248,8 +248,8 @@ def micro_step_case(cfg: Config) -> tuple:
     """(student, old policy = its copy, a module-backed reference, contexts [3, C], truths [3, H], generator)."""
     policy, ref_model = tiny_gpt(0), tiny_gpt(5)
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, V, (3, cfg.context_len), generator=gen)
-    truth = torch.randint(0, V, (3, cfg.horizon), generator=gen)
+    ctx = torch.randint(0, V, (3, cfg.model.context_len), generator=gen)
+    truth = torch.randint(0, V, (3, cfg.grpo.horizon), generator=gen)
     return policy, copy.deepcopy(policy), ModelReference(ref_model), ctx, truth, gen
 
 
@@ -257,7 +257,7 @@ def test_micro_step_backward_reaches_only_the_student():
     cfg = small_cfg()
     policy, old_policy, reference, ctx, truth, gen = micro_step_case(cfg)
     ref_model = reference.model
-    loss, metrics = grpo_micro_step(policy, old_policy, reference, ctx, truth, cfg, kl_coef=0.1, generator=gen)
+    loss, metrics = grpo_micro_step(policy, old_policy, reference, ctx, truth, cfg.grpo, kl_coef=0.1, generator=gen)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in policy.parameters())
@@ -277,7 +277,7 @@ def test_micro_step_shares_each_context_without_changing_loss_or_gradients():
     policy, old_policy, reference, ctx, truth, _ = micro_step_case(cfg)
     results = []
     for student in (policy, FullRowsStudent(policy)):
-        loss, metrics = grpo_micro_step(student, old_policy, reference, ctx, truth, cfg, kl_coef=0.1,
+        loss, metrics = grpo_micro_step(student, old_policy, reference, ctx, truth, cfg.grpo, kl_coef=0.1,
                                         generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(loss, list(policy.parameters()))
         results.append((loss, metrics, grads))
@@ -298,9 +298,9 @@ def test_micro_step_uses_the_credit_reference_and_ngram_kl():
     cfg = small_cfg(partial_credit=2.0)
     policy = tiny_gpt(0)
     ngram = NgramReference(2, V, torch.randint(0, V, (500,), generator=torch.Generator().manual_seed(1)), "cpu")
-    ctx = torch.randint(0, V, (2, cfg.context_len))
-    truth = torch.randint(0, V, (2, cfg.horizon))
-    _, m = grpo_micro_step(policy, copy.deepcopy(policy), ngram, ctx, truth, cfg, kl_coef=0.0,
+    ctx = torch.randint(0, V, (2, cfg.model.context_len))
+    truth = torch.randint(0, V, (2, cfg.grpo.horizon))
+    _, m = grpo_micro_step(policy, copy.deepcopy(policy), ngram, ctx, truth, cfg.grpo, kl_coef=0.0,
                            generator=torch.Generator().manual_seed(2), credit_reference=ConstantCredit())
     torch.testing.assert_close(m["reward_mean"], m["exact_match"] + 2.0 * 0.25)
     assert float(m["kl"]) > 0 and float(m["entropy"]) > 0

@@ -86,7 +86,7 @@ def fake_run(threshold: float):
     from types import SimpleNamespace
 
     return SimpleNamespace(raw_model=None, corpus=SimpleNamespace(tokenizer=None), cfg=SimpleNamespace(
-        seed=0, sample_interval=10, degeneracy_warn=threshold), info=SimpleNamespace(device="cpu", is_main=True),
+        run=SimpleNamespace(seed=0, sample_interval=10, degeneracy_warn=threshold)), info=SimpleNamespace(device="cpu", is_main=True),
         state=SimpleNamespace(iteration=10, chars_seen=3200))
 
 

@@ -133,7 +133,7 @@ def test_each_container_of_a_cluster_is_one_node_of_a_rendezvous_on_container_0(
     ipv6 = modal_app.cluster_settings(2, 0, [], ["fd00::5", "fd00::6"])
     assert (ipv6["RDZV_ENDPOINT"], ipv6["NODE_ADDR"]) == ("[fd00::5]:29400", "fd00::5")
     for node in (ipv4, ipv6):  # valid settings, and the launcher's c10d rendezvous follows them
-        cfg = Config(nnodes=node["NNODES"], node_rank=int(node["NODE_RANK"]), rdzv_endpoint=node["RDZV_ENDPOINT"],
+        cfg = Config.of(nnodes=node["NNODES"], node_rank=int(node["NODE_RANK"]), rdzv_endpoint=node["RDZV_ENDPOINT"],
                      node_addr=node["NODE_ADDR"], n_gpus=8)
         args = rendezvous_args(cfg, ["-m", "avatarl", "train"])
         assert f"--rdzv-endpoint={node['RDZV_ENDPOINT']}" in args and f"--local-addr={node['NODE_ADDR']}" in args

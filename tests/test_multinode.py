@@ -311,24 +311,24 @@ def test_two_ranks_resume_the_checkpoint_rank_0_chose_or_stop_together(tmp_path)
 
 
 def test_rendezvous_options_come_from_the_settings():
-    cfg = Config(nnodes="2:4", node_rank=1, rdzv_endpoint="10.0.0.1:29400", rdzv_id="job7", max_restarts=3,
+    cfg = Config.of(nnodes="2:4", node_rank=1, rdzv_endpoint="10.0.0.1:29400", rdzv_id="job7", max_restarts=3,
                  dist_timeout_s=90.5, n_gpus=8)
     assert rendezvous_args(cfg, TRAIN_ARGS) == [
         "--nproc-per-node=8", "--max-restarts=3", "--nnodes=2:4", "--rdzv-backend=c10d",
         "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=job7", "--rdzv-conf=is_host=0,join_timeout=91"]
-    assert "--rdzv-conf=is_host=1,join_timeout=91" in rendezvous_args(Config(**{**vars(cfg), "node_rank": 0}),
+    assert "--rdzv-conf=is_host=1,join_timeout=91" in rendezvous_args(Config.of(**{**cfg.to_dict(), "node_rank": 0}),
                                                                       TRAIN_ARGS)
     # What the command line sets wins; --standalone or a rendezvous of one's own keeps torchrun's.
     assert rendezvous_args(cfg, ["--standalone", "--nproc_per_node", "2", *TRAIN_ARGS]) == ["--max-restarts=3"]
     assert rendezvous_args(Config(), TRAIN_ARGS) == ["--nproc-per-node=1", "--max-restarts=0"]
     # Two nodes in one host's network can share a host name and (one PID namespace each) a process id,
     # torchrun's whole node identity: NODE_ADDR tells them apart.
-    node_addr = rendezvous_args(Config(**{**vars(cfg), "node_addr": "10.0.0.2"}), TRAIN_ARGS)
+    node_addr = rendezvous_args(Config.of(**{**cfg.to_dict(), "node_addr": "10.0.0.2"}), TRAIN_ARGS)
     assert node_addr[:-1] == rendezvous_args(cfg, TRAIN_ARGS) and node_addr[-1] == "--local-addr=10.0.0.2"
-    assert "--local-addr=10.0.0.2" not in rendezvous_args(Config(**{**vars(cfg), "node_addr": "10.0.0.2"}),
+    assert "--local-addr=10.0.0.2" not in rendezvous_args(Config.of(**{**cfg.to_dict(), "node_addr": "10.0.0.2"}),
                                                           ["--local_addr", "10.0.0.9", *TRAIN_ARGS])
     for address in ("10.0.0.2", "fd00::2", "node-2.cluster.local"):
-        assert Config(node_addr=address).node_addr == address
+        assert Config.of(node_addr=address).distributed.node_addr == address
     assert given(["--max_restarts=1", *TRAIN_ARGS], "--max-restarts")
     assert not given([*TRAIN_ARGS, "--nnodes=2"], "--nnodes"), "the trainer's own flags are not torchrun's"
 
@@ -346,7 +346,7 @@ def test_rendezvous_options_come_from_the_settings():
 ])
 def test_bad_node_settings_are_one_line_each(settings_, problem):
     with pytest.raises(ConfigError) as caught:
-        Config(**settings_)
+        Config.of(**settings_)
     assert len(caught.value.problems) == 1 and caught.value.problems[0].startswith(problem)
 
 

@@ -22,6 +22,7 @@ from avatarl.algorithms.avatarl import avatarl_loss
 from avatarl.checkpoint import load_checkpoint
 from avatarl.cli import main as avatarl_main
 from avatarl.config import Config, config_fields
+from avatarl.config_sections import AvatarlSettings
 from avatarl.config_sources import load_config
 from avatarl.data.prepared import TRAIN_BIN, token_dtype
 from avatarl.data.tokenizers import HFTokenizer, TiktokenTokenizer, tiktoken_from_rank_file
@@ -117,8 +118,8 @@ def test_different_padded_vocabularies_line_up_and_padding_gets_nothing():
     assert float(torch.softmax(logits, -1)[:, valid:].sum()) == 0.0  # no probability on padding
     targets = torch.tensor([0, 4, 2, 1])
     for action_set in ("topk", "full"):
-        cfg = Config(top_k=student_vocab, action_set=action_set)  # top-k asks for every id, padding included
-        loss, actions, mask, rewards = avatarl_loss(logits, aligned, targets, cfg, valid)
+        cfg = Config.of(top_k=student_vocab, action_set=action_set)  # top-k asks for every id, padding included
+        loss, actions, mask, rewards = avatarl_loss(logits, aligned, targets, cfg.avatarl, cfg.grpo.entropy_coef, valid)
         assert bool((actions[mask] < valid).all()) and int(mask.sum(-1).max()) == valid  # padding: no action
         assert float(rewards[actions >= valid].abs().sum()) == 0.0 and float(rewards.sum()) > 0  # nor reward
         assert torch.isfinite(loss)
@@ -134,8 +135,8 @@ def test_full_action_set_equals_top_k_when_top_k_covers_the_vocabulary(vocab, va
     targets = torch.randint(0, valid, (6,))
     results = {}
     for action_set, top_k in (("topk", vocab), ("full", 1), ("topk", 1)):
-        loss, _, _, rewards = avatarl_loss(student, referee, targets, Config(top_k=top_k, action_set=action_set),
-                                           valid)
+        loss, _, _, rewards = avatarl_loss(student, referee, targets,
+                                           AvatarlSettings(top_k=top_k, action_set=action_set), 0.01, valid)
         (grad,) = torch.autograd.grad(loss, student)
         results[action_set, top_k] = loss.detach(), grad, rewards.sum()
     full, covered, narrow = results["full", 1], results["topk", vocab], results["topk", 1]

@@ -1,17 +1,17 @@
 """Teacher-forced GRPO (ROLLOUTS=teacher_forced): rewards and per-position group advantages against a
 straightforward loop, the loss against a by-hand computation, and a reward that teaches."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from avatarl.algorithms.grpo import GRPOSettings, group_advantages, reward_metrics
+from avatarl.algorithms.grpo import group_advantages, reward_metrics
 from avatarl.algorithms.reference import NgramReference
 from avatarl.algorithms.teacher_forced import position_rewards, sample_actions, teacher_forced_micro_step
 from avatarl.config import Config, ConfigError
+from avatarl.config_sections import GRPOSettings
 from avatarl.config_sources import load_config, preset_values
 from avatarl.objectives import grpo_needs_reference, window_len
 from avatarl.trainer import train
@@ -117,15 +117,15 @@ def test_reward_off_gives_no_policy_gradient_and_no_reference_no_kl():
 
 
 def test_teacher_forced_builds_a_reference_only_when_it_uses_one():
-    shipped = Config(**preset_values("grpo-teacher-forced"))
+    shipped = Config.of(**preset_values("grpo-teacher-forced"))
     assert not grpo_needs_reference(shipped)
-    assert grpo_needs_reference(dataclasses.replace(shipped, beta_kl=0.1))
-    assert grpo_needs_reference(dataclasses.replace(shipped, partial_credit=1.0))
-    assert grpo_needs_reference(dataclasses.replace(shipped, rollouts="autoregressive"))
+    assert grpo_needs_reference(shipped.replace(beta_kl=0.1))
+    assert grpo_needs_reference(shipped.replace(partial_credit=1.0))
+    assert grpo_needs_reference(shipped.replace(rollouts="autoregressive"))
 
 
 def test_a_teacher_forced_window_reads_context_plus_one():
-    cfg = Config(algorithm="grpo", rollouts="teacher_forced", context_len=16, horizon=4)
+    cfg = Config.of(algorithm="grpo", rollouts="teacher_forced", context_len=16, horizon=4)
     assert window_len(cfg, "student") == 17
 
 

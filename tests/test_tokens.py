@@ -161,7 +161,7 @@ def test_prepared_directory_is_data_path_and_a_mismatched_tokenizer_is_refused(
         tmp_path: Path, prepared_shakespeare: Path, bpe_dir: Path):
     data, tokenizer = open_prepared(prepared_shakespeare, "char")  # char = the data's own tokenizer
     assert isinstance(data.train, np.memmap) and tokenizer.identity.source == str(bpe_dir.resolve())
-    corpus = load_corpus(Config(data_path=str(prepared_shakespeare)), torch.device("cpu"))
+    corpus = load_corpus(Config.of(data_path=str(prepared_shakespeare)), torch.device("cpu"))
     assert corpus.model_vocab_size == 512 and len(corpus.train) == data.meta["train_tokens"]
     other = tmp_path / "other.tiktoken"
     write_rank_file(other)
@@ -239,7 +239,7 @@ def test_packaged_corpus_is_the_default_and_needs_no_network(monkeypatch: pytest
     assert isinstance(corpus.tokenizer, CharTokenizer) and corpus.tokenizer.size == 65
     monkeypatch.setattr(corpus_module, "PACKAGED_CORPUS", Path("/nonexistent.xz"))
     with pytest.raises(ConfigError, match="could not be downloaded .*no network here"):
-        load_corpus(Config(data_cache_dir="/nonexistent-cache"), torch.device("cpu"))
+        load_corpus(Config.of(data_cache_dir="/nonexistent-cache"), torch.device("cpu"))
 
 
 def test_bpe_vocabulary_is_padded_and_the_padding_masked(corpus_path: Path, tmp_path: Path):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_of_log_probs
-from avatarl.config import Config
+from avatarl.config_sections import AvatarlSettings
 
 # Ties with the mean (e.g. a uniform ideal) must not count as "above" because of rounding.
 _ABOVE_MEAN_RTOL = 1e-6
@@ -152,8 +152,8 @@ def policy_gradient_loss(student_logits: Tensor, actions: Tensor, mask: Tensor, 
     return -(weighted / mask.sum(-1).clamp(min=1)).mean()
 
 
-def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor, cfg: Config,
-                 valid_vocab: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor, settings: AvatarlSettings,
+                 entropy_coef: float, valid_vocab: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The AvataRL loss of N scored positions, a pure function: (loss, actions, mask, rewards).
 
     student_logits [N, V] (with gradient), referee_logits [N, V], targets [N]; the actions are
@@ -162,22 +162,23 @@ def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor
     """
     with torch.no_grad():
         ref = referee_logits.detach().float()
-        if cfg.action_set == "full":
+        if settings.action_set == "full":
             actions, mask = full_action_set(targets.numel(), student_logits.size(-1), valid_vocab,
                                             student_logits.device)
         else:
-            actions, mask = action_set(student_logits, ref, targets, cfg.top_k, valid_vocab)
-        reality = reality_distribution(actions, mask, targets, cfg.label_smoothing)
+            actions, mask = action_set(student_logits, ref, targets, settings.top_k, valid_vocab)
+        reality = reality_distribution(actions, mask, targets, settings.label_smoothing)
         mentor = mentor_distribution(ref, actions, mask)
         del ref
-        ideal = ideal_distribution(reality, mentor, mask, cfg.reality_weight, cfg.mentor_weight)
-        rewards = action_rewards(ideal, mask, cfg.reward_scale, cfg.max_reward_clamp)
-    loss = policy_gradient_loss(student_logits, actions, mask, rewards, cfg.entropy_coef)
+        ideal = ideal_distribution(reality, mentor, mask, settings.reality_weight, settings.mentor_weight)
+        rewards = action_rewards(ideal, mask, settings.reward_scale, settings.max_reward_clamp)
+    loss = policy_gradient_loss(student_logits, actions, mask, rewards, entropy_coef)
     return loss, actions, mask, rewards
 
 
 def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Tensor,
-                       cfg: Config, valid_vocab: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+                       settings: AvatarlSettings, entropy_coef: float, valid_vocab: int = 0
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """One AvataRL forward on a micro-batch: returns (loss to backpropagate, on-device metrics).
 
     x, y: [B, T] contexts and their next tokens; every one of the B·T positions is scored. The
@@ -195,7 +196,8 @@ def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Ten
     vocab = logits.size(-1)
     flat = logits.reshape(-1, vocab)
     targets = y.reshape(-1)
-    loss, actions, mask, rewards = avatarl_loss(flat, referee_logits.reshape(-1, vocab), targets, cfg, valid_vocab)
+    loss, actions, mask, rewards = avatarl_loss(flat, referee_logits.reshape(-1, vocab), targets, settings,
+                                                entropy_coef, valid_vocab)
     kl, student_entropy = kl_and_entropy(flat.detach(), referee_logits.reshape(-1, vocab))
     del referee_logits  # [B, T, V]: not needed past the rewards, so not held through the backward
     with torch.no_grad():

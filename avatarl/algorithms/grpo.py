@@ -14,7 +14,7 @@ the exact-match reward. Shapes: B contexts, K samples each, C context chars, H h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_of_log_probs
+from avatarl.config_sections import GRPOSettings
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
 
@@ -32,25 +33,6 @@ class CreditReference(Protocol):
 
 class KLReference(CreditReference, Protocol):
     def log_probs_from(self, history: Tensor, first: int) -> Tensor: ...
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    """The settings one GRPO micro-step reads (the same names as the Config fields, K_SAMPLES etc.)."""
-
-    k_samples: int             # K rollouts per context
-    horizon: int               # H chars per rollout
-    temperature: float         # T of the rollouts and of the importance ratio
-    clip_ratio: float          # PPO clip range
-    entropy_coef: float        # weight of the entropy bonus
-    min_variance: float        # floor of the group reward std
-    partial_credit: float      # weight of p_ref(char) in the reward
-    exact_match_reward: float  # reward for the true char
-
-    @classmethod
-    def of(cls, settings: Any) -> GRPOSettings:
-        """Pick these fields from any object that has them (a Config)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_of_log_probs
-from avatarl.algorithms.grpo import GRPOSettings, KLReference, group_advantages, kl_to_reference, reward_metrics
+from avatarl.algorithms.grpo import KLReference, group_advantages, kl_to_reference, reward_metrics
+from avatarl.config_sections import GRPOSettings
 
 
 def sample_actions(logp_tempered: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:

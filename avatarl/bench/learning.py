@@ -120,45 +120,45 @@ def method_config(base: Config, method: Method, directory: Path, iters: int, war
                   referee_path: Path) -> Config:
     settings: dict[str, Any] = dict(method.overrides)
     if method.role == "referee":  # the supervised baseline has the student's shape, not the referee's
-        settings.update(referee_n_layer=base.n_layer, referee_n_head=base.n_head, referee_n_emb=base.n_emb)
-    return dataclasses.replace(base, **settings, checkpoint_dir=str(directory), referee_path=str(referee_path),
+        settings.update(referee_n_layer=base.model.n_layer, referee_n_head=base.model.n_head, referee_n_emb=base.model.n_emb)
+    return base.replace(**settings, checkpoint_dir=str(directory), referee_path=str(referee_path),
                                total_iters=iters, warmup_iters=warmup,
                                eval_interval=max(1, iters // eval_points))
 
 
 def run_method(cfg: Config, method: Method) -> tuple[int, dict[str, Any]]:
     """Train one method; exit code FAILED when a stop signal ended it before its last step."""
-    print(f"[bench] seed {cfg.seed} {method.label}: {cfg.total_iters} steps of {cfg.batch} contexts", flush=True)
+    print(f"[bench] seed {cfg.run.seed} {method.label}: {cfg.optim.total_iters} steps of {cfg.optim.batch} contexts", flush=True)
     started = time.perf_counter()
     code = train(cfg, role=method.role)
     wall = time.perf_counter() - started
-    summary = run_summary(read_metrics(run_dir(cfg.checkpoint_dir, method.role) / METRICS))
+    summary = run_summary(read_metrics(run_dir(cfg.run.checkpoint_dir, method.role) / METRICS))
     curve = summary["curve"]
-    planned = cfg.total_iters * cfg.batch * window_len(cfg, method.role)
+    planned = cfg.optim.total_iters * cfg.optim.batch * window_len(cfg, method.role)
     if code == exit_codes.OK and (not curve or curve[-1][0] != planned):
         print(f"error: {method.label} stopped before its last step: the benchmark stops too.", file=sys.stderr)
         code = exit_codes.FAILED
-    return code, {"exit_code": code, "seed": cfg.seed, "iters": cfg.total_iters,
+    return code, {"exit_code": code, "seed": cfg.run.seed, "iters": cfg.optim.total_iters,
                   "chars_seen": curve[-1][0] if curve else 0, **summary, "wall_s": round(wall, 2)}
 
 
 def train_referee(base: Config, out: Path, iters: int, eval_points: int
                   ) -> tuple[int, dict[str, Any], Path | None]:
     """The AvataRL referee (REFEREE_N_* shape), trained and exported exactly as `avatarl train-referee`."""
-    cfg = dataclasses.replace(base, checkpoint_dir=str(out / "runs" / f"seed{base.seed}" / "referee"),
+    cfg = base.replace(checkpoint_dir=str(out / "runs" / f"seed{base.run.seed}" / "referee"),
                               referee_path="", total_iters=iters, eval_interval=max(1, iters // eval_points),
                               save_final_checkpoint=True)
     code, result = run_method(cfg, Method("referee", "referee for AvataRL (supervised)", "referee"))
     path = export_referee(cfg) if code == exit_codes.OK else None
-    result["shape"] = {"n_layer": cfg.referee_n_layer or cfg.n_layer, "n_head": cfg.referee_n_head or cfg.n_head,
-                       "n_emb": cfg.referee_n_emb or cfg.n_emb}
+    result["shape"] = {"n_layer": cfg.referee.referee_n_layer or cfg.model.n_layer, "n_head": cfg.referee.referee_n_head or cfg.model.n_head,
+                       "n_emb": cfg.referee.referee_n_emb or cfg.model.n_emb}
     return code, result, path
 
 
 def corpus_lines(base: Config) -> tuple[dict[str, Any], Corpus, str]:
     """(count-model baselines on the validation windows every run is scored on, the corpus, token unit)."""
     corpus = load_corpus(base, torch.device("cpu"))
-    baselines = corpus_baselines(corpus, base.context_len, base.eval_windows)
+    baselines = corpus_baselines(corpus, base.model.context_len, base.run.eval_windows)
     unit = "char" if isinstance(corpus.tokenizer, CharTokenizer) else "token"
     return baselines, corpus, unit
 
@@ -169,14 +169,14 @@ def check_methods(base: Config, rows: tuple[Method, ...], model_vocab_size: int)
     problems = []
     for method in rows:
         try:
-            cfg = dataclasses.replace(base, **dict(method.overrides))
+            cfg = base.replace(**dict(method.overrides))
         except ConfigError as err:
             problems += [f"{method.label}: {line}" for line in err.problems]
             continue
-        if method.role == "student" and cfg.algorithm == "grpo" and grpo_needs_reference(cfg):
-            if problem := ngram_table_problem(cfg.ngram_order, model_vocab_size):
+        if method.role == "student" and cfg.run.algorithm == "grpo" and grpo_needs_reference(cfg):
+            if problem := ngram_table_problem(cfg.grpo.ngram_order, model_vocab_size):
                 problems.append(f"{method.label}: {problem}")
-        if method.role == "student" and cfg.algorithm == "avatarl":
+        if method.role == "student" and cfg.run.algorithm == "avatarl":
             try:
                 check_referee_quantize(cfg)
             except ConfigError as err:
@@ -195,32 +195,32 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     the others still run.
     """
     out.mkdir(parents=True, exist_ok=True)
-    base = dataclasses.replace(base, use_wandb=False, resume="never", overwrite=True,
+    base = base.replace(use_wandb=False, resume="never", overwrite=True,
                                save_intermediate_checkpoints=False, sample_interval=0)
     baselines, corpus, unit = corpus_lines(base)
     vocab_size = corpus.tokenizer.size
-    budget = budget_iters * base.batch * (base.context_len + 1)
+    budget = budget_iters * base.optim.batch * (base.model.context_len + 1)
     rows = methods()
     check_methods(base, rows, corpus.model_vocab_size)
     report: dict[str, Any] = {
         "schema": SCHEMA, "budget_chars": budget, "token_unit": unit, "vocab_size": vocab_size,
-        "baselines": baselines, "kl_reference": {"order": base.ngram_order,
-                                                 **baselines.get(ORDER_NAMES[base.ngram_order], {})},
-        "model": {"n_layer": base.n_layer, "n_head": base.n_head, "n_emb": base.n_emb},
+        "baselines": baselines, "kl_reference": {"order": base.grpo.ngram_order,
+                                                 **baselines.get(ORDER_NAMES[base.grpo.ngram_order], {})},
+        "model": {"n_layer": base.model.n_layer, "n_head": base.model.n_head, "n_emb": base.model.n_emb},
         "settings": {k.upper(): v for k, v in base.to_dict().items() if k in SETTINGS_RECORDED},
-        "seeds": [base.seed + i for i in range(seeds)], "torch_threads": torch.get_num_threads(), "referee": {},
+        "seeds": [base.run.seed + i for i in range(seeds)], "torch_threads": torch.get_num_threads(), "referee": {},
         "methods": {m.name: {"label": m.label, "settings": {k.upper(): v for k, v in m.overrides}, "runs": []}
                     for m in rows}}
     started = time.perf_counter()
     for seed in report["seeds"]:
-        seeded = dataclasses.replace(base, seed=seed)
+        seeded = base.replace(seed=seed)
         code, report["referee"][str(seed)], referee_path = train_referee(seeded, out, referee_iters, eval_points)
         if code != exit_codes.OK or referee_path is None:
             return code, report
         for method in rows:
-            window = window_len(dataclasses.replace(seeded, **dict(method.overrides)), method.role)
-            iters = max(1, round(budget / (base.batch * window)))
-            warmup = round(base.warmup_iters * iters / budget_iters)
+            window = window_len(seeded.replace(**dict(method.overrides)), method.role)
+            iters = max(1, round(budget / (base.optim.batch * window)))
+            warmup = round(base.optim.warmup_iters * iters / budget_iters)
             cfg = method_config(seeded, method, out / "runs" / f"seed{seed}" / method.name, iters, warmup,
                                 eval_points, referee_path)
             code, result = run_method(cfg, method)
@@ -277,9 +277,9 @@ def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: --seeds {seeds}: give at least 1.", file=sys.stderr)
         return exit_codes.CONFIG
     if args.quick:
-        cfg = dataclasses.replace(cfg, **preset_values(QUICK_PRESET))
+        cfg = cfg.replace(**preset_values(QUICK_PRESET))
     out = Path(args.out).expanduser()
-    code, report = learning_bench(cfg, out, cfg.total_iters, cfg.referee_iters, seeds)
+    code, report = learning_bench(cfg, out, cfg.optim.total_iters, cfg.referee.referee_iters, seeds)
     if code != exit_codes.OK:
         return code
     report["argv"] = sys.argv[1:]

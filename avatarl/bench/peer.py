@@ -27,8 +27,8 @@ def build_peer(cfg: Config, vocab_size: int, device: torch.device) -> tuple[nn.M
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as exc:  # an optional extra: the row is skipped, the rest of the bench runs
         return f"transformers is not importable ({exc})"
-    shape = dict(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.n_emb, n_layer=cfg.n_layer,
-                 n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+    shape = dict(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.model.n_emb, n_layer=cfg.model.n_layer,
+                 n_head=cfg.model.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
                  bos_token_id=None, eos_token_id=None)
     try:
         config = GPT2Config(**shape, attn_implementation="sdpa")
@@ -50,10 +50,10 @@ def peer_step_fn(cfg: Config, model: nn.Module, sampler: WindowSampler, device: 
     (float32, mean), backward, grad-norm clip, AdamW with the trainer's groups and betas, one host sync (the
     finite check), grads set to None. Each call appends its detached loss to losses (NaN when skipped).
     """
-    rows = cfg.micro_batch * cfg.k_samples
+    rows = cfg.optim.micro_batch * cfg.grpo.k_samples
     optimizer = make_optimizer(model, cfg, device)
     dtype = mixed_precision(cfg, device)
-    forward = torch.compile(model) if cfg.use_torch_compile else model
+    forward = torch.compile(model) if cfg.model.use_torch_compile else model
     params = list(model.parameters())
     losses: list[torch.Tensor] = []
 
@@ -63,7 +63,7 @@ def peer_step_fn(cfg: Config, model: nn.Module, sampler: WindowSampler, device: 
             logits = forward(input_ids=window[:, :-1]).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), window[:, 1:].reshape(-1))
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
         if finite:
             optimizer.step()

@@ -169,20 +169,20 @@ class FullRowsStudent(nn.Module):
 def derived_runs(grpo: Run) -> tuple[Run, Run]:
     """(supervised, avatarl) runs sharing the GRPO run's model and optimizer, each with its own sampler."""
     cfg, device = grpo.cfg, grpo.info.device
-    rows = cfg.micro_batch * cfg.k_samples  # C + H input chars, then the next one, in B x K windows
-    sup_cfg = dataclasses.replace(cfg, context_len=cfg.seq_len, micro_batch=rows, batch=rows)
+    rows = cfg.optim.micro_batch * cfg.grpo.k_samples  # C + H input chars, then the next one, in B x K windows
+    sup_cfg = cfg.replace(context_len=cfg.seq_len, micro_batch=rows, batch=rows)
     supervised = dataclasses.replace(
         grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(device),
-        sampler=make_sampler(grpo.corpus.train, sup_cfg.context_len + 1, cfg.seed, 0, device))
+        sampler=make_sampler(grpo.corpus.train, sup_cfg.model.context_len + 1, cfg.run.seed, 0, device))
     referee = GPT(model_config(cfg, grpo.corpus.model_vocab_size, "referee")).to(device)
     if mixed_precision(cfg, device) == torch.bfloat16:
         referee = referee.to(torch.bfloat16)  # as referee.load_referee does for a bf16 run
-    av_cfg = dataclasses.replace(cfg, algorithm="avatarl")
+    av_cfg = cfg.replace(algorithm="avatarl")
     referee = frozen_copy(referee)
     avatarl = dataclasses.replace(
         grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, Referee(referee, {})),
         state=RunState(),
-        metrics=MetricBuffer(device), sampler=make_sampler(grpo.corpus.train, cfg.context_len + 1, cfg.seed, 0, device))
+        metrics=MetricBuffer(device), sampler=make_sampler(grpo.corpus.train, cfg.model.context_len + 1, cfg.run.seed, 0, device))
     return supervised, avatarl
 
 
@@ -195,16 +195,16 @@ def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
 def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bool = True) -> dict[str, Any]:
     """Time the rows of the module docstring for one configuration; `full=False` times only the two steps."""
     peer: dict[str, Any] | None = None
-    cfg = dataclasses.replace(cfg, batch=cfg.micro_batch, algorithm="grpo")
+    cfg = cfg.replace(batch=cfg.optim.micro_batch, algorithm="grpo")
     with tempfile.TemporaryDirectory(prefix="avatarl-bench-") as tmp:
-        cfg = dataclasses.replace(cfg, checkpoint_dir=tmp)
+        cfg = cfg.replace(checkpoint_dir=tmp)
         grpo = build(cfg, D.DistInfo(0, 0, 1, device), "student", Path(tmp))
     supervised, avatarl = derived_runs(grpo)
-    B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
+    B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
     dtype = mixed_precision(cfg, device)
     window = grpo.sampler.sample(B)
     ctx, truth = window[:, :C], window[:, C:]
-    old, graphs, T = grpo.objective.old_policy, grpo.objective.graphs, cfg.temperature
+    old, graphs, T = grpo.objective.old_policy, grpo.objective.graphs, cfg.grpo.temperature
 
     def amp(fn: Callable[..., Any], *args: Any) -> Any:  # the rollout's context in the trainer: autocast, no grad
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -227,7 +227,7 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
         else:
             peer = built[1]
             # C + H + 1 ids per window, as the supervised row's
-            windows = make_sampler(grpo.corpus.train, cfg.seq_len + 1, cfg.seed + 1, 0, device)
+            windows = make_sampler(grpo.corpus.train, cfg.seq_len + 1, cfg.run.seed + 1, 0, device)
             calls["peer_step"], peer_losses = peer_step_fn(cfg, built[0], windows, device)
     timings = time_interleaved(calls, device, warmup, iters)
     finite = all(math.isfinite(value) for run in (supervised, grpo, full_rows, avatarl)
@@ -247,7 +247,7 @@ def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
     a forward, F(S)/3 per token, for the rollout plus F(S) for the update, so 4/3 F(S) x N.
     AvataRL: F(C) x BC for the student plus F_ref(C)/3 x BC for the referee's forward.
     """
-    B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
+    B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
     S = C + H - 1
     return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
             "grpo_iteration": student.flops_per_token(S) * B * (C + K * (H - 1)) * 4.0 / 3.0,
@@ -268,16 +268,16 @@ def ratios_of(t: dict[str, float]) -> dict[str, float]:
 def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
     """The JSON report: settings, timings, throughput, split, GPU numbers and ratios from the medians."""
     t = {name: timing.median_s for name, timing in result["timings"].items()}
-    B, C, K, H = cfg.micro_batch, cfg.context_len, cfg.k_samples, cfg.horizon
+    B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
     dtype = mixed_precision(cfg, device)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
                    else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "config": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_emb": cfg.n_emb, "context_len": C,
+        "config": {"n_layer": cfg.model.n_layer, "n_head": cfg.model.n_head, "n_emb": cfg.model.n_emb, "context_len": C,
                    "horizon": H, "k_samples": K, "micro_batch": B, "params": result["params"],
                    "dtype": str(dtype or torch.float32).replace("torch.", ""), "attention": result["attention"],
-                   "torch_compile": cfg.use_torch_compile, "cuda_graphs": result["cuda_graphs"],
+                   "torch_compile": cfg.model.use_torch_compile, "cuda_graphs": result["cuda_graphs"],
                    "warmup": warmup, "iters": iters},
         "timings": {name: timing.to_dict() for name, timing in result["timings"].items()},
         "throughput": {"supervised_tokens_per_s": B * K * (C + H) / t["supervised_step"],
@@ -297,7 +297,7 @@ def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup:
         report["cpu_time_ratios"] = ratios_of({name: timing.cpu_median_s
                                               for name, timing in result["timings"].items()})
     if device.type == "cuda":
-        gpu_type, peak = gpu_peak_tflops(report["device"]["name"], cfg.gpu_type)
+        gpu_type, peak = gpu_peak_tflops(report["device"]["name"], cfg.launch.gpu_type)
         flops = flop_counts(cfg, result["model"], result["referee"])
         tflops = {name: flops[name] / t[name] / 1e12 for name in flops}
         report["gpu"] = {"gpu_type": gpu_type, "peak_bf16_tflops": peak, "flops_per_iteration": flops,
@@ -313,7 +313,7 @@ def backend_comparison(cfg: Config, device: torch.device, main: dict[str, Any], 
     """Supervised step and GRPO iteration under both attention backends (CUDA with flash-attn only)."""
     rows = {main["attention"]: {"supervised_step_s": main["timings"]["supervised_step"].median_s,
                                 "grpo_iteration_s": main["timings"]["grpo_iteration"].median_s}}
-    other = measure(dataclasses.replace(cfg, use_flash_attn=main["attention"] != "flash-attn"), device,
+    other = measure(cfg.replace(use_flash_attn=main["attention"] != "flash-attn"), device,
                     warmup, iters, full=False)
     rows[other["attention"]] = {"supervised_step_s": other["timings"]["supervised_step"].median_s,
                                 "grpo_iteration_s": other["timings"]["grpo_iteration"].median_s}
@@ -378,13 +378,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:
     """Measure, print the table, write JSON to args.json_path when given. Exit 1 on non-finite metrics."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     cuda = device.type == "cuda"
-    warmup = (5 if cuda else 1) + (2 if cfg.use_torch_compile else 0)
+    warmup = (5 if cuda else 1) + (2 if cfg.model.use_torch_compile else 0)
     iters = args.iters or (2 if args.quick else 20 if cuda else 5)
     result = measure(cfg, device, warmup, iters)
     report = summarise(cfg, device, result, warmup, iters)
-    if cuda and attention_backend_available() and not cfg.use_torch_compile:  # compiling twice is slow
+    if cuda and attention_backend_available() and not cfg.model.use_torch_compile:  # compiling twice is slow
         report["attention_backends"] = backend_comparison(cfg, device, result, warmup, iters)
     report["argv"] = sys.argv[1:]
     print(format_table(report), flush=True)

@@ -60,13 +60,13 @@ def packaged_tiny_shakespeare() -> str | None:
 
 def read_text_corpus(cfg: Config) -> str:
     """The training text of DATA_PATH (a UTF-8 file) or the default corpus, checked before any model is built."""
-    if not cfg.data_path:
+    if not cfg.data.data_path:
         packaged = packaged_tiny_shakespeare()
         if packaged is not None:
             return packaged
-    path = Path(cfg.data_path).expanduser() if cfg.data_path else download_tiny_shakespeare(cfg.data_cache_dir)
+    path = Path(cfg.data.data_path).expanduser() if cfg.data.data_path else download_tiny_shakespeare(cfg.data.data_cache_dir)
     if not path.is_file():
-        raise ConfigError([f"DATA_PATH={cfg.data_path!r}: no such file or prepared directory. Point it at a UTF-8 "
+        raise ConfigError([f"DATA_PATH={cfg.data.data_path!r}: no such file or prepared directory. Point it at a UTF-8 "
                            "text file or a directory made by `avatarl prepare`."])
     try:
         text = path.read_text(encoding="utf-8")
@@ -82,7 +82,7 @@ def check_length(cfg: Config, tokens: int, unit: str) -> None:
     """Both splits must hold windows of CONTEXT_LEN + HORIZON tokens."""
     needed = 2 * (cfg.seq_len + 1) / (1 - TRAIN_FRACTION)
     if tokens < needed:
-        raise ConfigError([f"DATA_PATH={cfg.data_path or 'Tiny Shakespeare'!r} has {tokens} {unit}: too few for "
+        raise ConfigError([f"DATA_PATH={cfg.data.data_path or 'Tiny Shakespeare'!r} has {tokens} {unit}: too few for "
                            f"CONTEXT_LEN + HORIZON = {cfg.seq_len} in both splits; it needs at least "
                            f"{int(needed) + 1}."])
 
@@ -116,12 +116,12 @@ def make_corpus(tokenizer: Tokenizer, train: Ids, val: Ids, device: torch.device
 
 def load_corpus(cfg: Config, device: torch.device) -> Corpus:
     """DATA_PATH as token ids: a prepared directory stays on disk, a text file is tokenized onto `device`."""
-    if cfg.data_path and is_prepared_dir(Path(cfg.data_path).expanduser()):
-        data, tokenizer = open_prepared(Path(cfg.data_path).expanduser(), cfg.tokenizer)
+    if cfg.data.data_path and is_prepared_dir(Path(cfg.data.data_path).expanduser()):
+        data, tokenizer = open_prepared(Path(cfg.data.data_path).expanduser(), cfg.data.tokenizer)
         check_length(cfg, len(data.train) + len(data.val), "tokens")
         return make_corpus(tokenizer, data.train, data.val, device)
     text = read_text_corpus(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer, text)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     check_length(cfg, len(ids), "characters" if isinstance(tokenizer, CharTokenizer) else "tokens")
     split = int(len(ids) * TRAIN_FRACTION)

@@ -68,17 +68,17 @@ def rendezvous_args(cfg: Config, args: Sequence[str]) -> list[str]:
     node's address NODE_ADDR when it is set."""
     extra = []
     if not given(args, "--nproc-per-node"):
-        extra.append(f"--nproc-per-node={cfg.n_gpus}")
+        extra.append(f"--nproc-per-node={cfg.launch.n_gpus}")
     if not given(args, "--max-restarts"):
-        extra.append(f"--max-restarts={cfg.max_restarts}")
+        extra.append(f"--max-restarts={cfg.distributed.max_restarts}")
     own_rendezvous = given(args, "--standalone", "--rdzv-backend", "--rdzv-endpoint", "--nnodes", "--master-addr")
-    if own_rendezvous or (cfg.node_range == (1, 1) and not cfg.rdzv_endpoint):
+    if own_rendezvous or (cfg.distributed.node_range == (1, 1) and not cfg.distributed.rdzv_endpoint):
         return extra
-    conf = f"is_host={int(cfg.node_rank == 0)},join_timeout={math.ceil(cfg.dist_timeout_s)}"
-    extra += [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
-              f"--rdzv-id={cfg.rdzv_id}", f"--rdzv-conf={conf}"]
-    if cfg.node_addr and not given(args, "--local-addr"):
-        extra.append(f"--local-addr={cfg.node_addr}")
+    conf = f"is_host={int(cfg.distributed.node_rank == 0)},join_timeout={math.ceil(cfg.distributed.dist_timeout_s)}"
+    extra += [f"--nnodes={cfg.distributed.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.distributed.rdzv_endpoint}",
+              f"--rdzv-id={cfg.distributed.rdzv_id}", f"--rdzv-conf={conf}"]
+    if cfg.distributed.node_addr and not given(args, "--local-addr"):
+        extra.append(f"--local-addr={cfg.distributed.node_addr}")
     return extra
 
 

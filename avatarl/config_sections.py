@@ -1,0 +1,345 @@
+"""The settings of each component, one dataclass per section: data, model, optim, grpo, avatarl,
+referee, run, distributed, launch. Each checks its own ranges and the relations between its fields."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from avatarl.config_schema import (
+    ActionSet,
+    Algorithm,
+    AmpDtype,
+    ConfigError,
+    DeviceKind,
+    GpuType,
+    LogLevel,
+    LrDecay,
+    Quantize,
+    Reference,
+    Rollouts,
+    Section,
+    TrainingMode,
+    setting,
+)
+
+
+@dataclass
+class DataSettings(Section):
+    """The corpus and its tokens (data/: corpus, tokenizers, samplers)."""
+
+    data_path: str = setting(
+        "",
+        "UTF-8 text file, or a directory made by `avatarl prepare` (train.bin, val.bin, meta.json; a nanoGPT"
+        " one works too); empty = Tiny Shakespeare, shipped in the package.",
+    )
+    tokenizer: str = setting(
+        "char",
+        "char (the corpus's characters), gpt2 (tiktoken), a .tiktoken rank file, or a Hugging Face "
+        "tokenizer.json / directory; with prepared data, char = the data's own.",
+    )
+    data_cache_dir: str = setting(
+        "~/.cache/avatarl",
+        "Where the default corpus is downloaded when the packaged copy is missing.",
+    )
+
+
+@dataclass
+class ModelSettings(Section):
+    """The student GPT (model.py)."""
+
+    context_len: int = setting(32, "Tokens of context the policy conditions on.", low=1)
+    n_layer: int = setting(6, "Transformer blocks of the student.", low=1)
+    n_head: int = setting(8, "Attention heads per block; must divide N_EMB.", low=1)
+    n_emb: int = setting(512, "Width of the residual stream.", low=2)
+    use_flash_attn: bool = setting(True, "Use flash-attn when installed and on CUDA; otherwise PyTorch SDPA.")
+    use_torch_compile: bool = setting(False, "torch.compile the student model (CUDA recommended).")
+    use_cuda_graphs: bool = setting(
+        False,
+        "Replay the GRPO rollout's decode steps from one captured CUDA graph (CUDA only; ignored on a CPU).",
+    )
+
+    def problems(self) -> list[str]:
+        if self.n_emb % self.n_head:
+            return [f"N_EMB={self.n_emb} is not divisible by N_HEAD={self.n_head}: "
+                    "choose N_HEAD among the divisors of N_EMB."]
+        if (self.n_emb // self.n_head) % 2:
+            return [f"N_EMB/N_HEAD={self.n_emb // self.n_head} is odd: rotary embeddings need an even head size."]
+        return []
+
+
+@dataclass
+class OptimSettings(Section):
+    """AdamW, its schedule and the batch (trainer.py, schedule.py)."""
+
+    batch: int = setting(16384, "Contexts per optimizer step, summed over ranks.", low=1)
+    micro_batch: int = setting(
+        512,
+        "Contexts per forward pass on one rank (lower it on out-of-memory).", low=1)
+    total_iters: int = setting(2000, "Optimizer steps of the run.", low=1)
+    lr: float = setting(3e-4, "Peak learning rate of AdamW.", low=0.0, low_exclusive=True)
+    min_lr: float = setting(3e-5, "Learning rate at the end of the decay.", low=0.0)
+    weight_decay: float = setting(0.0, "AdamW weight decay of matrices.", low=0.0)
+    use_lr_decay: bool = setting(True, "Decay the learning rate after warmup.")
+    lr_decay_type: LrDecay = setting(LrDecay.COSINE, "Shape of the decay.", choices=LrDecay)
+    warmup_iters: int = setting(100, "Linear warmup steps.", low=0)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0 = off).", low=0.0)
+    use_amp: bool = setting(True, "Autocast on CUDA with AMP_DTYPE.")
+    amp_dtype: AmpDtype = setting(AmpDtype.BFLOAT16, "Autocast dtype on CUDA.", choices=AmpDtype)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.batch % self.micro_batch:
+            problems.append(f"BATCH={self.batch} is not a multiple of MICRO_BATCH={self.micro_batch}: "
+                            "set BATCH to MICRO_BATCH x world size x accumulation steps.")
+        if self.min_lr > self.lr:
+            problems.append(f"MIN_LR={self.min_lr} is above LR={self.lr}: it must be at most LR.")
+        return problems
+
+    def check_world_size(self, world_size: int) -> None:
+        """BATCH must split evenly into micro-batches on every rank."""
+        if self.batch % (self.micro_batch * world_size):
+            raise ConfigError([f"BATCH={self.batch} is not a multiple of MICRO_BATCH x world size = "
+                               f"{self.micro_batch} x {world_size}: set BATCH to a multiple of "
+                               f"{self.micro_batch * world_size}."])
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        return self.batch // (self.micro_batch * world_size)
+
+
+@dataclass
+class GRPOSettings(Section):
+    """GRPO: rollouts, rewards, the PPO-clip loss and its KL penalty (algorithms/)."""
+
+    rollouts: Rollouts = setting(
+        Rollouts.AUTOREGRESSIVE,
+        "GRPO rollouts: autoregressive (K continuations of HORIZON tokens per context, the seed) or "
+        "teacher_forced (K tokens drawn at every position of a window from one forward pass; the group is "
+        "the K draws at one position).", choices=Rollouts)
+    horizon: int = setting(8, "Tokens the policy generates per rollout (autoregressive GRPO).", low=1)
+    k_samples: int = setting(
+        4,
+        "Rollouts per context (the GRPO group size; teacher_forced: draws per position).", low=2)
+    temperature: float = setting(1.2, "Sampling temperature of the rollouts.", low=0.0, low_exclusive=True)
+    clip_ratio: float = setting(
+        0.2,
+        "PPO clip range of the importance ratio.", low=0.0, low_exclusive=True, high=1.0)
+    entropy_coef: float = setting(
+        0.01,
+        "Weight of the entropy bonus (AvataRL: logit temperature 1+coef).", low=0.0)
+    beta_kl: float = setting(
+        1.0,
+        "Initial weight of the KL penalty toward the n-gram reference (seed: 1e-3, which collapses; see "
+        "docs/grpo-defaults.md).", low=0.0)
+    kl_warm: int = setting(
+        0,
+        "Tokens over which the KL weight ramps up from 0 to BETA_KL (0 = no ramp).", low=0)
+    adaptive_kl: bool = setting(True, "Adapt the KL weight so the measured KL tracks KL_TARGET.")
+    kl_target: float = setting(
+        0.1,
+        "Target KL (nats/token) for the adaptive controller.", low=0.0, low_exclusive=True)
+    kl_max_coef: float = setting(100.0, "Upper bound of the adaptive KL weight.", low=0.0, low_exclusive=True)
+    min_variance: float = setting(
+        0.1,
+        "Floor of the group reward std when normalising advantages.", low=0.0, low_exclusive=True)
+    old_policy_interval: int = setting(
+        5,
+        "Iterations between refreshes of the frozen sampling policy.", low=1)
+    reference: Reference = setting(
+        Reference.NGRAM,
+        "Reference model for partial credit: n-gram counts or a HF causal LM.", choices=Reference)
+    ngram_order: int = setting(3, "Order of the n-gram reference (2 = bigram, 3 = trigram).", low=1, high=4)
+    reference_model: str = setting("gpt2", "Hugging Face model name or local path when REFERENCE=gpt2.")
+    exact_match_reward: float = setting(
+        1.0,
+        "Reward for generating the true token (0 with PARTIAL_CREDIT=0 = reward off, the KL-only ablation).",
+        low=0.0)
+    partial_credit: float = setting(
+        1.0,
+        "Weight of the reference-probability partial credit in the reward.", low=0.0)
+
+    def problems(self) -> list[str]:
+        if self.rollouts == Rollouts.TEACHER_FORCED and self.reference != Reference.NGRAM:
+            return [f"ROLLOUTS=teacher_forced with REFERENCE={self.reference}: teacher-forced rollouts score "
+                    "every position with the n-gram; set REFERENCE=ngram."]
+        return []
+
+
+@dataclass
+class AvatarlSettings(Section):
+    """AvataRL: its actions, ideal distribution and rewards (algorithms/avatarl.py)."""
+
+    top_k: int = setting(16, "Candidates per position from student and from referee (AvataRL).", low=1)
+    action_set: ActionSet = setting(
+        ActionSet.TOPK,
+        "AvataRL's actions per position: topk = student top-k, referee top-k and the true token; full = "
+        "every id of the vocabulary ([positions, vocab] memory).", choices=ActionSet)
+    label_smoothing: float = setting(0.1, "Reality mass spread over the non-true actions.", low=0.0, high=1.0)
+    reality_weight: float = setting(0.7, "Exponent of the ground-truth distribution in the ideal.", low=0.0)
+    mentor_weight: float = setting(0.3, "Exponent of the referee distribution in the ideal.", low=0.0)
+    reward_scale: float = setting(
+        100.0,
+        "Reward = scale x ideal probability of above-mean actions.", low=0.0, low_exclusive=True)
+    max_reward_clamp: float = setting(
+        1.5,
+        "Largest reward per position; larger rewards are scaled down.", low=0.0, low_exclusive=True)
+
+
+@dataclass
+class RefereeSettings(Section):
+    """The AvataRL referee: where it comes from, how it loads, its shape (referee/)."""
+
+    referee_path: str = setting(
+        "",
+        "Referee: an `avatarl train-referee` file, or a Hugging Face causal LM (hub name or local directory)"
+        " with the student's tokenizer; empty = CHECKPOINT_DIR/referee.pt.",
+    )
+    referee_revision: str = setting(
+        "",
+        "Hub revision (branch, tag or commit) of a Hugging Face REFEREE_PATH; empty = the default branch.",
+    )
+    referee_quantize: Quantize = setting(
+        Quantize.NONE,
+        "Load a Hugging Face referee in 8-bit or 4-bit NF4 through bitsandbytes (CUDA only); none = bf16 on "
+        "CUDA, float32 on a CPU.", choices=Quantize)
+    referee_n_layer: int = setting(0, "Referee blocks; 0 = same as N_LAYER.", low=0)
+    referee_n_head: int = setting(0, "Referee heads; 0 = same as N_HEAD.", low=0)
+    referee_n_emb: int = setting(0, "Referee width; 0 = same as N_EMB.", low=0)
+    referee_iters: int = setting(300, "Optimizer steps of `avatarl train-referee`.", low=1)
+
+
+@dataclass
+class RunSettings(Section):
+    """What a run trains, where it writes, and its duties (trainer.py, periodic.py)."""
+
+    algorithm: Algorithm = setting(Algorithm.GRPO, "RL algorithm for the student.", choices=Algorithm)
+    seed: int = setting(1337, "Random seed: same seed, same batches, same weights.", low=0)
+    device: DeviceKind = setting(DeviceKind.AUTO, "auto = CUDA when available, else CPU.", choices=DeviceKind)
+    log_interval: int = setting(5, "Iterations between metric logs.", low=1)
+    eval_interval: int = setting(20, "Iterations between validation cross-entropy measurements.", low=1)
+    eval_windows: int = setting(256, "Validation windows of CONTEXT_LEN tokens per measurement.", low=1)
+    sample_interval: int = setting(
+        20,
+        "Iterations between printed text samples (0 = only at the end).", low=0)
+    entropy_warn: float = setting(0.3, "Warn when the policy entropy (nats/token) falls below this.", low=0.0)
+    degeneracy_warn: float = setting(
+        0.2,
+        "Warn when distinct-2 of the text samples (unique / all token pairs) falls below this: text that "
+        "repeats itself (0 = never).", low=0.0, high=1.0)
+    checkpoint_interval: int = setting(100, "Iterations between checkpoints.", low=1)
+    save_intermediate_checkpoints: bool = setting(True, "Save every CHECKPOINT_INTERVAL iterations.")
+    save_final_checkpoint: bool = setting(True, "Save when the run ends.")
+    checkpoint_dir: str = setting("./checkpoints", "Checkpoints, metrics.jsonl and heartbeat go here.")
+    keep_checkpoints: int = setting(3, "Newest checkpoints kept on disk.", low=1)
+    resume: str = setting("auto", "auto (newest valid checkpoint), never, or a checkpoint path.")
+    overwrite: bool = setting(False, "With RESUME=never, allow replacing an existing run.")
+    max_bad_steps: int = setting(10, "Consecutive non-finite steps before the run stops (exit 3).", low=1)
+    heartbeat_interval: float = setting(
+        30.0,
+        "Seconds between heartbeat.json updates.", low=0.0, low_exclusive=True)
+    use_wandb: bool = setting(True, "Log to Weights & Biases when installed (WANDB_MODE=offline works).")
+    wandb_project: str = setting("avataRL", "Weights & Biases project.")
+    wandb_name: str = setting("", "Weights & Biases run name (empty = generated).")
+    log_level: LogLevel = setting(LogLevel.INFO, "Logging verbosity.", choices=LogLevel)
+
+
+@dataclass
+class DistributedSettings(Section):
+    """Several processes and nodes (distributed.py, launchers/torchrun.py)."""
+
+    bucket_size_mb: int = setting(25, "DDP gradient bucket size.", low=1)
+    nnodes: str = setting(
+        "1",
+        "Nodes of the job: N, or MIN:MAX for elastic membership (torchrun --nnodes); a round with another "
+        "node count resumes with re-seeded data order (not bit-identical) and needs BATCH to split over its "
+        "ranks.",
+    )
+    node_rank: int = setting(
+        0,
+        "This node's number; node 0 hosts the rendezvous at RDZV_ENDPOINT (the c10d rendezvous orders the "
+        "ranks itself).", low=0)
+    rdzv_endpoint: str = setting(
+        "",
+        "host:port of the rendezvous on node 0, reachable from every node; required when NNODES is not 1.",
+    )
+    rdzv_id: str = setting("avatarl", "Job id: nodes with the same id and endpoint form one job.")
+    node_addr: str = setting(
+        "",
+        "This node's address as the other nodes reach it (torchrun --local-addr); empty: its host name. "
+        "torchrun tells nodes apart by address and process id, so nodes that share one host's network "
+        "(containers on one machine) each need their own.",
+    )
+    max_restarts: int = setting(
+        0,
+        "Times torchrun restarts the worker group after a worker or node fails; restarted workers resume "
+        "from the newest checkpoint (Modal: 0 when MODAL_NODES > 1, its retries restart a cluster).", low=0)
+    dist_timeout_s: float = setting(
+        600.0,
+        "Seconds a rank waits for its peers in a collective before it stops with an error naming them.",
+        low=0.0, low_exclusive=True)
+
+    def problems(self) -> list[str]:
+        return node_problems(self)
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """NNODES as (fewest, most) nodes; (1, 1) when NNODES is not valid (node_problems says why)."""
+        return parse_nnodes(self.nnodes) or (1, 1)
+
+
+@dataclass
+class LaunchSettings(Section):
+    """Where the run starts: this machine or Modal, and its GPUs (launchers/)."""
+
+    training_mode: TrainingMode = setting(
+        TrainingMode.GENERIC,
+        "generic = this machine; modal = hand over to Modal.", choices=TrainingMode)
+    n_gpus: int = setting(1, "GPUs the launchers (compose, Modal, torchrun) start.", low=1)
+    gpu_type: GpuType = setting(GpuType.A100, "GPU type for Modal and for MFU peaks.", choices=GpuType)
+
+
+
+def parse_nnodes(text: str) -> tuple[int, int] | None:
+    """"4" -> (4, 4), "2:4" -> (2, 4); None when the text is neither form or the range is empty."""
+    low, _, high = text.strip().partition(":")
+    if not (low.isdigit() and (high or low).isdigit()):
+        return None
+    fewest, most = int(low), int(high or low)
+    return (fewest, most) if 1 <= fewest <= most else None
+
+
+def is_plain_address(text: str) -> bool:
+    """A host name, an IPv4 address or an unbracketed IPv6 address, as torchrun's --local-addr takes it
+    (it becomes the workers' MASTER_ADDR on the node of rank 0)."""
+    if ":" in text:
+        try:
+            return ipaddress.ip_address(text).version == 6
+        except ValueError:
+            return False
+    return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", text) is not None
+
+
+def node_problems(cfg: DistributedSettings) -> list[str]:
+    """What is wrong with the settings of several nodes, one line each."""
+    nodes = parse_nnodes(cfg.nnodes)
+    if nodes is None:
+        return [f"NNODES={cfg.nnodes!r} is not allowed: give a number of nodes (2) or a MIN:MAX range (2:4), "
+                "at least 1."]
+    problems = []
+    if cfg.node_rank >= nodes[1]:
+        problems.append(f"NODE_RANK={cfg.node_rank} is out of range: with NNODES={cfg.nnodes} it must be below "
+                        f"{nodes[1]}.")
+    host, _, port = cfg.rdzv_endpoint.rpartition(":")
+    if cfg.rdzv_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
+        problems.append(f"RDZV_ENDPOINT={cfg.rdzv_endpoint!r} is not host:port: give node 0's address and a free "
+                        "port, e.g. 10.0.0.1:29400.")
+    if nodes != (1, 1) and not cfg.rdzv_endpoint:
+        problems.append(f"RDZV_ENDPOINT is empty but NNODES={cfg.nnodes}: several nodes need node 0's host:port, "
+                        "the same on every node.")
+    if not cfg.rdzv_id or not all(c.isalnum() or c in "-_." for c in cfg.rdzv_id):
+        problems.append(f"RDZV_ID={cfg.rdzv_id!r} is not allowed: use letters, digits, '-', '_' or '.'.")
+    if cfg.node_addr and not is_plain_address(cfg.node_addr):
+        problems.append(f"NODE_ADDR={cfg.node_addr!r} is not an address: give this node's host name or IP "
+                        "address alone, e.g. 10.0.0.2 or fd00::2 (no port, no brackets).")
+    return problems
