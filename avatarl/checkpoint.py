@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from avatarl.exit_codes import first_line
-from avatarl.faults import write_slowly_if_asked
+from avatarl.errors import CheckpointError, RunDirectoryBusy, first_line
 from avatarl.files import atomic_write
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 MAGIC = b"AVATARL-CKPT 1 "
 NAME_PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -39,14 +38,6 @@ LATEST = "latest"
 SHAPE_SETTINGS = ("n_layer", "n_head", "n_emb", "algorithm")
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-class RunDirectoryBusy(CheckpointError):
-    """Another live trainer holds CHECKPOINT_DIR: worth retrying later (a pod still terminating)."""
-
-
 def checkpoint_name(iteration: int) -> str:
     return f"ckpt_{iteration:08d}.pt"
 
@@ -54,7 +45,7 @@ def checkpoint_name(iteration: int) -> str:
 def _atomic_write_or_explain(path: Path, blobs: list[bytes]) -> None:
     """atomic_write, turning a full disk into a CheckpointError that says what is still safe."""
     try:
-        atomic_write(path, blobs, write_slowly_if_asked)
+        atomic_write(path, blobs)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

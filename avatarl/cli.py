@@ -1,8 +1,9 @@
 """`avatarl` command line: train, train-referee, sample, config, health, bench, prepare, tokenizer, launch, report.
 
-Settings come from the environment, `.env`, flags and a preset (in that order of precedence); run
-`avatarl config` to see each resolved value and where it came from. Each command's work is imported
-only when that command runs, so `avatarl --help` and `avatarl config` stay fast.
+Settings come from the process environment, flags, `.env` and a preset, in that order of precedence
+(config_sources.py); run `avatarl config` to see each resolved value and where it came from. Each
+command's work is imported only when that command runs, so `avatarl --help` and `avatarl config` stay
+fast. The commands raise the errors of errors.py; `main` turns them into `error:` lines and exit codes.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from avatarl import exit_codes
-from avatarl.checkpoint import CheckpointError
-from avatarl.config import Config, ConfigError, config_fields
-from avatarl.config_docs import describe, env_example, launcher_values, markdown_table
-from avatarl.config_sources import default_of, export_launcher_variables, load_config, preset_names
+from avatarl.config import Config, config_fields
+from avatarl.config_docs import describe, env_example, markdown_table
+from avatarl.config_schema import Algorithm, TrainingMode
+from avatarl.config_sources import QUICK_PRESET, Layered, default_of, preset_names, resolve_settings
+from avatarl.errors import ConfigError, run_entry
 from avatarl.launchers.modal import in_modal_container
 
 
@@ -26,8 +28,9 @@ def add_setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = (
     """One flag per setting (`--context-len` for CONTEXT_LEN), or only those named in `only`."""
     parser.add_argument("--env-file", help="dotenv file to read (default: ./.env when present)")
     parser.add_argument("--preset", choices=preset_names(), help="named settings of avatarl/presets/ that "
-                        "replace the defaults (flags, .env and env still win)")
-    group = parser.add_argument_group("settings (each also an environment variable; env and .env win)")
+                        "replace the defaults (.env, flags and the environment still win)")
+    group = parser.add_argument_group("settings (each also an environment variable, which wins over its flag; "
+                                      "a flag wins over .env)")
     for name, f in config_fields().items():
         if only and name not in only:
             continue
@@ -42,22 +45,19 @@ def cli_settings(args: argparse.Namespace) -> dict[str, str]:
             if key.startswith(prefix) and value is not None}
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
-    env_file = getattr(args, "env_file", None)
-    resolved = load_config(cli_settings(args), env_file, preset=getattr(args, "preset", None))
-    export_launcher_variables(env_file)
-    return resolved
-
-
-def report(err: ConfigError) -> int:
-    for line in err.problems:
-        print(f"error: {line}", file=sys.stderr)
-    return exit_codes.CONFIG
+def resolve(args: argparse.Namespace) -> tuple[Config, Layered]:
+    """The settings of a command (config_sources.resolve_settings); `--quick` is `--preset bench-quick`."""
+    preset = getattr(args, "preset", None)
+    if getattr(args, "quick", False):
+        if preset not in (None, QUICK_PRESET):
+            raise ConfigError([f"--quick is --preset {QUICK_PRESET}: give either --quick or --preset {preset}."])
+        preset = QUICK_PRESET
+    return resolve_settings(cli_settings(args), getattr(args, "env_file", None), preset)
 
 
 def command_train(args: argparse.Namespace) -> int:
     cfg, _ = resolve(args)
-    if cfg.launch.training_mode == "modal" and not in_modal_container():
+    if cfg.launch.training_mode == TrainingMode.MODAL and not in_modal_container():
         from avatarl.launchers.modal import hand_over_to_modal
 
         return hand_over_to_modal(args.env_file, cli_settings(args), args.preset)
@@ -66,7 +66,8 @@ def command_train(args: argparse.Namespace) -> int:
     check_referee_quantize(cfg)  # before any model is built: a quantised referee needs CUDA and bitsandbytes
     from avatarl.trainer import train
 
-    return train(cfg)
+    train(cfg)  # completed, or stopped with a checkpoint: exit 0 either way
+    return exit_codes.OK
 
 
 def command_train_referee(args: argparse.Namespace) -> int:
@@ -75,10 +76,10 @@ def command_train_referee(args: argparse.Namespace) -> int:
     from avatarl.referee import export_referee
     from avatarl.trainer import train
 
-    code = train(cfg, role="referee")
-    if code == exit_codes.OK and int(os.environ.get("RANK", "0")) == 0:
+    train(cfg, role="referee")
+    if int(os.environ.get("RANK", "0")) == 0:
         export_referee(cfg)
-    return code
+    return exit_codes.OK
 
 
 def command_config(args: argparse.Namespace) -> int:
@@ -88,10 +89,9 @@ def command_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table(), end="")
         return exit_codes.OK
-    launchers = launcher_values(args.env_file)  # before resolve() copies .env's library variables into os.environ
-    cfg, sources = resolve(args)
-    print(describe(cfg, sources, launchers))
-    if cfg.run.algorithm == "avatarl":
+    cfg, layered = resolve(args)
+    print(describe(cfg, layered.sources, layered.others()))
+    if cfg.run.algorithm == Algorithm.AVATARL:
         from avatarl.referee import describe_referee
 
         print(describe_referee(cfg))
@@ -100,9 +100,10 @@ def command_config(args: argparse.Namespace) -> int:
 
 def command_sample(args: argparse.Namespace) -> int:
     from avatarl.generate import sample_from_checkpoint
+    from avatarl.run_dir import run_dir
 
     cfg, _ = resolve(args)
-    texts = sample_from_checkpoint(args.checkpoint, Path(cfg.run.checkpoint_dir), args.prompt, args.max_new_tokens,
+    texts = sample_from_checkpoint(args.checkpoint, run_dir(cfg), args.prompt, args.max_new_tokens,
                                    args.temperature, args.top_k, args.num_samples, args.seed, cfg.run.device)
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}\n{text}")
@@ -114,7 +115,7 @@ def command_health(args: argparse.Namespace) -> int:
 
     cfg, _ = resolve(args)
     max_age = args.max_age if args.max_age is not None else max(60.0, 4 * cfg.run.heartbeat_interval)
-    directory = run_dir(cfg.run.checkpoint_dir)
+    directory = run_dir(cfg)
     try:
         age, beat = heartbeat_age(directory)
     except (OSError, ValueError, KeyError) as err:
@@ -125,7 +126,7 @@ def command_health(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return exit_codes.FAILED
     print(f"healthy: iteration {beat['iteration']}/{beat.get('total_iters')}, heartbeat {age:.0f}s ago, "
-          f"{beat.get('chars_per_s', 0):.0f} chars/s")
+          f"{beat.get('tokens_per_s', 0):.0f} tokens/s")
     return exit_codes.OK
 
 
@@ -158,7 +159,7 @@ def command_prepare(args: argparse.Namespace) -> int:
 
     cfg, _ = resolve(args)
     # --tokenizer names the BPE outright; TOKENIZER (env, .env) stands in for it unless it is the default char,
-    # which prepare cannot use and which a .env made from .env.example always holds.
+    # which prepare cannot use.
     spec = args.tokenizer or cfg.data.tokenizer
     meta = prepare(args.sources, Path(args.output).expanduser(), spec, hf_source(args), args.text_column,
                    args.num_proc if args.num_proc is not None else os.cpu_count() or 1, args.val_fraction, args.dtype)
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks: throughput, learning")
     bench.add_argument("which", choices=("throughput", "learning"))
-    bench.add_argument("--quick", action="store_true", help="small budget for a CPU")
+    bench.add_argument("--quick", action="store_true", help=f"--preset {QUICK_PRESET}: a model and budget "
+                       "for a CPU (flags, .env and the environment still win); throughput: 2 timed iterations")
     bench.add_argument("--iters", type=int, default=None, help="timed iterations (throughput)")
     bench.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     bench.add_argument("--out", default="bench-out", help="output directory (learning)")
@@ -283,24 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(argv: list[str]) -> int:
+    """Parse `argv` and run its command; returns its exit code, raises its AvatarlError."""
     if argv[:1] == ["launch"]:  # torchrun's own options follow; argparse would try to read them
         from avatarl.launchers.torchrun import launch_torchrun
 
-        try:  # the rendezvous settings, from the environment and ./.env like the workers' own
-            cfg, _ = load_config()
-        except ConfigError as err:
-            return report(err)
+        # The rendezvous settings, from the environment and ./.env like the workers' own; .env's other
+        # variables (OMP_NUM_THREADS, NCCL_*) reach torchrun, which hands its environment to the workers.
+        cfg, _ = resolve_settings()
         return launch_torchrun(argv[1:], cfg)
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except ConfigError as err:
-        return report(err)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return exit_codes.CONFIG
+    return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`avatarl ARGV`: the command's exit code; an AvatarlError as `error:` lines (errors.run_entry)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_entry(lambda: dispatch(argv))
 
 
 if __name__ == "__main__":

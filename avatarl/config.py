@@ -29,7 +29,14 @@ from avatarl.config_sections import (
     RunSettings,
 )
 
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+# Secrets: values never printed, logged, saved or passed as a Modal function argument. These names, and
+# every name ending in a suffix below (OPENAI_API_KEY, GITHUB_TOKEN, DB_PASSWORD): a suffix, not a
+# substring, so that TOKENIZER is a setting like any other.
+SECRET_NAMES = frozenset({"WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODAL_TOKEN_ID",
+                          "MODAL_TOKEN_SECRET"})
+SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD")
+# Names that end like a secret but hold none: MODAL_WANDB_SECRET is the name of a Modal secret.
+NOT_SECRETS = frozenset({"MODAL_WANDB_SECRET"})
 __all__ = ["Config", "ConfigError", "SECTIONS", "config_fields", "env_name", "is_secret", "setting_fields"]
 
 
@@ -108,7 +115,8 @@ class Config:
         return self.model.context_len + self.grpo.horizon
 
 
-# Variables that are not trainer settings but belong in `.env`: launchers, containers, secrets.
+# Variables that are not trainer settings but are ours to document in `.env.example`: launchers,
+# containers, secrets. Any other variable may be in `.env` too (config_sources.export_environment).
 LAUNCHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("AVATARL_IMAGE", "avatarl:latest", "Image name:tag that compose and Modal build and run."),
     ("CHECKPOINT_HOST_DIR", "./checkpoints", "Host directory mounted at /checkpoints in the containers."),
@@ -119,9 +127,9 @@ LAUNCHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("MODAL_CHECKPOINT_VOLUME", "avatarl-checkpoints", "Modal volume holding checkpoints."),
     ("MODAL_WANDB_SECRET", "", "Name of a Modal secret with WANDB_API_KEY (empty = pass the local one)."),
     ("MODAL_TIMEOUT_HOURS", "24", "Wall-clock limit of the Modal training function."),
-    ("MODAL_NODES", "1", "Containers of one Modal cluster (modal.clustered), each with N_GPUS=8; 1 = one container."),
-    ("NCCL_SOCKET_IFNAME", "", "Network interface NCCL uses between nodes (e.g. eth0); empty = NCCL's choice."),
-    ("GLOO_SOCKET_IFNAME", "", "Network interface gloo (CPU runs) uses between nodes; empty = gloo's choice."),
+    ("MODAL_NODES", "1", "Containers of one Modal cluster (modal.clustered), each with N_GPUS=8; 1 = one."),
+    ("NCCL_SOCKET_IFNAME", "", "Network interface NCCL uses between nodes (eth0...); unset: NCCL's choice."),
+    ("GLOO_SOCKET_IFNAME", "", "Network interface gloo (CPU runs) uses between nodes; unset: gloo's."),
     ("NCCL_IB_DISABLE", "", "1 turns InfiniBand off for NCCL (nodes joined by Ethernet only)."),
     ("NCCL_DEBUG", "", "INFO prints NCCL's choice of interfaces and transports (debugging several nodes)."),
     ("WANDB_API_KEY", "", "Weights & Biases key; never printed, logged or saved."),
@@ -137,7 +145,13 @@ def env_name(field_name: str) -> str:
 
 
 def is_secret(name: str) -> bool:
-    return any(marker in name.upper() for marker in SECRET_MARKERS)
+    """Whether the variable `name` holds a secret (SECRET_NAMES, SECRET_SUFFIXES); no setting does."""
+    upper = name.upper()
+    if upper in NOT_SECRETS:
+        return False
+    if upper in SECRET_NAMES:
+        return True
+    return any(upper.endswith(suffix) or upper == suffix[1:] for suffix in SECRET_SUFFIXES)
 
 
 def setting_fields() -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """How a setting is declared: a dataclass field whose metadata (one-line doc, allowed values, range)
-drives parsing, validation, CLI help and `.env.example`; enums for the modes; ConfigError."""
+drives parsing, validation, CLI help and `.env.example`; enums for the modes. ConfigError
+(errors.py) is imported from here and from config.py too."""
 
 from __future__ import annotations
 
@@ -8,13 +9,7 @@ import math
 from dataclasses import field, fields
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """Bad configuration: one actionable line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
+from avatarl.errors import ConfigError
 
 
 class Choice(str, enum.Enum):
@@ -42,6 +37,16 @@ class Algorithm(Choice):
 class Rollouts(Choice):
     AUTOREGRESSIVE = "autoregressive"
     TEACHER_FORCED = "teacher_forced"
+
+
+class Sampling(Choice):
+    WITH_REPLACEMENT = "with_replacement"
+    WITHOUT_REPLACEMENT = "without_replacement"
+
+
+class Advantage(Choice):
+    GROUP_STD = "group_std"
+    LOG_REWARD = "log_reward"
 
 
 class Reference(Choice):

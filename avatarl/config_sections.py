@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from avatarl.config_schema import (
+    Advantage,
     ActionSet,
     Algorithm,
     AmpDtype,
@@ -19,6 +20,7 @@ from avatarl.config_schema import (
     Quantize,
     Reference,
     Rollouts,
+    Sampling,
     Section,
     TrainingMode,
     setting,
@@ -121,6 +123,19 @@ class GRPOSettings(Section):
     k_samples: int = setting(
         4,
         "Rollouts per context (the GRPO group size; teacher_forced: draws per position).", low=2)
+    k_fraction: float = setting(
+        0.0,
+        "Teacher-forced draws per position as a share of the vocabulary, K = ceil(K_FRACTION x V), so K "
+        "scales with the tokenizer (0 = K_SAMPLES).", low=0.0, high=1.0)
+    sampling: Sampling = setting(
+        Sampling.WITH_REPLACEMENT,
+        "Teacher-forced draws: with_replacement (K independent draws) or without_replacement (K distinct "
+        "ids, Gumbel top-K), which hits the true token more often for the same K.", choices=Sampling)
+    advantage: Advantage = setting(
+        Advantage.GROUP_STD,
+        "Teacher-forced advantages: group_std ((r - group mean) / max(std, MIN_VARIANCE), GRPO's) or "
+        "log_reward (the gradient of log E[r]: for exact match, the likelihood gradient where a draw hit "
+        "the truth; avatarl/algorithms/log_reward.py).", choices=Advantage)
     temperature: float = setting(1.2, "Sampling temperature of the rollouts.", low=0.0, low_exclusive=True)
     clip_ratio: float = setting(
         0.2,
@@ -148,8 +163,12 @@ class GRPOSettings(Section):
         "Iterations between refreshes of the frozen sampling policy.", low=1)
     reference: Reference = setting(
         Reference.NGRAM,
-        "Reference model for partial credit: n-gram counts or a HF causal LM.", choices=Reference)
-    ngram_order: int = setting(3, "Order of the n-gram reference (2 = bigram, 3 = trigram).", low=1, high=4)
+        "Reference model for partial credit: n-gram counts, or a HF causal LM (gpt2: TOKENIZER=char only; the "
+        "KL anchor stays the n-gram).", choices=Reference)
+    ngram_order: int = setting(
+        3,
+        "Order of GRPO's n-gram reference (1 = unigram ... 4): sparse counts of the contexts seen in training, "
+        "so every order runs at every vocabulary.", low=1, high=4)
     reference_model: str = setting("gpt2", "Hugging Face model name or local path when REFERENCE=gpt2.")
     exact_match_reward: float = setting(
         1.0,
@@ -201,8 +220,8 @@ class RefereeSettings(Section):
     )
     referee_quantize: Quantize = setting(
         Quantize.NONE,
-        "Load a Hugging Face referee in 8-bit or 4-bit NF4 through bitsandbytes (CUDA only); none = bf16 on "
-        "CUDA, float32 on a CPU.", choices=Quantize)
+        "Load a Hugging Face referee in 8-bit or 4-bit NF4 through bitsandbytes (CUDA only); none = bf16 "
+        "under bf16 autocast (CUDA), else float32.", choices=Quantize)
     referee_n_layer: int = setting(0, "Referee blocks; 0 = same as N_LAYER.", low=0)
     referee_n_head: int = setting(0, "Referee heads; 0 = same as N_HEAD.", low=0)
     referee_n_emb: int = setting(0, "Referee width; 0 = same as N_EMB.", low=0)
@@ -230,7 +249,13 @@ class RunSettings(Section):
     checkpoint_interval: int = setting(100, "Iterations between checkpoints.", low=1)
     save_intermediate_checkpoints: bool = setting(True, "Save every CHECKPOINT_INTERVAL iterations.")
     save_final_checkpoint: bool = setting(True, "Save when the run ends.")
-    checkpoint_dir: str = setting("./checkpoints", "Checkpoints, metrics.jsonl and heartbeat go here.")
+    checkpoint_dir: str = setting(
+        "./checkpoints",
+        "Where runs live: each RUN_NAME a directory of checkpoints, metrics.jsonl and heartbeat.")
+    run_name: str = setting(
+        "",
+        "This run's directory under CHECKPOINT_DIR and its wandb name (letters, digits, . _ -); empty = the "
+        "run lives in CHECKPOINT_DIR itself. A restart with the same name resumes it (RESUME=auto).")
     keep_checkpoints: int = setting(3, "Newest checkpoints kept on disk.", low=1)
     resume: str = setting("auto", "auto (newest valid checkpoint), never, or a checkpoint path.")
     overwrite: bool = setting(False, "With RESUME=never, allow replacing an existing run.")
@@ -240,8 +265,11 @@ class RunSettings(Section):
         "Seconds between heartbeat.json updates.", low=0.0, low_exclusive=True)
     use_wandb: bool = setting(True, "Log to Weights & Biases when installed (WANDB_MODE=offline works).")
     wandb_project: str = setting("avataRL", "Weights & Biases project.")
-    wandb_name: str = setting("", "Weights & Biases run name (empty = generated).")
+    wandb_name: str = setting("", "Weights & Biases run name (empty = RUN_NAME, or generated without one).")
     log_level: LogLevel = setting(LogLevel.INFO, "Logging verbosity.", choices=LogLevel)
+
+    def problems(self) -> list[str]:
+        return run_name_problems(self.run_name)
 
 
 @dataclass
@@ -318,6 +346,14 @@ def is_plain_address(text: str) -> bool:
         except ValueError:
             return False
     return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", text) is not None
+
+
+def run_name_problems(name: str) -> list[str]:
+    """RUN_NAME must be one plain directory name, and not the referee's run directory."""
+    if name and (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) is None or name == "referee"):
+        return [f"RUN_NAME={name!r} is not allowed: use up to 100 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit (one directory under CHECKPOINT_DIR), other than 'referee'."]
+    return []
 
 
 def node_problems(cfg: DistributedSettings) -> list[str]:

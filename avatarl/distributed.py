@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from avatarl.device import resolve_device
-from avatarl.exit_codes import first_line
+from avatarl.errors import first_line
 
 T = TypeVar("T")
 
@@ -111,7 +111,7 @@ def lost_peers_message(info: DistInfo, error: BaseException, grace_s: float = 5.
     except (KeyError, ValueError, RuntimeError):  # the store is rank 0's (avatarl launch): rank 0 is gone
         where = "did not answer, nor did rank 0's store"
     lost = "; ".join(info.describe(r) for r in others) or "none found"
-    return (f"error: rank {info.rank} lost its peers: {lost} {where} ({detail}). A node or worker died or "
+    return (f"rank {info.rank} lost its peers: {lost} {where} ({detail}). A node or worker died or "
             "hung longer than DIST_TIMEOUT_S; with MAX_RESTARTS > 0 torchrun restarts the group, otherwise "
             "start every node again and RESUME=auto continues from the newest checkpoint.")
 

@@ -29,9 +29,8 @@ def atomic_write(path: Path, blobs: list[bytes], write: Callable[[Any, list[byte
     """Write blobs to `path` so that readers only ever see the old or the complete new file.
 
     A temporary file beside `path` is written with `write`, fsynced and renamed over `path`, and the
-    directory is fsynced so the rename survives a power loss. Checkpoint files pass
-    `faults.write_slowly_if_asked`, which carries the slow-write test hook; other files (corpus,
-    heartbeat) never slow down.
+    directory is fsynced so the rename survives a power loss. `write` puts the blobs into the open
+    file (the reliability tests pass one that writes slowly, to kill a writer mid-write).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -12,18 +12,19 @@ import logging
 import math
 import resource
 import time
-from typing import Any
 
+from avatarl import distributed as D
 from avatarl.data.sampler import eval_windows
 from avatarl.evaluation import validation_metrics
 from avatarl.generate import format_samples, training_samples
 from avatarl.health import degeneracy_warning, sample_health
+from avatarl.progress import Progress
 from avatarl.resume import save_run
 from avatarl.run import Run
 from avatarl.run_dir import write_heartbeat
 from avatarl.tracking import NullLogger
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 COMPLETED, STOPPED, BAD_STEPS = "completed", "stopped", "bad_steps"
 
@@ -52,37 +53,38 @@ class Duty:
 
 
 class Throughput:
-    """Corpus chars per second since `start` (called once the loop's first step is next; a resumed run
+    """Corpus tokens per second since `start` (called once the loop's first step is next; a resumed run
     counts afresh)."""
 
     def __init__(self) -> None:
-        self.started, self.chars_at_start = time.perf_counter(), 0
+        self.started, self.tokens_at_start = time.perf_counter(), 0
 
     def start(self, run: Run) -> None:
-        self.started, self.chars_at_start = time.perf_counter(), run.state.chars_seen
+        self.started, self.tokens_at_start = time.perf_counter(), run.state.tokens_seen
 
-    def chars_per_s(self, run: Run) -> float:
-        return (run.state.chars_seen - self.chars_at_start) / max(1e-9, time.perf_counter() - self.started)
+    def tokens_per_s(self, run: Run) -> float:
+        return (run.state.tokens_seen - self.tokens_at_start) / max(1e-9, time.perf_counter() - self.started)
 
 
 class MetricsLog(Duty):
-    """Every LOG_INTERVAL: drain the on-device metrics (one all-reduce), feed the objective, log them."""
+    """Every LOG_INTERVAL: drain the on-device metrics (one all-reduce) and log them with
+    the run's pace (tokens/s, ETA; on CUDA MFU and peak GPU memory: progress.Progress)."""
 
-    def __init__(self, logger: NullLogger, throughput: Throughput, progress: Any):
+    def __init__(self, logger: NullLogger, throughput: Throughput, progress: Progress):
         self.logger, self.throughput, self.progress = logger, throughput, progress
 
     def after_step(self, run: Run, good: bool) -> None:
-        self.progress.update(1)
+        self.progress.step()
         if not every(run.cfg.run.log_interval, run):
             return
         metrics = run.metrics.drain()
-        run.objective.after_log(metrics)
         metrics.update(run.objective.host_metrics())
-        metrics.update(chars_seen=run.state.chars_seen, chars_per_s=self.throughput.chars_per_s(run),
+        rate = self.throughput.tokens_per_s(run)
+        metrics.update(tokens_seen=run.state.tokens_seen, tokens_per_s=rate,
                        bad_steps_total=run.state.bad_total, peak_rss_mib=peak_rss_mib())
+        metrics.update(self.progress.measure(run.state.iteration, rate))
         self.logger.log(metrics, run.state.iteration)
-        self.progress.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "entropy", "reward_mean")
-                                   if k in metrics})
+        self.progress.show(metrics)
         if "entropy" in metrics and metrics["entropy"] < run.cfg.run.entropy_warn:
             log.warning("Policy entropy %.3f nats/char is below ENTROPY_WARN=%s: the policy is collapsing.",
                         metrics["entropy"], run.cfg.run.entropy_warn)
@@ -101,13 +103,13 @@ class Validation(Duty):
 
     def at_start(self, run: Run) -> None:
         if run.state.iteration == 0:
-            self.logger.log({**self._measure(run), "chars_seen": 0}, 0)
+            self.logger.log({**self._measure(run), "tokens_seen": 0}, 0)
 
     def after_step(self, run: Run, good: bool) -> None:
         if every(run.cfg.run.eval_interval, run):
             measured = self._measure(run)
             self.logger.log({**measured, "val_ppl": math.exp(min(measured["val_ce"], 50.0)),
-                             "chars_seen": run.state.chars_seen}, run.state.iteration)
+                             "tokens_seen": run.state.tokens_seen}, run.state.iteration)
 
 
 class TextSamples(Duty):
@@ -122,7 +124,7 @@ class TextSamples(Duty):
                                    run.cfg.run.seed + run.state.iteration)
         self.logger.log_text("samples", format_samples(samples), run.state.iteration)
         health = sample_health([sample.ids for sample in samples])
-        self.logger.log({**health, "chars_seen": run.state.chars_seen}, run.state.iteration)
+        self.logger.log({**health, "tokens_seen": run.state.tokens_seen}, run.state.iteration)
         warning = degeneracy_warning(health, run.cfg.run.degeneracy_warn)
         if warning:
             log.warning(warning)
@@ -146,7 +148,8 @@ class Heartbeat(Duty):  # listed after Checkpoints: a run is marked finished onl
     def after_step(self, run: Run, good: bool) -> None:
         if run.info.is_main and time.monotonic() - self.last_beat >= run.cfg.run.heartbeat_interval:
             self.last_beat = time.monotonic()
-            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.optim.total_iters, self.throughput.chars_per_s(run))
+            write_heartbeat(run.run_dir, run.state.iteration, run.cfg.optim.total_iters,
+                            self.throughput.tokens_per_s(run))
 
     def at_end(self, run: Run, outcome: str) -> None:
         if run.info.is_main:
@@ -155,13 +158,19 @@ class Heartbeat(Duty):  # listed after Checkpoints: a run is marked finished onl
 
 
 class Checkpoints(Duty):
-    """Every CHECKPOINT_INTERVAL after a good step, and at the end (a stop signal saves in the loop)."""
+    """Every save of a run: every CHECKPOINT_INTERVAL after a good step, and at the end after a stop signal
+    (always: the run continues from it), MAX_BAD_STEPS (the last good weights) or the last step (with
+    SAVE_FINAL_CHECKPOINT). save_run skips an iteration already on disk."""
 
     def after_step(self, run: Run, good: bool) -> None:
-        cfg = run.cfg
-        if cfg.run.save_intermediate_checkpoints and good and run.state.iteration % cfg.run.checkpoint_interval == 0:
+        settings = run.cfg.run
+        if settings.save_intermediate_checkpoints and good and \
+                run.state.iteration % settings.checkpoint_interval == 0:
             save_run(run)
 
     def at_end(self, run: Run, outcome: str) -> None:
-        if outcome == BAD_STEPS or (outcome == COMPLETED and run.cfg.run.save_final_checkpoint):
+        if outcome in (STOPPED, BAD_STEPS) or (outcome == COMPLETED and run.cfg.run.save_final_checkpoint):
             save_run(run)
+        if outcome == STOPPED:
+            D.print0(f"[avatarl] stop requested: checkpoint saved at iteration {run.state.iteration}, "
+                     "exiting.")

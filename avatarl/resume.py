@@ -2,7 +2,9 @@
 
 A checkpoint is the run's `state_dict()` (alike on every rank) plus every rank's `rank_state_dict()`
 (RNGs, data sampler, unlogged metric sums); rank 0 writes it. Restoring refuses a checkpoint of
-another model shape, vocabulary or algorithm, with the list of differences.
+another model shape, vocabulary or algorithm, with the list of differences; it lists the other settings
+changed since the checkpoint (at WARNING those that change what the run learns). A run resumed at its
+TOTAL_ITERS is finished: it says so, and how to start another run.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from avatarl.checkpoint import (
     save_checkpoint,
     set_aside_newer,
 )
+from avatarl.config import section_of
 from avatarl.data.tokenizers import vocabulary_difference
-from avatarl.exit_codes import first_line
+from avatarl.errors import first_line
 from avatarl.run import Run
+from avatarl.run_dir import describe_run, write_heartbeat
 
 log = logging.getLogger("avatarl")
+
+# Where the run lives, not what it learns: a run moved or resumed under another path is the same run.
+LOCATION_SETTINGS = ("checkpoint_dir", "run_name", "resume", "overwrite")
+# What a run learns: a change of one of these makes the resumed run another experiment.
+LEARNING_SECTIONS = ("data", "model", "optim", "grpo", "avatarl", "referee")
+LEARNING_RUN_SETTINGS = ("algorithm", "seed")
 
 
 def save_run(run: Run) -> Path | None:
@@ -61,8 +71,8 @@ def shape_differences(saved: dict[str, Any], run: Run) -> list[str]:
         problems = [f"model {name}: checkpoint {saved['model_config'].get(name)!r}, now {current[name]!r}"
                     for name in ("vocab_size", "n_layer", "n_head", "n_emb")
                     if saved["model_config"].get(name) != current[name]]
-    if saved.get("kind") != run.objective.name:
-        problems.append(f"run kind: checkpoint {saved.get('kind')!r}, now {run.objective.name!r}")
+    if saved.get("kind") != run.objective.kind:
+        problems.append(f"run kind: checkpoint {saved.get('kind')!r}, now {run.objective.kind!r}")
     return problems
 
 
@@ -81,11 +91,10 @@ def restore_run(run: Run, path: Path) -> None:
     problems = shape_differences(saved, run)
     if problems:
         raise CheckpointError(f"Cannot resume from {path}, the settings differ: " + "; ".join(problems) +
-                              ". Restore those settings, use another CHECKPOINT_DIR, or RESUME=never "
+                              ". Restore those settings, give the new run another RUN_NAME, or RESUME=never "
                               "OVERWRITE=true to start over.")
-    for change in changed_settings(saved["config"], run.cfg.to_dict()):
-        log.info("Setting changed since the checkpoint: %s", change)
     if run.info.is_main:
+        report_changed_settings(saved, run)
         for moved in set_aside_newer(run.run_dir, saved["iteration"]):
             log.warning("Set aside %s: it is newer than the checkpoint this run continues from.", moved.name)
     run.load_state_dict(saved)
@@ -95,4 +104,40 @@ def restore_run(run: Run, path: Path) -> None:
     else:
         log.warning("The checkpoint was written by %d ranks, this run has %d: data order is re-seeded.",
                     len(rank_states), run.info.world_size)
-    D.print0(f"[avatarl] resumed from {path} at iteration {run.state.iteration} ({run.state.chars_seen} chars seen)")
+    D.print0(f"[avatarl] resumed from {path} at iteration {run.state.iteration} ({run.state.tokens_seen} tokens seen)")
+
+
+def learning_settings() -> set[str]:
+    """The settings (field names) that change what a run learns."""
+    owner = section_of()
+    learning = {name for name, section in owner.items() if section in LEARNING_SECTIONS}
+    return learning | set(LEARNING_RUN_SETTINGS)
+
+
+def report_changed_settings(saved: dict[str, Any], run: Run) -> None:
+    """Rank 0: each setting changed since the checkpoint, at WARNING when it changes what the run learns
+    (then with a line on how a new experiment gets its own directory), at INFO otherwise (logging,
+    intervals, devices); where the run lives (CHECKPOINT_DIR, RUN_NAME, RESUME, OVERWRITE) is not listed."""
+    current = {k: v for k, v in run.cfg.to_dict().items() if k not in LOCATION_SETTINGS}
+    learning = learning_settings()
+    changed = changed_settings(saved["config"], {k: v for k, v in current.items() if k in learning})
+    for change in changed:
+        log.warning("Setting changed since the checkpoint: %s", change)
+    for change in changed_settings(saved["config"], {k: v for k, v in current.items() if k not in learning}):
+        log.info("Setting changed since the checkpoint: %s", change)
+    if changed:
+        log.warning("%s continues from iteration %d with %d changed setting(s) above; for a separate "
+                    "experiment give it another RUN_NAME (its own directory) instead.",
+                    describe_run(run.cfg, run.run_dir), saved["iteration"], len(changed))
+
+
+def report_finished(run: Run) -> None:
+    """Rank 0, when the run resumed at or past TOTAL_ITERS: the heartbeat says finished, and one warning
+    line says so and how to start another run."""
+    if not run.info.is_main:
+        return
+    write_heartbeat(run.run_dir, run.state.iteration, run.cfg.optim.total_iters, 0.0, finished=True)
+    log.warning("%s is finished: it trained to iteration %d (TOTAL_ITERS=%d), nothing to do. To start "
+                "another run set a new RUN_NAME; to train this one further raise TOTAL_ITERS; to redo it set "
+                "RESUME=never OVERWRITE=true.", describe_run(run.cfg, run.run_dir), run.state.iteration,
+                run.cfg.optim.total_iters)

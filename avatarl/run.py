@@ -50,26 +50,28 @@ class MetricBuffer:
 
 @dataclass
 class RunState:
-    """The run's counters: optimizer steps, corpus chars read, non-finite steps skipped."""
+    """The run's counters: optimizer steps, corpus tokens read, non-finite steps skipped."""
 
     iteration: int = 0
-    chars_seen: int = 0
+    tokens_seen: int = 0
     bad_streak: int = 0
     bad_total: int = 0
     last_saved: int = -1  # not saved: the iteration of the checkpoint on disk, so a stop never saves twice
 
-    def record_step(self, finite: bool, chars: int) -> None:
+    def record_step(self, finite: bool, tokens: int) -> None:
         self.iteration += 1
-        self.chars_seen += chars
+        self.tokens_seen += tokens
         self.bad_streak = 0 if finite else self.bad_streak + 1
         self.bad_total += 0 if finite else 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"iteration": self.iteration, "chars_seen": self.chars_seen, "bad_streak": self.bad_streak,
+        return {"iteration": self.iteration, "tokens_seen": self.tokens_seen, "bad_streak": self.bad_streak,
                 "bad_total": self.bad_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration, self.chars_seen = int(state["iteration"]), int(state["chars_seen"])
+        self.iteration = int(state["iteration"])
+        # Checkpoints written before the counter was named for its unit call it chars_seen.
+        self.tokens_seen = int(state["tokens_seen"] if "tokens_seen" in state else state["chars_seen"])
         self.bad_streak, self.bad_total = int(state["bad_streak"]), int(state["bad_total"])
         self.last_saved = self.iteration
 
@@ -88,12 +90,13 @@ class Run:
     run_dir: Path
     state: RunState
     metrics: MetricBuffer
-    bad_iterations: frozenset[int] = frozenset()
 
     def state_dict(self) -> dict[str, Any]:
-        """What every rank holds alike: settings, shapes, vocabulary, weights, optimizer, scaler, objective."""
-        return {"kind": self.objective.name, **self.state.state_dict(), "config": self.cfg.to_dict(),
-                "model_config": vars(self.raw_model.config).copy(), "vocab": char_vocabulary(self.corpus.tokenizer),
+        """What every rank holds alike: settings, shapes, vocabulary, weights, optimizer, scaler,
+        objective."""
+        return {"kind": self.objective.kind, **self.state.state_dict(), "config": self.cfg.to_dict(),
+                "model_config": vars(self.raw_model.config).copy(),
+                "vocab": char_vocabulary(self.corpus.tokenizer),
                 "tokenizer": self.corpus.tokenizer.identity.to_dict(),
                 "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "objective": self.objective.state_dict()}
@@ -106,11 +109,14 @@ class Run:
         self.state.load_state_dict(saved)
 
     def rank_state_dict(self) -> dict[str, Any]:
-        """What differs between ranks: RNGs, the data sampler, and the not yet logged metric sums (each
-        rank averages its own before the all-reduce at the next log, which also feeds the KL controller)."""
-        return {"rng": capture_rng(), "sampler": self.sampler.state_dict(), **self.metrics.state_dict()}
+        """What differs between ranks: RNGs, the data sampler, the not yet logged metric sums (each rank
+        averages its own before the all-reduce at the next log) and the objective's own (the KL sums its
+        controller has not used yet)."""
+        return {"rng": capture_rng(), "sampler": self.sampler.state_dict(), **self.metrics.state_dict(),
+                "objective": self.objective.rank_state_dict()}
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         restore_rng(state["rng"])
         self.sampler.load_state_dict(state["sampler"])
         self.metrics.load_state_dict(state)
+        self.objective.load_rank_state_dict(state.get("objective", {}))  # absent from older checkpoints

@@ -1,12 +1,17 @@
 """The run directory: where each file of a run lives, its checks before a run starts, and the heartbeat.
 
-    CHECKPOINT_DIR/            the student's run (`avatarl train`)
+    CHECKPOINT_DIR/RUN_NAME/   the student's run (`avatarl train`); CHECKPOINT_DIR itself without RUN_NAME
         ckpt_<iter>.pt, latest     checkpoints (see checkpoint.py)
         metrics.jsonl              one JSON object per logged step (see tracking.py)
         heartbeat.json             liveness, read by `avatarl health`, Kubernetes and Modal
         .lock                      held by the live trainer
+        wandb-id                   the run's wandb id: every restart continues that wandb run (USE_WANDB)
+        wandb/                     wandb's own files (USE_WANDB)
         referee.pt                 the exported referee, the default REFEREE_PATH
         referee/                   the referee's own run (`avatarl train-referee`), same layout
+
+A restart with the same CHECKPOINT_DIR and RUN_NAME (a torchrun, Kubernetes or Modal retry runs the same
+command) finds the same directory, and RESUME=auto continues it; another RUN_NAME starts another run.
 """
 
 from __future__ import annotations
@@ -27,24 +32,35 @@ log = logging.getLogger("avatarl")
 
 METRICS = "metrics.jsonl"
 HEARTBEAT = "heartbeat.json"
+WANDB_ID = "wandb-id"
 REFEREE_RUN = "referee"
 REFEREE_FILE = "referee.pt"
 
 
-def run_dir(checkpoint_dir: str | os.PathLike, role: str = "student") -> Path:
-    """The directory of a student run or (role "referee") of a referee run under CHECKPOINT_DIR."""
-    root = Path(checkpoint_dir).expanduser()
+def run_directory(checkpoint_dir: str | os.PathLike, run_name: str = "", role: str = "student") -> Path:
+    """CHECKPOINT_DIR/RUN_NAME (CHECKPOINT_DIR when RUN_NAME is empty), or for role "referee" its referee/."""
+    root = Path(checkpoint_dir).expanduser() / run_name
     return root / REFEREE_RUN if role == "referee" else root
 
 
+def run_dir(cfg: Config, role: str = "student") -> Path:
+    """The directory of the student run, or (role "referee") of the referee run, that `cfg` names."""
+    return run_directory(cfg.run.checkpoint_dir, cfg.run.run_name, role)
+
+
 def referee_path(cfg: Config) -> Path:
-    """REFEREE_PATH, or CHECKPOINT_DIR/referee.pt when it is empty."""
-    return Path(cfg.referee.referee_path or Path(cfg.run.checkpoint_dir) / REFEREE_FILE).expanduser()
+    """REFEREE_PATH, or referee.pt in the run directory when it is empty."""
+    return Path(cfg.referee.referee_path or run_dir(cfg) / REFEREE_FILE).expanduser()
+
+
+def describe_run(cfg: Config, directory: Path) -> str:
+    """"Run 'exp1' (/checkpoints/exp1)", or "The run in /checkpoints" without RUN_NAME."""
+    return f"Run {cfg.run.run_name!r} ({directory})" if cfg.run.run_name else f"The run in {directory}"
 
 
 def prepare_run_dir(cfg: Config, role: str) -> Path:
     """The run directory, created and checked writable; RESUME=never refuses one that holds a run."""
-    directory = run_dir(cfg.run.checkpoint_dir, role)
+    directory = run_dir(cfg, role)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # A name no other process can hold: ranks of several containers that share this directory can
@@ -59,21 +75,23 @@ def prepare_run_dir(cfg: Config, role: str) -> Path:
     if cfg.run.resume == "never" and existing and not cfg.run.overwrite:
         raise ConfigError([f"RESUME=never but {directory} already holds a run ({existing[0].name}): "
                            "set RESUME=auto to continue it, OVERWRITE=true to start over, or another "
-                           "CHECKPOINT_DIR."])
+                           "RUN_NAME for a new run."])
     return directory
 
 
 def clear_run(directory: Path) -> None:
-    """OVERWRITE=true: remove the checkpoints and metrics of the previous run (the lock holder only)."""
+    """OVERWRITE=true: remove the checkpoints, metrics and wandb id of the previous run (the lock holder
+    only); the new run gets a wandb run of its own."""
     for stale in list_checkpoints(directory):
         stale.unlink()
     (directory / METRICS).unlink(missing_ok=True)
+    (directory / WANDB_ID).unlink(missing_ok=True)
 
 
-def write_heartbeat(directory: Path, iteration: int, total_iters: int, chars_per_s: float,
+def write_heartbeat(directory: Path, iteration: int, total_iters: int, tokens_per_s: float,
                     finished: bool = False) -> None:
     """Replace heartbeat.json atomically; a failure (full disk) is a warning, the probe will notice."""
-    beat = {"iteration": iteration, "time": time.time(), "chars_per_s": chars_per_s,
+    beat = {"iteration": iteration, "time": time.time(), "tokens_per_s": tokens_per_s,
             "total_iters": total_iters, "finished": finished}
     try:
         atomic_write(directory / HEARTBEAT, [json.dumps(beat).encode()])

@@ -3,9 +3,9 @@
     python -m avatarl train                                  # one process: CPU or one GPU
     torchrun --nproc-per-node=4 -m avatarl train             # DDP, NCCL on CUDA, gloo on CPU
 
-`train()` sets the process up and turns failures into exit codes; `build()` makes a Run; `loop()` runs
-`train_step()` (one optimizer step over BATCH contexts) and the periodic duties of periodic.py; what is
-optimised lives in objectives.py.
+`train()` sets the process up and raises the errors of errors.py for what ends a run badly; `build()`
+makes a Run; `loop()` runs `train_step()` (one optimizer step over BATCH contexts) and the periodic duties
+of periodic.py, whose Checkpoints duty makes every save; what is optimised lives in objectives/.
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from avatarl import distributed as D
-from avatarl import exit_codes
-from avatarl.checkpoint import CheckpointError, RunDirectoryBusy, RunLock, find_resume_checkpoint
+from avatarl.checkpoint import RunLock, find_resume_checkpoint
 from avatarl.config import Config, ConfigError
 from avatarl.data.corpus import load_corpus
 from avatarl.data.sampler import make_sampler
 from avatarl.device import check_device, mixed_precision
-from avatarl.faults import bad_iterations
+from avatarl.errors import Aborted, AvatarlError, NonFiniteSteps, PeerLost
 from avatarl.model import GPT, GPTConfig
-from avatarl.objectives import build_objective
+from avatarl.objectives import Method, build_objective
 from avatarl.periodic import (
     BAD_STEPS,
     COMPLETED,
@@ -41,15 +39,16 @@ from avatarl.periodic import (
     Throughput,
     Validation,
 )
-from avatarl.resume import restore_run, save_run
+from avatarl.progress import Progress
+from avatarl.resume import report_finished, restore_run
 from avatarl.rng import seed_everything
 from avatarl.run import MetricBuffer, Run, RunState
-from avatarl.run_dir import clear_run, prepare_run_dir
+from avatarl.run_dir import clear_run, describe_run, prepare_run_dir, run_directory
 from avatarl.schedule import learning_rate
 from avatarl.signals import StopSignal
-from avatarl.tracking import make_logger, setup_logging
+from avatarl.tracking import make_logger, setup_logging, wandb_run_name
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 
 def model_config(cfg: Config, vocab_size: int, role: str = "student", valid_vocab_size: int = 0) -> GPTConfig:
@@ -58,9 +57,12 @@ def model_config(cfg: Config, vocab_size: int, role: str = "student", valid_voca
     def pick(own: int, student: int) -> int:
         return own if role == "referee" and own > 0 else student
 
-    return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=pick(cfg.referee.referee_n_layer, cfg.model.n_layer),
-                     n_head=pick(cfg.referee.referee_n_head, cfg.model.n_head), n_emb=pick(cfg.referee.referee_n_emb, cfg.model.n_emb),
-                     use_flash_attn=cfg.model.use_flash_attn, valid_vocab_size=valid_vocab_size)
+    referee, model = cfg.referee, cfg.model
+    return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len,
+                     n_layer=pick(referee.referee_n_layer, model.n_layer),
+                     n_head=pick(referee.referee_n_head, model.n_head),
+                     n_emb=pick(referee.referee_n_emb, model.n_emb),
+                     use_flash_attn=model.use_flash_attn, valid_vocab_size=valid_vocab_size)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -84,11 +86,11 @@ def build(cfg: Config, info: D.DistInfo, role: str, run_dir: Path) -> Run:
     D.print0(f"[avatarl] {role}: {raw_model.num_params() / 1e6:.2f}M parameters, attention via "
              f"{raw_model.attention_backend}, device {info.device}, world size {info.world_size}, "
              f"{cfg.optim.grad_accum_steps(info.world_size)} micro-batch(es) of {cfg.optim.micro_batch} per step")
-    if cfg.model.use_cuda_graphs and objective.name == "grpo":
+    if cfg.model.use_cuda_graphs and objective.method == Method.GRPO:
         where = "replayed from a CUDA graph" if info.device.type == "cuda" else "eager (CUDA graphs need CUDA)"
         D.print0(f"[avatarl] USE_CUDA_GRAPHS: rollout decode steps {where}")
     return Run(cfg, info, corpus, model, raw_model, optimizer, scaler, sampler, objective, run_dir, RunState(),
-               MetricBuffer(info.device), bad_iterations=bad_iterations())
+               MetricBuffer(info.device))
 
 
 def train_step(run: Run) -> bool:
@@ -98,7 +100,7 @@ def train_step(run: Run) -> bool:
                        cfg.optim.use_lr_decay, cfg.optim.lr_decay_type)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    run.objective.prepare_step(state.iteration, state.chars_seen)
+    run.objective.prepare_step(state.iteration, state.tokens_seen)
     accum = cfg.optim.grad_accum_steps(run.info.world_size)
     dtype = mixed_precision(cfg, run.info.device)
     total_loss = torch.zeros((), device=run.info.device)
@@ -108,8 +110,6 @@ def train_step(run: Run) -> bool:
         with contextlib.nullcontext() if sync else run.model.no_sync(), \
                 torch.autocast(run.info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss, metrics = run.objective.micro_step(run.model, window)
-            if state.iteration in run.bad_iterations:
-                loss = loss * float("nan")
             run.scaler.scale(loss / accum).backward()
         total_loss += loss.detach()
         run.metrics.add(metrics)
@@ -149,11 +149,13 @@ def agreed_resume_path(cfg: Config, run_dir: Path, info: D.DistInfo) -> Path | N
     return D.decided_by_rank0(lambda: resume_path(cfg, run_dir), info, "the checkpoint to resume from")
 
 
-def train(cfg: Config, role: str = "student") -> int:
-    """Run training to TOTAL_ITERS (or a stop signal). Returns the process exit code."""
+def train(cfg: Config, role: str = "student") -> str:
+    """Run training to TOTAL_ITERS or a stop signal; returns how the loop ended, COMPLETED or STOPPED
+    (the checkpoint saved). What ends it otherwise raises an AvatarlError (errors.py): bad settings or
+    checkpoint, CHECKPOINT_DIR in use, MAX_BAD_STEPS non-finite steps, a lost rank, a second Ctrl-C."""
     info = D.init_distributed(cfg.run.device, cfg.distributed.dist_timeout_s)
     setup_logging(cfg.run.log_level, info.is_main)
-    lock = RunLock(Path(cfg.run.checkpoint_dir))
+    lock = RunLock(run_directory(cfg.run.checkpoint_dir, cfg.run.run_name))  # a referee run's too
     stop = StopSignal()
     try:
         with stop:  # from here on, SIGTERM/SIGINT mean "stop cleanly", even while the model is being built
@@ -167,50 +169,54 @@ def train(cfg: Config, role: str = "student") -> int:
             checkpoint = agreed_resume_path(cfg, run_dir, info)
             if checkpoint is not None:
                 restore_run(run, checkpoint)
-            elif info.is_main and cfg.run.overwrite:
-                clear_run(run_dir)
-            code = loop(run, stop)
+            else:
+                if info.is_main and cfg.run.overwrite:
+                    clear_run(run_dir)
+                D.print0(f"[avatarl] {describe_run(cfg, run_dir)} starts at iteration 0")
+            finished = run.state.iteration >= cfg.optim.total_iters
+            if finished:
+                report_finished(run)
+            outcome = COMPLETED if finished else loop(run, stop)
+            streak = run.state.bad_streak
             # DDP's reducer keeps its last gloo/NCCL work, which holds tensors: release it while the process
             # group and the interpreter are alive, not during interpreter finalization (a rare abort at exit).
             del run
             gc.collect()
-            return code
     except KeyboardInterrupt:
-        D.print0("[avatarl] aborted by a second interrupt: the step in progress is lost, the newest checkpoint "
-                 "on disk is intact.")
-        return exit_codes.ABORTED
-    except RunDirectoryBusy as err:
-        D.print0(f"error: {err}")
-        return exit_codes.BUSY
-    except (ConfigError, CheckpointError) as err:
-        for line in str(err).splitlines():
-            D.print0(f"error: {line}")
-        return exit_codes.CONFIG
+        raise Aborted("aborted by a second interrupt: the step in progress is lost, the newest checkpoint on "
+                      "disk is intact.") from None
     except torch.cuda.OutOfMemoryError:
-        D.print0(f"error: CUDA out of memory with MICRO_BATCH={cfg.optim.micro_batch}: lower MICRO_BATCH (e.g. "
-                 f"{max(1, cfg.optim.micro_batch // 2)}) and keep BATCH a multiple of MICRO_BATCH x world size.")
-        return exit_codes.CONFIG
+        micro = cfg.optim.micro_batch
+        raise ConfigError([f"CUDA out of memory with MICRO_BATCH={micro}: lower MICRO_BATCH (e.g. "
+                           f"{max(1, micro // 2)}) and keep BATCH a multiple of MICRO_BATCH x world "
+                           "size."]) from None
     except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors too
-        if not D.lost_a_peer(err):
+        if isinstance(err, AvatarlError) or not D.lost_a_peer(err):
             raise
-        print(D.lost_peers_message(info, err), file=sys.stderr, flush=True)  # every survivor: its own view
-        return exit_codes.FAILED
+        raise PeerLost(D.lost_peers_message(info, err)) from None  # every survivor: its own view
     finally:
         lock.release()
         D.cleanup()
+    if outcome == BAD_STEPS:
+        raise NonFiniteSteps(f"{streak} consecutive non-finite steps (MAX_BAD_STEPS={cfg.run.max_bad_steps}):"
+                             " stopped with the last good weights saved.")
+    return outcome
 
 
-def loop(run: Run, stop: StopSignal) -> int:
-    """Steps until TOTAL_ITERS, a stop signal (checkpoint, exit 0) or MAX_BAD_STEPS (checkpoint, exit 3)."""
+def loop(run: Run, stop: StopSignal) -> str:
+    """Steps until TOTAL_ITERS (COMPLETED), a stop signal (STOPPED) or MAX_BAD_STEPS non-finite steps in a
+    row (BAD_STEPS); the duties' at_end then save what the outcome needs (periodic.Checkpoints)."""
     cfg, state, info = run.cfg, run.state, run.info
     if D.any_rank(stop.requested, info.device):
         D.print0(f"[avatarl] stop requested before the first step: nothing new to save, exiting at iteration "
                  f"{state.iteration}.")
-        return exit_codes.OK
-    logger = make_logger(info.is_main, run.run_dir, cfg.run.use_wandb, cfg.run.wandb_project, cfg.run.wandb_name,
-                         {**cfg.to_dict(), "model": asdict(run.raw_model.config)})
-    progress = tqdm(total=cfg.optim.total_iters, initial=state.iteration, desc=run.objective.name, dynamic_ncols=True,
-                    disable=not (info.is_main and sys.stderr.isatty()))
+        return STOPPED
+    role = "referee" if run.objective.method == Method.SUPERVISED else "student"
+    logger = make_logger(info.is_main, run.run_dir, cfg.run.use_wandb, cfg.run.wandb_project,
+                         wandb_run_name(cfg, role), {**cfg.to_dict(), "model": asdict(run.raw_model.config)},
+                         cfg.optim.total_iters)
+    # A bar only on a terminal; in container logs every LOG_INTERVAL line carries iter/total, speed and ETA.
+    progress = Progress(run, bar=info.is_main and sys.stderr.isatty())
     throughput = Throughput()
     # In this order: a checkpoint holds the metric sums and KL controller as they are after the log.
     duties = [MetricsLog(logger, throughput, progress), Validation(logger, run), TextSamples(logger),
@@ -218,19 +224,16 @@ def loop(run: Run, stop: StopSignal) -> int:
     for duty in duties:
         duty.at_start(run)
     throughput.start(run)
+    progress.start(run)
     outcome = COMPLETED
     while state.iteration < cfg.optim.total_iters:
         good = train_step(run)
         for duty in duties:
             duty.after_step(run, good)
         if state.bad_streak >= cfg.run.max_bad_steps:
-            D.print0(f"error: {state.bad_streak} consecutive non-finite steps (MAX_BAD_STEPS={cfg.run.max_bad_steps}):"
-                     " stopping with the last good weights saved.")
             outcome = BAD_STEPS
             break
         if D.any_rank(stop.requested, info.device):
-            save_run(run)
-            D.print0(f"[avatarl] stop requested: checkpoint saved at iteration {state.iteration}, exiting.")
             outcome = STOPPED
             break
     for duty in duties:
@@ -241,4 +244,4 @@ def loop(run: Run, stop: StopSignal) -> int:
     progress.close()
     logger.finish()
     D.barrier()  # no rank tears the process group down while rank 0 is still writing
-    return exit_codes.BAD_STEPS if outcome == BAD_STEPS else exit_codes.OK
+    return outcome

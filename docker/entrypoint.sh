@@ -9,6 +9,15 @@ if [ "$#" -eq 0 ]; then
     set -- avatarl train
 fi
 
+# A variable with an empty value (a `NAME=` line in .env, which compose passes on as it is) means unset, for
+# the libraries too: WANDB_MODE= must not stop wandb, CUDA_VISIBLE_DEVICES= must not hide every GPU.
+# printenv checks each candidate name: a line of a multi-line value that looks like `NAME=` changes nothing.
+for name in $(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=$/\1/p'); do
+    if [ -z "$(printenv "$name")" ]; then
+        unset "$name"
+    fi
+done
+
 # A container started with an arbitrary --user (HOST_UID) has no writable home; caches need one.
 if [ ! -w "${HOME:-/nonexistent}" ]; then
     HOME="/tmp/avatarl-home-$(id -u)"

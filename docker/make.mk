@@ -23,11 +23,12 @@ BUILD_ARGS ?=
 # Arguments of `avatarl sample`, e.g. SAMPLE_ARGS='--prompt "ROMEO:" --max-new-tokens 300'.
 SAMPLE_ARGS ?=
 
-.PHONY: env build train train-cpu train-4gpu sample modal docker-smoke lint-docker host-dirs
+.PHONY: env build train train-cpu train-4gpu train-gpus sample modal docker-smoke lint-docker host-dirs
 
 env: ## create .env from .env.example (if missing), running the containers as you
 	@if [ -f .env ]; then echo ".env exists; left as it is"; \
-	else sed 's/^HOST_UID=.*/HOST_UID=$(shell id -u)/' .env.example > .env && echo "created .env from .env.example"; fi
+	else sed 's/^#* *HOST_UID=.*/HOST_UID=$(shell id -u)/' .env.example > .env \
+		&& echo "created .env from .env.example"; fi
 
 host-dirs:
 	@mkdir -p "$(CHECKPOINT_HOST_DIR)" "$(DATA_HOST_DIR)" "$(CACHE_HOST_DIR)"
@@ -49,8 +50,12 @@ train: host-dirs ## train in the container on 1 GPU (falls back to train-cpu wit
 train-cpu: host-dirs ## train in the container on the CPU
 	$(COMPOSE) up train-cpu
 
-train-4gpu: host-dirs ## train in the container on N_GPUS GPUs with torchrun (default 4)
-	N_GPUS="$(or $(N_GPUS),4)" $(COMPOSE) up train-4gpu
+train-4gpu: host-dirs ## train in the container on 4 GPUs with torchrun (CUDA_VISIBLE_DEVICES picks them)
+	$(COMPOSE) up train-4gpu
+
+# N_GPUS reaches compose from the command line (make exports it) or from .env.
+train-gpus: host-dirs ## train in the container on N_GPUS GPUs with torchrun: make train-gpus N_GPUS=8
+	$(COMPOSE) up train-gpus
 
 sample: host-dirs ## print text from the newest checkpoint (SAMPLE_ARGS for `avatarl sample`)
 	$(COMPOSE) run --rm sample $(SAMPLE_ARGS)

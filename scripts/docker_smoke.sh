@@ -13,8 +13,9 @@
 #
 # Environment: HOST_UID (owner of the checkpoints; default the sudo caller, else 1000), SMOKE_CACHE,
 # SMOKE_CORPUS, SMOKE_TMPFS (docker data root in RAM: auto = when 10 GB are free), TORCH_SPEC (the CPU
-# torch of the wheelhouse), SMOKE_PIP_ARGS (extra `pip download` flags, e.g.
-# "--extra-index-url https://download.pytorch.org/whl/cpu" where pip finds no CPU torch wheel).
+# torch of the wheelhouse), SMOKE_EXTRAS (the image's extras of pyproject.toml, default plot: `avatarl
+# report` runs in it; the CUDA image's quant is no use on a CPU), SMOKE_PIP_ARGS (extra `pip download`
+# flags, e.g. "--extra-index-url https://download.pytorch.org/whl/cpu" where pip finds no CPU torch wheel).
 set -euo pipefail
 
 STARTED=$(date +%s)
@@ -23,6 +24,7 @@ SMOKE_CACHE=${SMOKE_CACHE:-/var/cache/avatarl-smoke}
 SMOKE_CORPUS=${SMOKE_CORPUS:-$REPO/../shared/data/tinyshakespeare.txt}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0+cpu}
 SMOKE_PIP_ARGS=${SMOKE_PIP_ARGS:-}
+SMOKE_EXTRAS=${SMOKE_EXTRAS:-plot}
 PYTHON=${PYTHON:-python3}
 IMAGE=avatarl:cpu-smoke
 BASE=avatarl-smoke-base:bookworm
@@ -149,12 +151,16 @@ docker import "$ROOTFS_TAR" "$BASE" > /dev/null
 log "base image $BASE imported"
 
 WHEELS=$SMOKE_CACHE/wheelhouse
-KEY=$(cat "$REPO/pyproject.toml" <(echo "$TORCH_SPEC $SMOKE_PIP_ARGS") | sha256sum | cut -c1-16)
+KEY=$(cat "$REPO/pyproject.toml" <(echo "$TORCH_SPEC $SMOKE_EXTRAS $SMOKE_PIP_ARGS") | sha256sum | cut -c1-16)
 if [ "$(cat "$WHEELS/.key" 2> /dev/null)" != "$KEY" ]; then
-    log "downloading the wheelhouse ($TORCH_SPEC and the project's dependencies, CPython 3.11)"
+    log "downloading the wheelhouse ($TORCH_SPEC, the dependencies and extras $SMOKE_EXTRAS, CPython 3.11)"
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+    # What the Dockerfile installs for EXTRAS=$SMOKE_EXTRAS: the dependencies and those of each extra.
     mapfile -t DEPENDENCIES < <("$PYTHON" -c 'import sys, tomllib
-print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' "$REPO/pyproject.toml")
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = [e for e in sys.argv[2].split(",") if e]
+print("\n".join(project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]))' \
+        "$REPO/pyproject.toml" "$SMOKE_EXTRAS")
     # shellcheck disable=SC2086  # SMOKE_PIP_ARGS is a list of flags
     "$PYTHON" -m pip download -q -d "$WHEELS" --only-binary=:all: --python-version 3.11 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -181,7 +187,7 @@ BUILD_START=$(date +%s)
 docker build --network host -f "$REPO/docker/Dockerfile" -t "$IMAGE" \
     --build-arg BASE_IMAGE="$BASE" --build-arg RUNTIME_IMAGE="$BASE" --build-arg PYTHON_VERSION=3.11 \
     --build-arg TORCH_VERSION="$(echo "$TORCH_SPEC" | sed 's/^torch==//; s/+.*//')" \
-    --build-arg WITH_FLASH_ATTN=0 --build-arg WITH_COMPILER=0 --build-arg EXTRAS= \
+    --build-arg WITH_FLASH_ATTN=0 --build-arg WITH_COMPILER=0 --build-arg EXTRAS="$SMOKE_EXTRAS" \
     --build-arg WHEELHOUSE=.wheelhouse "$REPO" 2>&1 | stamp > "$WORK/build.log" \
     || { tail -40 "$WORK/build.log" >&2; fail "docker build"; }
 BUILD_SECONDS=$(($(date +%s) - BUILD_START))
@@ -256,6 +262,9 @@ EVAL_WINDOWS=16
 SAMPLE_INTERVAL=0
 CHECKPOINT_INTERVAL=3
 USE_WANDB=false
+# Not settings: a variable of .env reaches the container, and an empty one is unset there.
+WANDB_ENTITY=avatarl-smoke
+NCCL_DEBUG=
 EOF
     shift 2
     for line in "$@"; do echo "$line" >> "$WORK/project/.env"; done
@@ -287,6 +296,21 @@ run_service train-cpu "$WORK/train1.log"
 owner=$(stat -c %u "$(find "$RUN/checkpoints" -maxdepth 1 -name 'ckpt_*.pt' | head -n 1)")
 [ "$owner" = "$HOST_UID" ] || fail "checkpoints belong to uid $owner, not HOST_UID=$HOST_UID"
 log "checkpoints on the host, owned by uid $HOST_UID"
+
+# shellcheck disable=SC2016  # expanded by the container's shell
+seen=$(timeout 120 "${COMPOSE[@]}" run --rm -T --no-deps train-cpu \
+    sh -c 'echo "$WANDB_ENTITY ${NCCL_DEBUG-unset}"' 2> "$WORK/env.log") \
+    || { tail -20 "$WORK/env.log" >&2; fail "compose run of a shell in train-cpu"; }
+[ "$seen" = "avatarl-smoke unset" ] || fail "the container saw '$seen' of .env's WANDB_ENTITY and empty NCCL_DEBUG"
+log ".env's other variables reach the container; an empty one is unset there"
+
+if [[ ",$SMOKE_EXTRAS," == *,plot,* ]]; then
+    log "avatarl report in the image (the plot extra): the run's curves into a PNG"
+    timeout "$STEP_TIMEOUT" "${COMPOSE[@]}" run --rm -T --no-deps train-cpu avatarl report /checkpoints \
+        > "$WORK/report.log" 2>&1 || { tail -20 "$WORK/report.log" >&2; fail "avatarl report in the image"; }
+    [ -s "$RUN/checkpoints/report.png" ] || fail "avatarl report left no report.png on the host"
+    [ "$(stat -c %u "$RUN/checkpoints/report.png")" = "$HOST_UID" ] || fail "report.png is not HOST_UID's"
+fi
 
 log "train-cpu again with TOTAL_ITERS=10: resumes"
 write_env 10 "$RUN/checkpoints"

@@ -225,7 +225,7 @@ from avatarl import distributed as D
 from avatarl.bench.throughput import gpu_peak_tflops
 from avatarl.config import ConfigError
 from avatarl.config_sources import load_config
-from avatarl.exit_codes import first_line
+from avatarl.errors import first_line
 from avatarl.referee import module_bytes
 from avatarl.run_dir import prepare_run_dir
 from avatarl.trainer import build, train_step
@@ -252,11 +252,11 @@ def sync():
 def measure(name, overrides):
     cfg, _ = load_config({**common, **overrides, "CHECKPOINT_DIR": str(work / f"bpe-run-{name}")}, environ={},
                          preset="gpt2-small")
-    row = {"referee_quantize": cfg.referee_quantize, "action_set": cfg.action_set}
+    row = {"referee_quantize": str(cfg.referee.referee_quantize), "action_set": str(cfg.avatarl.action_set)}
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    info = D.init_distributed(cfg.device)
+    info = D.init_distributed(cfg.run.device)
     try:
         run = build(cfg, info, "student", prepare_run_dir(cfg, "student"))
     except ConfigError as err:  # REFEREE_QUANTIZE=nf4 without CUDA or bitsandbytes: reported, not a failure
@@ -270,7 +270,7 @@ def measure(name, overrides):
         sync()
         times.append(time.perf_counter() - started)
     median = statistics.median(times)
-    tokens = cfg.batch * cfg.context_len
+    tokens = cfg.optim.batch * cfg.model.context_len
     referee = run.objective.referee
     lm = referee.lm  # the Hugging Face model inside HFRefereeLM
     ref_params = lm.num_parameters()  # counts 4-bit weights unpacked

@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings.update(EXACT_MATCH_REWARD="0", PARTIAL_CREDIT="0")
     cfg, _ = load_config(settings, args.env_file)
     started = time.time()
-    code = train(cfg)
+    outcome = train(cfg)  # completed or stopped; what ends it otherwise raises (avatarl/errors.py)
     records = read_metrics(run_dir / METRICS)
     history = {r["iter"]: r["val_ce"] for r in records if "val_ce" in r}
     for it, val_ce in history.items():
         shown = " ".join(f"{name} {last_before(records, it, name):.3f}"
                          for name in ("entropy", "kl", "kl_coef", "reward_mean", "exact_match", "clip_frac"))
         print(f"[{args.label}] iter {it} val CE {val_ce:.3f} {shown}", flush=True)
-    summary = {"label": args.label, "exit_code": code, "settings": settings, "val_ce": history,
+    summary = {"label": args.label, "outcome": outcome, "settings": settings, "val_ce": history,
                "final": next((r for r in reversed(records) if "entropy" in r), {}), "seconds": time.time() - started}
     if args.out:
         with open(args.out, "a", encoding="utf-8") as handle:

@@ -22,6 +22,7 @@ from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint
 from avatarl.config import LAUNCHER_NAMES, config_fields
 from avatarl.config_sources import preset_settings
 from avatarl.launchers.torchrun import child_pids
+from avatarl.progress import PROCESS_METRICS
 from avatarl.run_dir import METRICS
 from avatarl.tracking import read_metrics
 
@@ -50,6 +51,10 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **settings: str) -
 TIMEOUT = 120.0  # seconds for one subprocess: generous, the 2 cores are shared with other work
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 TRAIN = [sys.executable, "-m", "avatarl", "train"]
+# `avatarl train` with the faults of AVATARL_TEST_NAN_ITERS / AVATARL_TEST_SLOW_WRITE (tests/fault_entry.py):
+# after python or torchrun, or as the training command of `avatarl launch`.
+FAULTY = ["-m", "tests.fault_entry", "train"]
+FAULTY_TRAIN = [sys.executable, *FAULTY]
 LONG = dict(TOTAL_ITERS=100_000, CHECKPOINT_INTERVAL=100_000, LOG_INTERVAL=2, EVAL_INTERVAL=1000)  # until stopped
 STOPPED = re.compile(r"stop requested: checkpoint saved at iteration (\d+)")
 
@@ -85,12 +90,19 @@ class Job:
 
 
 def start(command: list[str], env: dict[str, Any], cwd: Path, tag: str = "job") -> Job:
-    """Start `command` in its own session with clean_env + `env`; output in unique files under `cwd`."""
+    """Start `command` in its own session with clean_env + `env`; output in unique files under `cwd`.
+    Faults (AVATARL_TEST_*) need a FAULTY command: avatarl ignores them, and the test would pass unfaulted."""
+    environ = clean_env(**{k: str(v) for k, v in env.items()})
+    if "tests.fault_entry" in command:
+        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environ.get("PYTHONPATH")]))
+    else:
+        faults = sorted(k for k in environ if k.startswith("AVATARL_TEST"))
+        assert not faults, f"{faults} are read by tests/fault_entry.py only: run {command} as FAULTY"
     fd, name = tempfile.mkstemp(dir=cwd, prefix=f"{tag}-", suffix=".out")
     out, err = Path(name), Path(name).with_suffix(".err")
     with os.fdopen(fd, "wb") as stdout, open(err, "wb") as stderr:
-        proc = subprocess.Popen(command, cwd=cwd, env=clean_env(**{k: str(v) for k, v in env.items()}),
-                                stdout=stdout, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(command, cwd=cwd, env=environ, stdout=stdout, stderr=stderr,
+                                start_new_session=True)
     return Job(proc, out, err)
 
 
@@ -187,8 +199,9 @@ def check_equivalence(command: list[str], tmp_path: Path, corpus: Path, **extra:
     """N iterations straight vs N/2 -> SIGKILL -> resume to N: every saved tensor and the second half's
     logged metrics must match. Returns the tensor bytes compared."""
     n = 8
-    # Cut inside a log interval and an old-policy interval, with an unsaturated KL controller (measured KL
-    # ~5.4 nats/char): the controller's update then depends on every rank's partial metric sums.
+    # Cut inside a log interval, an old-policy interval and a KL-controller interval (KL_UPDATE_INTERVAL=5),
+    # with an unsaturated controller (measured KL ~5.4 nats/char): its update at step 5 then depends on every
+    # rank's partial KL sums, which the checkpoint holds as the objective's rank state.
     common = dict(TOTAL_ITERS=n, CHECKPOINT_INTERVAL=n // 2, LOG_INTERVAL=3, EVAL_INTERVAL=4, OLD_POLICY_INTERVAL=3,
                   KL_WARM=0, BETA_KL=0.01, KL_TARGET=5.0, **extra)
     straight_env = settings(tmp_path, corpus, "straight", **common)
@@ -210,7 +223,7 @@ def check_equivalence(command: list[str], tmp_path: Path, corpus: Path, **extra:
     logged_a = [r for r in metric_records(Path(straight_env["CHECKPOINT_DIR"])) if r["iter"] > n // 2]
     logged_b = [r for r in metric_records(resumed_dir) if r["iter"] > n // 2]
     for ra, rb in zip(logged_a, logged_b, strict=True):  # the metrics of the second half agree too
-        for timing in ("chars_per_s", "peak_rss_mib"):  # measurements of the process, not of the run
+        for timing in PROCESS_METRICS:  # measurements of the process, not of the run
             ra.pop(timing, None), rb.pop(timing, None)
         assert ra == rb
     return compared

@@ -9,6 +9,7 @@ import pytest
 
 from avatarl.checkpoint import load_checkpoint
 from avatarl.config_sources import load_config
+from avatarl.periodic import COMPLETED
 from avatarl.referee import export_referee
 from avatarl.trainer import train
 from tests.helpers import run_cli
@@ -85,7 +86,7 @@ def brief_referee(directory: Path, data: Path, context_len: int) -> Path:
                 "TOTAL_ITERS": "1", "EVAL_INTERVAL": "1", "EVAL_WINDOWS": "8", "DATA_PATH": str(data),
                 "CHECKPOINT_DIR": str(directory)}
     cfg, _ = load_config(environ=settings, env_file=None)
-    assert train(cfg, role="referee") == 0
+    assert train(cfg, role="referee") == COMPLETED
     return export_referee(cfg)
 
 

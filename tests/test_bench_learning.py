@@ -10,15 +10,22 @@ import sys
 
 import pytest
 
-from avatarl.algorithms.reference import ngram_table_problem
 from avatarl.baselines import count_model_baselines
-from avatarl.bench.learning import chars_to_beat, corpus_lines, learning_bench, methods, run_learning_bench
-from avatarl.bench.learning_report import markdown_table, merge_reports, summarize, write_outputs
+from avatarl.bench.learning import corpus_lines, learning_bench, methods, run_learning_bench, tokens_to_beat
+from avatarl.bench.learning_report import (
+    SCHEMA,
+    markdown_table,
+    merge_reports,
+    summarize,
+    upgrade_report,
+    write_outputs,
+)
 from avatarl.checkpoint import load_checkpoint
 from avatarl.config import Config, ConfigError
 from avatarl.data.corpus import reference_ids
 from avatarl.data.sampler import eval_windows
 from avatarl.generate import Sample
+from tests.helpers import REPO
 
 TINY_BENCH = {"n_layer": 1, "n_head": 2, "n_emb": 32, "context_len": 16, "horizon": 4, "k_samples": 2, "batch": 16,
               "micro_batch": 16, "warmup_iters": 2, "log_interval": 2, "eval_windows": 32, "device": "cpu"}
@@ -26,12 +33,12 @@ BUDGET_ITERS, REFEREE_ITERS, SEEDS = 6, 2, 2
 AUTOREGRESSIVE = ("grpo", "grpo_reward_off")
 
 
-def test_chars_to_beat_is_the_first_measurement_strictly_below():
+def test_tokens_to_beat_is_the_first_measurement_strictly_below():
     curve = [(0, 4.2), (100, 3.0), (200, 2.5), (300, 2.4)]
-    assert chars_to_beat(curve, 3.0) == 200
-    assert chars_to_beat(curve, 2.45) == 300
-    assert chars_to_beat(curve, 2.4) is None
-    assert chars_to_beat([], 3.0) is None
+    assert tokens_to_beat(curve, 3.0) == 200
+    assert tokens_to_beat(curve, 2.45) == 300
+    assert tokens_to_beat(curve, 2.4) is None
+    assert tokens_to_beat([], 3.0) is None
 
 
 def test_summary_over_seeds_by_hand():
@@ -48,7 +55,7 @@ def test_count_model_lines_of_a_prepared_bpe_directory(prepared_shakespeare):
     windows = eval_windows(corpus.val, cfg.model.context_len, cfg.run.eval_windows)
     assert unit == "token" and corpus.tokenizer.size == 512
     assert baselines == count_model_baselines(reference_ids(corpus.train), windows, 512)
-    assert list(baselines) == ["uniform", "unigram", "bigram"]  # 512^3 ids would not fit a trigram table
+    assert list(baselines) == ["uniform", "unigram", "bigram", "trigram", "4-gram"]  # sparse: any order at 512 ids
     assert baselines["bigram"]["acc"] > baselines["unigram"]["acc"] > baselines["uniform"]["acc"]
 
 
@@ -73,18 +80,20 @@ def bench(tmp_path_factory, corpus_path):
 def test_every_method_and_seed_trains_at_the_same_budget(bench):
     root, _, report = bench
     budget = BUDGET_ITERS * 16 * (16 + 1)
-    assert report["budget_chars"] == budget and report["seeds"] == [1337, 1338]
+    assert report["schema"] == SCHEMA
+    assert report["budget_tokens"] == budget and report["seeds"] == [1337, 1338]
     assert list(report["methods"]) == [m.name for m in methods()]
     for name, entry in report["methods"].items():
         window = 16 + (4 if name in AUTOREGRESSIVE else 1)
         assert [run["seed"] for run in entry["runs"]] == [1337, 1338]
         for run in entry["runs"]:
             assert run["exit_code"] == 0
-            assert abs(run["chars_seen"] - budget) <= 16 * window / 2, (name, run["chars_seen"])
-            assert run["iters"] * 16 * window == run["chars_seen"]
-            chars = [c for c, _ in run["curve"]]
-            assert chars[0] == 0 and chars == sorted(chars) and len(chars) >= 3
-            assert [c for c, _ in run["acc_curve"]] == chars
+            assert abs(run["tokens_seen"] - budget) <= 16 * window / 2, (name, run["tokens_seen"])
+            assert run["iters"] * 16 * window == run["tokens_seen"]
+            tokens = [t for t, _ in run["curve"]]
+            assert tokens[0] == 0 and tokens == sorted(tokens) and len(tokens) >= 3
+            assert [t for t, _ in run["acc_curve"]] == tokens
+            assert {"tokens_to_beat_unigram", "tokens_to_beat_bigram"} <= set(run)
             assert run["final_val_ce"] == run["curve"][-1][1] and run["final_val_acc"] == run["acc_curve"][-1][1]
             # Tiny Shakespeare is ASCII: one byte per char, so bits per byte = nats per char / ln 2.
             assert run["final_val_bpb"] == pytest.approx(run["final_val_ce"] / math.log(2))
@@ -96,7 +105,7 @@ def test_every_method_and_seed_trains_at_the_same_budget(bench):
     seeds = report["methods"]["supervised"]["runs"]
     assert seeds[0]["curve"] != seeds[1]["curve"]  # another seed is another run
     for seed, referee in report["referee"].items():
-        assert referee["iters"] == REFEREE_ITERS and referee["chars_seen"] == REFEREE_ITERS * 16 * 17
+        assert referee["iters"] == REFEREE_ITERS and referee["tokens_seen"] == REFEREE_ITERS * 16 * 17
         saved = load_checkpoint(root / "out" / "runs" / f"seed{seed}" / "referee" / "referee.pt")
         assert saved["val_ce"] == pytest.approx(referee["final_val_ce"])
 
@@ -127,7 +136,7 @@ def test_reference_lines_are_the_count_models_on_the_scoring_windows(bench):
     assert lines["uniform"] == {"acc": 1 / len(set(text)), "ce": math.log(len(set(text)))}
     ces, accs = [b["ce"] for b in lines.values()], [b["acc"] for b in lines.values()]
     assert ces == sorted(ces, reverse=True) and accs == sorted(accs)
-    assert report["kl_reference"] == {"order": Config().ngram_order, **lines["trigram"]}
+    assert report["kl_reference"] == {"order": Config().grpo.ngram_order, **lines["trigram"]}
 
 
 @pytest.mark.slow
@@ -144,12 +153,13 @@ def test_outputs_are_written(bench):
 
 
 def test_a_row_that_cannot_run_stops_the_bench_before_any_training(tmp_path, prepared_shakespeare):
-    base = Config.of(**TINY_BENCH, data_path=str(prepared_shakespeare))  # 512 ids: the default trigram does not fit
+    base = Config.of(**TINY_BENCH, data_path=str(prepared_shakespeare), referee_quantize="int8")  # CUDA only
     with pytest.raises(ConfigError) as refused:
         learning_bench(base, tmp_path / "out", BUDGET_ITERS, REFEREE_ITERS)
-    rows = ("GRPO (autoregressive, shipped defaults)", "GRPO, reward off (KL + entropy only)")
-    assert refused.value.problems == [f"{label}: {ngram_table_problem(3, 512)}" for label in rows]
-    assert not (tmp_path / "out" / "runs").exists()  # the teacher-forced rows need no n-gram, and nothing trained
+    rows = ("AvataRL", "AvataRL, REALITY_WEIGHT=0 (referee only)")
+    assert [line.split(": ")[0] for line in refused.value.problems] == list(rows)
+    assert all("REFEREE_QUANTIZE=int8 needs CUDA" in line for line in refused.value.problems)
+    assert not (tmp_path / "out" / "runs").exists()  # the GRPO rows could run (any tokenizer), and nothing trained
 
 
 def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch, capsys):
@@ -175,6 +185,7 @@ def one_seed(report: dict, seed: int) -> dict:
                         for name, entry in report["methods"].items()}}
 
 
+@pytest.mark.slow  # it merges the two seeds of the `bench` fixture, which trains every method
 def test_runs_of_other_seeds_merge_into_the_report_of_all_seeds(bench, tmp_path, capsys):
     report = json.loads(json.dumps(bench[2]))  # as a learning.json holds it
     first, second = (one_seed(report, seed) for seed in report["seeds"])
@@ -188,8 +199,8 @@ def test_runs_of_other_seeds_merge_into_the_report_of_all_seeds(bench, tmp_path,
 
     with pytest.raises(ValueError, match="a seed comes twice"):
         merge_reports([first, first], ["a", "a"])
-    other_budget = {**second, "budget_chars": 1, "settings": {**second["settings"], "LR": 1.0}}
-    with pytest.raises(ValueError, match="b: budget_chars is not a's; b: settings LR are not a's"):
+    other_budget = {**second, "budget_tokens": 1, "settings": {**second["settings"], "LR": 1.0}}
+    with pytest.raises(ValueError, match="b: budget_tokens is not a's; b: settings LR are not a's"):
         merge_reports([first, other_budget], ["a", "b"])
 
     paths = []
@@ -209,3 +220,22 @@ def test_runs_of_other_seeds_merge_into_the_report_of_all_seeds(bench, tmp_path,
     assert run_learning_bench(Config.of(device="cpu"), args) == 2
     assert capsys.readouterr().err.startswith(f"error: --merge {paths[1]}: cannot read it as JSON")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_schema_2_report_of_an_earlier_version_reads_as_schema_3(tmp_path, capsys):
+    """docs/learning_quick.json was written when token counts were named for characters: --merge reads it."""
+    old = json.loads((REPO / "docs" / "learning_quick.json").read_text())
+    assert old["schema"] == "avatarl.bench.learning/2"
+    new = upgrade_report(old)
+    assert new["schema"] == SCHEMA and new["budget_tokens"] == old["budget_chars"] and "budget_chars" not in new
+    text = json.dumps(new)
+    assert '"chars_' not in text and '"budget_chars"' not in text
+    run, old_run = new["methods"]["grpo"]["runs"][0], old["methods"]["grpo"]["runs"][0]
+    assert run["tokens_seen"] == old_run["chars_seen"] and run["curve"] == old_run["curve"]
+    assert upgrade_report(new) is new
+    assert "| Method | Characters seen |" in markdown_table(new)
+    args = argparse.Namespace(quick=False, out=str(tmp_path / "merged"), json_path=None, seeds=1,
+                              merge=[str(REPO / "docs" / "learning_quick.json")])
+    assert run_learning_bench(Config.of(device="cpu"), args) == 0
+    assert json.loads((tmp_path / "merged" / "learning.json").read_text())["schema"] == SCHEMA
+    assert f"| {old['methods']['supervised']['label']} | {old_run['chars_seen']:,} |" in capsys.readouterr().out

@@ -17,11 +17,9 @@ import torch
 from avatarl.algorithms.grpo import rollout
 from avatarl.bench import run_bench
 from avatarl.bench.throughput import (
-    PEAK_BF16_TFLOPS,
     Timing,
     flop_counts,
     format_table,
-    gpu_peak_tflops,
     measure,
     ratios_of,
     rollout_recompute,
@@ -30,6 +28,7 @@ from avatarl.bench.throughput import (
 )
 from avatarl.config import Config
 from avatarl.model import GPT, GPTConfig
+from avatarl.progress import PEAK_BF16_TFLOPS, gpu_peak_tflops
 from tests.helpers import run_cli
 
 ROWS = ("supervised_step", "grpo_iteration", "rollout_kv_cache", "grpo_scoring", "rollout_recompute",

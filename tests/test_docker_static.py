@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,10 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 CONTINUATION = "\\"
 # torchrun with clean stops (avatarl/launchers/torchrun.py): the multi-process services exit 0 after `docker stop`.
 LAUNCH = ["avatarl", "launch", "--standalone"]
-TRAINING_SERVICES = ("train", "train-4gpu", "train-cpu", "train-cpu-2proc", "train-multinode")
+TRAINING_SERVICES = ("train", "train-4gpu", "train-gpus", "train-cpu", "train-cpu-2proc", "train-multinode")
+GPU_SERVICES = ("train", "train-4gpu", "train-gpus", "train-multinode")
+# Settings every service sets to its container's own paths.
+CONTAINER_PATHS = {"CHECKPOINT_DIR", "DATA_CACHE_DIR", "HF_HOME"}
 # Python of the Ubuntu release the CUDA images are built on: the Dockerfile installs it with apt.
 UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}
 # CUDA of the default (PyPI) Linux wheel of each torch minor version.
@@ -134,7 +138,7 @@ def test_runtime_stage_user_entrypoint_health_env_labels():
     assert len(args_of["HEALTHCHECK"]) == 1 and args_of["HEALTHCHECK"][0].endswith('CMD ["avatarl", "health"]')
     env = " ".join(args_of["ENV"])
     for setting in ("PYTHONUNBUFFERED=1", "CHECKPOINT_DIR=/checkpoints", "DATA_CACHE_DIR=/cache/avatarl",
-                    "HF_HOME=/cache/hf"):
+                    "HF_HOME=/cache/hf", "CUDA_DEVICE_ORDER=PCI_BUS_ID"):
         assert setting in env.split(), setting
     labels = " ".join(args_of["LABEL"])
     for key in ("title", "source", "version", "revision", "created", "licenses"):
@@ -157,6 +161,61 @@ def test_entrypoint_execs_its_arguments():
     assert script.read_text().startswith("#!/bin/sh\n")
     assert lines[-1] == 'exec "$@"'
     assert os.access(script, os.X_OK)
+
+
+def test_entrypoint_unsets_empty_variables_and_keeps_the_others(tmp_path: Path):
+    """A `NAME=` line of .env reaches the container as an empty variable; the entrypoint makes it unset, so
+    WANDB_MODE= cannot stop wandb nor CUDA_VISIBLE_DEVICES= hide the GPUs."""
+    multi_line = "first\nWANDB_ENTITY=\nlast"  # a value with a line that looks like an empty variable
+    env = {"PATH": os.environ["PATH"], "WANDB_MODE": "", "CUDA_VISIBLE_DEVICES": "", "WANDB_ENTITY": "me",
+           "NOTE": multi_line, "CHECKPOINT_DIR": str(tmp_path / "c"), "DATA_CACHE_DIR": str(tmp_path / "d"),
+           "HF_HOME": str(tmp_path / "h"), "HOME": str(tmp_path)}
+    show = ('for n in WANDB_MODE CUDA_VISIBLE_DEVICES WANDB_ENTITY; do eval "echo $n=\\${$n-unset}"; done; '
+            'printenv NOTE')
+    out = subprocess.run(["sh", str(REPO / "docker" / "entrypoint.sh"), "sh", "-c", show], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["WANDB_MODE=unset", "CUDA_VISIBLE_DEVICES=unset", "WANDB_ENTITY=me",
+                                       *multi_line.splitlines()]
+    assert (tmp_path / "c").is_dir(), "the run directories are made as before"
+
+
+def dockerfile_requirements(extras: str) -> subprocess.CompletedProcess:
+    """The Dockerfile's own requirements step (its `python -c`), run here on pyproject.toml for EXTRAS."""
+    (step,) = [args for name, args in instructions() if name == "RUN" and "requirements.txt" in args]
+    code = shlex.split(step.split("python -c ", 1)[1].split(" > /build/requirements.txt")[0])[0]
+    code = code.replace("/build/pyproject.toml", str(REPO / "pyproject.toml"))
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "EXTRAS": extras},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_cuda_image_carries_the_plot_and_quant_extras():
+    import tomllib
+
+    groups = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    default = arg_defaults()["EXTRAS"].split(",")
+    assert {"plot", "quant", "wandb", "gpt2", "data"} <= set(default) <= set(groups)
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for extra in default for d in groups[extra]}
+    assert {"matplotlib", "bitsandbytes", "accelerate", "transformers", "wandb", "datasets"} <= names
+    wanted = dockerfile_requirements(arg_defaults()["EXTRAS"])
+    assert wanted.returncode == 0, wanted.stderr
+    assert any(line.startswith("matplotlib") for line in wanted.stdout.splitlines())
+    assert any(line.startswith("bitsandbytes") for line in wanted.stdout.splitlines())
+    bad = dockerfile_requirements("plot,quantise")
+    assert bad.returncode == 1 and "EXTRAS: ['quantise'] not in pyproject.toml" in bad.stderr
+
+
+def test_the_cpu_smoke_image_has_the_plot_extra_from_its_own_wheelhouse():
+    """The smoke builds offline: its wheelhouse downloads the extras it builds with (quant's bitsandbytes is
+    for CUDA referees; the CPU image does without it)."""
+    script = (REPO / "scripts" / "docker_smoke.sh").read_text()
+    default = re.search(r"^SMOKE_EXTRAS=\$\{SMOKE_EXTRAS:-([\w,]*)\}$", script, flags=re.MULTILINE).group(1)
+    assert default == "plot"
+    assert '--build-arg EXTRAS="$SMOKE_EXTRAS"' in script
+    assert '"$REPO/pyproject.toml" "$SMOKE_EXTRAS")' in script, "the wheelhouse gets the extras' wheels"
+    assert "--build-arg WHEELHOUSE=.wheelhouse" in script
+    assert "avatarl report /checkpoints" in script
+    assert dockerfile_requirements(default).returncode == 0
 
 
 def test_hadolint_passes():
@@ -230,11 +289,17 @@ def env_example_file(tmp_path: Path) -> Path:
 
 
 def compose_config(env_file: Path, **environ: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in {"AVATARL_IMAGE", "N_GPUS", "HOST_UID"}}
-    env.update(environ)
-    out = subprocess.run([tool("docker-compose"), "-f", str(REPO / "compose.yaml"), "--env-file", str(env_file),
-                          "--profile", "*", "config", "--format", "json"],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    """`docker-compose config` of compose.yaml for a project whose .env is `env_file`, from a shell whose
+    environment is `environ` (and PATH): compose reads that .env for ${...} and for env_file, as a user's."""
+    project = Path(tempfile.mkdtemp(prefix="compose-project-"))
+    try:
+        shutil.copyfile(env_file, project / ".env")
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(project), **environ}
+        out = subprocess.run([tool("docker-compose"), "-f", str(REPO / "compose.yaml"), "--project-directory",
+                              str(project), "--profile", "*", "config", "--format", "json"],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=project)
+    finally:
+        shutil.rmtree(project)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -252,22 +317,24 @@ def test_compose_services_with_env_example(tmp_path: Path):
     from dotenv import dotenv_values
 
     env_file = env_example_file(tmp_path)
-    example = dotenv_values(env_file)
+    example = {name: value for name, value in dotenv_values(env_file).items() if value}
     config = compose_config(env_file)
     services = config["services"]
     assert set(services) >= {*TRAINING_SERVICES, "sample", "prepare"}
     assert "networks" not in config or not config["networks"]
     for name, service in services.items():
-        assert service["image"] == example["AVATARL_IMAGE"], name
+        assert service["image"] == example.get("AVATARL_IMAGE", "avatarl:latest"), name
         assert service["network_mode"] == "host" and service["ipc"] == "host", name
         assert service["ulimits"] == {"memlock": -1, "stack": 67108864}, name
-        assert service["user"] == example["HOST_UID"] and service["init"] is True, name
+        assert service["user"] == example.get("HOST_UID", "1000") and service["init"] is True, name
         assert {v["target"] for v in service["volumes"]} == {"/checkpoints", "/data", "/cache"}, name
         assert service["environment"]["CHECKPOINT_DIR"] == "/checkpoints", name
     for name in TRAINING_SERVICES:
         assert services[name]["restart"].startswith("on-failure"), name
         assert seconds(services[name]["stop_grace_period"]) >= 60, name
-    assert gpu_devices(services["train"]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    for name in GPU_SERVICES:  # every GPU of the host: CUDA_VISIBLE_DEVICES numbers them as the host does
+        assert gpu_devices(services[name]) == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}], \
+            name
     assert services["train"]["command"] == ["avatarl", "train"]
     for name in ("train-cpu", "train-cpu-2proc", "sample", "prepare"):
         assert gpu_devices(services[name]) == [], name
@@ -281,6 +348,37 @@ def test_compose_services_with_env_example(tmp_path: Path):
     assert prepare["command"] == ["--help"]
 
 
+def test_compose_leaves_the_defaults_to_the_program(tmp_path: Path):
+    """With a .env that sets nothing, a container gets no variable but its own paths and what each service
+    is for (DEVICE=cpu for the CPU services...): every other setting is the program's default."""
+    from avatarl.config import config_fields
+
+    empty = tmp_path / "empty.env"
+    empty.write_text("# N_LAYER=6\n# WANDB_MODE=\n")
+    services = compose_config(empty)["services"]
+    service_choices = {"train-cpu": {"DEVICE"}, "train-cpu-2proc": {"DEVICE"}, "train-4gpu": {"N_GPUS"},
+                       "train-multinode": {"NNODES", "MAX_RESTARTS"}}
+    for name, service in services.items():
+        given = {key for key, value in service["environment"].items() if value is not None}
+        assert given == CONTAINER_PATHS | service_choices.get(name, set()), name
+        assert given - {"HF_HOME"} <= set(config_fields()), name
+
+
+def test_every_variable_of_dotenv_reaches_every_container(tmp_path: Path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WANDB_ENTITY=me\nOMP_NUM_THREADS=4\nTIKTOKEN_CACHE_DIR=/cache/tiktoken\nLR=0.001\n"
+                      "CUDA_VISIBLE_DEVICES=2,3\nCHECKPOINT_DIR=/home/me/runs\n")
+    for name, service in compose_config(dotenv)["services"].items():
+        env = service["environment"]
+        assert (env["WANDB_ENTITY"], env["OMP_NUM_THREADS"], env["TIKTOKEN_CACHE_DIR"]) == \
+            ("me", "4", "/cache/tiktoken"), name
+        assert env["LR"] == "0.001" and env["CUDA_VISIBLE_DEVICES"] == "2,3", name
+        assert env["CHECKPOINT_DIR"] == "/checkpoints", f"{name}: the container's own path wins over .env's"
+    shell = compose_config(dotenv, CUDA_VISIBLE_DEVICES="5")["services"]
+    assert {service["environment"]["CUDA_VISIBLE_DEVICES"] for service in shell.values()} == {"5"}, \
+        "the shell's CUDA_VISIBLE_DEVICES beats .env's, as for the program's settings"
+
+
 def test_compose_prepare_passes_the_run_arguments_to_avatarl_prepare():
     args = ["/data/my corpus", "--tokenizer", "gpt2", "--output", "/data/owt", "--num-proc", "16"]
     from avatarl.cli import build_parser
@@ -289,19 +387,72 @@ def test_compose_prepare_passes_the_run_arguments_to_avatarl_prepare():
     assert (parsed.sources, parsed.output, parsed.num_proc) == (["/data/my corpus"], "/data/owt", 16)
 
 
-def test_compose_multi_gpu_follows_n_gpus_and_image_follows_avatarl_image(tmp_path: Path):
+def test_train_4gpu_runs_4_processes_whatever_n_gpus_says_and_train_gpus_runs_n_gpus(tmp_path: Path):
+    from avatarl.config import Config
+    from avatarl.launchers.torchrun import rendezvous_args
+
+    def nproc(service: dict) -> list[str]:
+        """--nproc-per-node as `avatarl launch` in the container decides it, from its N_GPUS."""
+        n_gpus = service["environment"].get("N_GPUS")
+        cfg = Config.of(**({"n_gpus": int(n_gpus)} if n_gpus else {}))
+        args = service["command"][2:]
+        return [arg for arg in args + rendezvous_args(cfg, args) if arg.startswith("--nproc-per-node")]
+
+    one = tmp_path / "one.env"
+    one.write_text("N_GPUS=1\n")  # what the old .env.example shipped
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    default = compose_config(empty)["services"]["train-4gpu"]
-    assert gpu_devices(default)[0]["count"] == 4
-    assert default["command"] == LAUNCH + ["--nproc-per-node=4", "-m", "avatarl", "train"]
-    assert default["image"] == "avatarl:latest"
-    config = compose_config(empty, N_GPUS="8", AVATARL_IMAGE="registry.example.com/avatarl:0.1", HOST_UID="1234")
+    for env_file, shell in ((one, {}), (one, {"N_GPUS": "8"}), (empty, {})):
+        four = compose_config(env_file, **shell)["services"]["train-4gpu"]
+        assert nproc(four) == ["--nproc-per-node=4"] and four["environment"]["N_GPUS"] == "4"
+        assert four["command"] == LAUNCH + ["--nproc-per-node=4", "-m", "avatarl", "train"]
+    assert nproc(compose_config(one)["services"]["train-gpus"]) == ["--nproc-per-node=1"]
+    assert nproc(compose_config(one, N_GPUS="8")["services"]["train-gpus"]) == ["--nproc-per-node=8"]
+    unset = compose_config(empty)["services"]["train-gpus"]
+    assert unset["environment"]["N_GPUS"] is None, "unset stays unset: the program's default"
+    assert nproc(unset) == [f"--nproc-per-node={Config().launch.n_gpus}"]
+
+
+def test_avatarl_launch_starts_no_more_workers_than_visible_gpus(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """CUDA_VISIBLE_DEVICES chooses the GPUs on a host and in the compose services alike; `avatarl launch`
+    refuses more workers than it leaves visible, in one line, instead of workers failing one by one."""
+    import torch
+
+    from avatarl.cli import main
+    from avatarl.config import Config
+    from avatarl.errors import ConfigError
+    from avatarl.launchers.torchrun import check_visible_gpus
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert main(["launch", "--standalone", "--nproc-per-node=4", "-m", "avatarl", "train"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: 4 processes per node but 2 GPU(s) visible (CUDA_VISIBLE_DEVICES=4,5): set N_GPUS (or "
+        "--nproc-per-node) to at most 2, or list more GPUs in CUDA_VISIBLE_DEVICES.")
+    with pytest.raises(ConfigError, match="3 processes per node but 2"):  # N_GPUS, via rendezvous_args
+        check_visible_gpus(Config.of(n_gpus=3), ["--nproc-per-node=3", "--standalone", "-m", "avatarl"])
+    check_visible_gpus(Config.of(n_gpus=2), ["--nproc-per-node=2", "--standalone", "-m", "avatarl"])
+    check_visible_gpus(Config.of(device="cpu"), ["--nproc-per-node", "4", "-m", "avatarl"])  # gloo: any
+    check_visible_gpus(Config(), ["--nproc-per-node=gpu", "-m", "avatarl"])  # torchrun counts them itself
+    check_visible_gpus(Config(), ["-m", "avatarl", "--nproc-per-node=4"])  # the trainer's, not torchrun's
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    check_visible_gpus(Config(), ["--nproc-per-node=4", "-m", "avatarl"])  # no GPU: DEVICE=auto, on CPUs
+
+
+def test_compose_image_and_user_follow_avatarl_image_and_host_uid(tmp_path: Path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    for name, service in compose_config(empty)["services"].items():
+        assert service["image"] == "avatarl:latest" and service["user"] == "1000", name
+    config = compose_config(empty, AVATARL_IMAGE="registry.example.com/avatarl:0.1", HOST_UID="1234")
     for name, service in config["services"].items():
         assert service["image"] == "registry.example.com/avatarl:0.1" and service["user"] == "1234", name
-    multi = config["services"]["train-4gpu"]
-    assert gpu_devices(multi)[0]["count"] == 8 and "--nproc-per-node=8" in multi["command"]
-    assert multi["environment"]["N_GPUS"] == "8"
+    blank = tmp_path / "blank.env"
+    blank.write_text("AVATARL_IMAGE=\nHOST_UID=\n")  # empty means unset, for compose's ${NAME:-default} too
+    for name, service in compose_config(blank)["services"].items():
+        assert service["image"] == "avatarl:latest" and service["user"] == "1000", name
 
 
 def test_compose_multinode_takes_the_topology_and_nccl_variables_from_dotenv(tmp_path: Path):
@@ -316,7 +467,7 @@ def test_compose_multinode_takes_the_topology_and_nccl_variables_from_dotenv(tmp
     env = service["environment"]
     assert (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"], env["N_GPUS"]) == ("2", "1", "10.0.0.1:29400", "4")
     assert env["NCCL_SOCKET_IFNAME"] == "eth1" and env["GLOO_SOCKET_IFNAME"] is None, "unset stays unset"
-    assert gpu_devices(service)[0]["count"] == 4
+    assert env["RDZV_ID"] is None, "the program's default"
     cfg = Config.of(nnodes=env["NNODES"], node_rank=int(env["NODE_RANK"]), rdzv_endpoint=env["RDZV_ENDPOINT"],
                  max_restarts=int(env["MAX_RESTARTS"]), n_gpus=int(env["N_GPUS"]))
     assert rendezvous_args(cfg, service["command"][2:]) == [
@@ -395,9 +546,54 @@ def test_k8s_pytorchjob_is_elastic_with_plain_torchrun_and_shared_storage():
     Config.of(max_restarts=int(env["MAX_RESTARTS"]), dist_timeout_s=float(env["DIST_TIMEOUT_S"]))  # valid settings
 
 
+def data_claim() -> str:
+    (claim,) = k8s_documents("data-pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim"
+    return claim["metadata"]["name"]
+
+
+def pod_specs(name: str) -> list[dict]:
+    """The pod templates of a manifest's Jobs and PyTorchJobs."""
+    specs = []
+    for doc in k8s_documents(name):
+        if doc["kind"] == "Job":
+            specs.append(doc["spec"]["template"]["spec"])
+        elif doc["kind"] == "PyTorchJob":
+            specs += [replica["template"]["spec"] for replica in doc["spec"]["pytorchReplicaSpecs"].values()]
+    return specs
+
+
+def data_mount(spec: dict) -> tuple[str, dict]:
+    """(claim name, volumeMount) of the pod's single container at /data."""
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume["persistentVolumeClaim"]["claimName"], mount
+
+
+def test_k8s_training_reads_the_data_claim_that_the_prepare_job_fills():
+    claim = data_claim()
+    (prepare,) = pod_specs("prepare-job.yaml")
+    written, prepare_mount = data_mount(prepare)
+    assert written == claim and not prepare_mount.get("readOnly")
+    for manifest in ("job.yaml", "pytorchjob.yaml"):
+        (spec,) = pod_specs(manifest)
+        read, mount = data_mount(spec)
+        assert read == claim, manifest
+        assert mount.get("subPath") == prepare_mount.get("subPath"), f"{manifest}: prepare's /data/owt"
+        assert mount["readOnly"] is True, manifest
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert not volume["persistentVolumeClaim"].get("readOnly"), \
+            f"{manifest}: the kubelet must be able to create the subPath in an empty claim"
+    for manifest in ("job.yaml", "pytorchjob.yaml", "prepare-job.yaml"):  # deleting a Job keeps the data
+        claims = {doc["metadata"]["name"] for doc in k8s_documents(manifest)
+                  if doc["kind"] == "PersistentVolumeClaim"}
+        assert claim not in claims, manifest
+
+
 def test_k8s_prepare_job_runs_avatarl_prepare_on_cpus_into_the_data_claim():
     docs = {doc["kind"]: doc for doc in k8s_documents("prepare-job.yaml")}
-    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    claim = data_claim()
     job = docs["Job"]["spec"]
     assert job["backoffLimit"] <= 3
     spec = job["template"]["spec"]
@@ -475,5 +671,6 @@ def test_every_prepare_command_in_docs_data_md_parses():
 def test_make_fragment_has_each_target_with_help():
     text = (REPO / "docker" / "make.mk").read_text()
     documented = set(re.findall(r"^([a-z0-9-]+):[^\n]*## ", text, flags=re.MULTILINE))
-    assert documented >= {"env", "build", "train", "train-4gpu", "sample", "modal", "docker-smoke", "lint-docker"}
+    assert documented >= {"env", "build", "train", "train-4gpu", "train-gpus", "sample", "modal",
+                          "docker-smoke", "lint-docker"}
     assert "nvidia-smi" in text and "train-cpu" in text

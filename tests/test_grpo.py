@@ -7,16 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avatarl.algorithms.entropy import entropy_of_log_probs
+from avatarl.algorithms.entropy import entropy_and_kl, entropy_of_log_probs, kl_divergence
 from avatarl.algorithms.grpo import (
     AdaptiveKLController,
     group_advantages,
+    grpo_loss,
     grpo_micro_step,
-    kl_to_reference,
     kl_warmup,
+    match_rewards,
     ppo_clip_loss,
     rollout,
-    token_rewards,
 )
 from avatarl.algorithms.reference import NgramReference
 from avatarl.bench.throughput import FullRowsStudent
@@ -47,21 +47,33 @@ def small_cfg(**overrides) -> Config:
 
 # --- rewards and advantages
 
+def hits_of(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """1.0 where samples [B, K, H] hit truth [B, H], as score_rollout marks them."""
+    return (samples == truth[:, None, :]).float()
+
+
+def token_rewards(samples, truth, ref_prob, partial_credit, exact_match=1.0):
+    return match_rewards(hits_of(samples, truth), ref_prob, exact_match, partial_credit)
+
+
 def test_reward_off_is_all_zero():
     samples = torch.tensor([[[1, 2], [1, 1]]])
     truth = torch.tensor([[1, 2]])
     rewards = token_rewards(samples, truth, torch.full((1, 2, 2), 0.3), partial_credit=0.0, exact_match=0.0)
     assert torch.equal(rewards, torch.zeros(1, 2, 2))
-    torch.testing.assert_close(token_rewards(samples, truth, torch.zeros(1, 2, 2), 0.0, exact_match=2.0),
+    torch.testing.assert_close(token_rewards(samples, truth, None, 0.0, exact_match=2.0),
                                torch.tensor([[[2.0, 2.0], [2.0, 0.0]]]))
 
 
-def test_token_rewards_hand_values():
+def test_match_rewards_hand_values():
     samples = torch.tensor([[[0, 1, 2], [0, 0, 0]]])  # [B=1, K=2, H=3]
     truth = torch.tensor([[0, 1, 1]])
     ref_prob = torch.tensor([[[0.5, 0.25, 0.1], [0.2, 0.2, 0.2]]])
     expected = torch.tensor([[[1.25, 1.125, 0.05], [1.1, 0.1, 0.1]]])
     torch.testing.assert_close(token_rewards(samples, truth, ref_prob, 0.5), expected)
+    # Any shape: the teacher-forced [N, K] draws are rewarded by the same function.
+    drawn = match_rewards(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.4, 0.2]]), 2.0, 0.5)
+    torch.testing.assert_close(drawn, torch.tensor([[2.2, 0.1]]))
 
 
 def test_group_advantages_population_std_and_floor():
@@ -133,32 +145,58 @@ def test_entropy_hand_values():
     assert entropy_of_log_probs(torch.zeros(2, 3, 4)).shape == (2, 3)
 
 
-def test_kl_to_reference_hand_values():
+def test_kl_divergence_hand_values():
     p = torch.tensor([0.5, 0.5]).log()
     q = torch.tensor([0.25, 0.75]).log()
     expected = 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)  # 0.143841
-    torch.testing.assert_close(kl_to_reference(p, q), torch.tensor(expected))
-    torch.testing.assert_close(kl_to_reference(q, q), torch.tensor(0.0))
+    torch.testing.assert_close(kl_divergence(p, q), torch.tensor(expected))
+    torch.testing.assert_close(kl_divergence(q, q), torch.tensor(0.0))
     point = torch.tensor([0.0, -math.inf])  # p = (1, 0): the 0 log 0 term is 0
-    torch.testing.assert_close(kl_to_reference(point, p), torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(kl_divergence(point, p), torch.tensor(math.log(2.0)))
+    assert kl_divergence(point.clone(), p.clone(), in_place=True).item() == pytest.approx(math.log(2.0))
     logits = torch.randn(3, 4, 5)
-    torch.testing.assert_close(kl_to_reference(F.log_softmax(logits, -1), F.log_softmax(logits, -1)),
+    torch.testing.assert_close(kl_divergence(F.log_softmax(logits, -1), F.log_softmax(logits, -1)),
                                torch.zeros(3, 4))
+
+
+def test_the_in_place_kl_equals_the_out_of_place_one_bit_for_bit():
+    logp = F.log_softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 4, -1)
+    logq = F.log_softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(1)), -1)
+    out_of_place = kl_divergence(logp, logq)
+    scratch = logp.clone()
+    assert torch.equal(kl_divergence(scratch, logq, scratch.exp(), in_place=True), out_of_place)
+    assert not torch.equal(scratch, logp), "in_place uses its input as scratch"
+
+
+def test_entropy_and_kl_are_the_means_of_the_per_position_terms():
+    logp = F.log_softmax(torch.randn(2, 3, 5, requires_grad=True), -1)
+    ref = F.log_softmax(torch.randn(2, 3, 5), -1)
+    ent, kl = entropy_and_kl(logp, ref)
+    torch.testing.assert_close(ent, entropy_of_log_probs(logp).mean())
+    torch.testing.assert_close(kl, kl_divergence(logp, ref).mean())
+    assert ent.requires_grad and kl.requires_grad  # both are loss terms of GRPO
+    assert entropy_and_kl(logp, None)[1] is None
+
+
+def test_grpo_loss_adds_the_kl_term_only_with_a_reference():
+    policy_loss, ent, kl = torch.tensor(0.5), torch.tensor(2.0), torch.tensor(0.25)
+    assert grpo_loss(policy_loss, ent, kl, 0.1, 2.0).item() == pytest.approx(0.5 - 0.2 + 0.5)
+    assert grpo_loss(policy_loss, ent, None, 0.1, 2.0).item() == pytest.approx(0.3)
 
 
 # --- KL weight schedule
 
 def test_adaptive_kl_controller_updates():
-    ctl = AdaptiveKLController(0.1, target=0.02, horizon_chars=1000)
+    ctl = AdaptiveKLController(0.1, target=0.02, horizon_tokens=1000)
     assert ctl.update(0.04, 500) == pytest.approx(0.1 * 1.1)  # error clipped to +0.2, half a horizon
     assert ctl.update(0.019, 1000) == pytest.approx(0.11 * 0.95)  # error -0.05, a full horizon
     assert ctl.update(0.0, 5000) == pytest.approx(0.1045 * 0.8)  # error -0.2, interval capped at 1 horizon
     before = ctl.value
     assert ctl.update(float("nan"), 1000) == before
-    restored = AdaptiveKLController(1.0, target=0.02, horizon_chars=1000)
+    restored = AdaptiveKLController(1.0, target=0.02, horizon_tokens=1000)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
-    capped = AdaptiveKLController(90.0, target=0.02, horizon_chars=1000, max_coef=100.0)
+    capped = AdaptiveKLController(90.0, target=0.02, horizon_tokens=1000, max_coef=100.0)
     assert capped.update(1.0, 1000) == 100.0  # 90 x 1.2 = 108, held at the cap
     assert capped.update(1.0, 1000) == 100.0
 

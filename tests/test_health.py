@@ -87,7 +87,7 @@ def fake_run(threshold: float):
 
     return SimpleNamespace(raw_model=None, corpus=SimpleNamespace(tokenizer=None), cfg=SimpleNamespace(
         run=SimpleNamespace(seed=0, sample_interval=10, degeneracy_warn=threshold)), info=SimpleNamespace(device="cpu", is_main=True),
-        state=SimpleNamespace(iteration=10, chars_seen=3200))
+        state=SimpleNamespace(iteration=10, tokens_seen=3200))
 
 
 @pytest.mark.parametrize("continuation, warns", [("eeeeeeeeeeeeeeeeeeee", True), ("Before we go", False)])
@@ -102,6 +102,6 @@ def test_text_samples_log_their_degeneracy_and_warn(monkeypatch, caplog, continu
         periodic.TextSamples(logger).after_step(fake_run(0.2), good=True)
     assert logger.texts == [("samples", repr("ROMEO:" + continuation), 10)]
     [(step, logged)] = logger.metrics
-    assert step == 10 and logged["chars_seen"] == 3200
+    assert step == 10 and logged["tokens_seen"] == 3200
     assert logged["sample_longest_run"] == (20 if warns else 1)
     assert ("DEGENERACY_WARN=0.2" in caplog.text) == warns

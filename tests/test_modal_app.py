@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from avatarl.config import config_fields
+from avatarl.config_sources import preset_settings
 from avatarl.launchers import modal as modal_app
 from avatarl.launchers import modal_prepare
 from avatarl.launchers.modal import (
@@ -88,11 +90,14 @@ def test_local_corpus_is_uploaded_to_the_data_volume(tmp_path: Path):
     assert on_volume.upload is None and on_volume.remote_settings["DATA_PATH"] == "/data/corpus/big.txt"
 
 
-def test_collect_settings_precedence_env_over_dotenv_over_cli(tmp_path: Path):
+def test_collect_settings_precedence_env_over_cli_over_dotenv_over_preset(tmp_path: Path):
     dotenv = tmp_path / ".env"
-    dotenv.write_text("N_LAYER=3\nGPU_TYPE=L4\nMODAL_DATA_VOLUME=corpora\n")
-    got = collect_settings(dotenv, cli={"N_LAYER": "2", "LR": "0.01"}, environ={"GPU_TYPE": "H100", "HOME": "/x"})
-    assert got == {"N_LAYER": "3", "GPU_TYPE": "H100", "MODAL_DATA_VOLUME": "corpora", "LR": "0.01"}
+    dotenv.write_text("N_LAYER=3\nGPU_TYPE=L4\nMODAL_DATA_VOLUME=corpora\nN_EMB=96\nWANDB_MODE=\n")
+    got = collect_settings(dotenv, cli={"N_LAYER": "2", "LR": "0.01"}, environ={"GPU_TYPE": "H100", "HOME": "/x"},
+                           preset="cpu-small")
+    cpu_small = {k: v for k, v in preset_settings("cpu-small").items() if k not in ("N_LAYER", "N_EMB", "LR")}
+    assert got == {**cpu_small, "N_LAYER": "2", "GPU_TYPE": "H100", "MODAL_DATA_VOLUME": "corpora", "LR": "0.01",
+                   "N_EMB": "96"}, "the process environment's HOME is no setting; an empty WANDB_MODE is unset"
 
 
 def test_in_modal_container():
@@ -448,3 +453,119 @@ def test_a_cluster_container_learns_its_node_from_modal_cluster(monkeypatch: pyt
     assert command == ["avatarl", "launch", "-m", "avatarl", "train"]
     assert (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"]) == ("2", "1", "10.1.0.5:29400")
     assert FakeVolume.commits == ["checkpoints", "data"]
+
+
+# ---------------------------------------------------------------- the image: AVATARL_IMAGE or docker/Dockerfile
+
+
+class FakeImage:
+    """modal.Image's two constructors that the launchers use, recording what they were asked for."""
+
+    made: list[tuple[str, tuple, dict]] = []
+
+    @classmethod
+    def from_registry(cls, *args: object, **kwargs: object) -> tuple[str, tuple, dict]:
+        cls.made.append(("registry", args, kwargs))
+        return cls.made[-1]
+
+    @classmethod
+    def from_dockerfile(cls, *args: object, **kwargs: object) -> tuple[str, tuple, dict]:
+        cls.made.append(("dockerfile", args, kwargs))
+        return cls.made[-1]
+
+
+@pytest.fixture
+def fake_image_modal(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    fake_modal = types.ModuleType("modal")
+    fake_modal.Image = FakeImage
+    fake_modal.Retries = lambda **kwargs: kwargs
+    monkeypatch.setattr(FakeImage, "made", [])
+    return fake_modal
+
+
+@pytest.mark.parametrize("value,pulled", [
+    ("ghcr.io/me/avatarl:0.1.0", True), ("me/avatarl:0.1.0", True),
+    ("registry.example.com:5000/ml/avatarl", True),
+    ("ghcr.io/me/avatarl@sha256:" + "a" * 64, True),
+    ("", False), ("avatarl:latest", False), ("avatarl:dev", False),
+])
+def test_avatarl_image_with_a_registry_is_pulled_else_modal_builds_the_dockerfile(
+        fake_image_modal: types.ModuleType, capsys: pytest.CaptureFixture[str], value: str, pulled: bool):
+    settings = {"AVATARL_IMAGE": value} if value else {}
+    train_plan = plan_modal_run(settings)
+    prepare_plan = modal_prepare.plan_modal_prepare(settings, PREPARE_OWT)
+    assert train_plan.image == prepare_plan.image == value
+    assert "AVATARL_IMAGE" not in train_plan.remote_settings, "not a setting of the trainer"
+    options = modal_app.function_options(fake_image_modal, 60, 1, "", {}, train_plan.image)
+    (kind, args, kwargs), = FakeImage.made
+    assert options["image"] == FakeImage.made[0] and options["include_source"] is False
+    said = capsys.readouterr().err
+    if pulled:
+        assert (kind, args, kwargs) == ("registry", (value,), {})
+        assert f"Modal image: {value} (AVATARL_IMAGE), pulled from its registry" in said
+    else:
+        assert kind == "dockerfile" and Path(args[0]) == REPO / "docker" / "Dockerfile"
+        assert Path(kwargs["context_dir"]) == REPO and "built by Modal" in said
+        # compose's own tag (what `make` exports by default) is no mistake; another local tag gets the hint
+        assert ("cannot pull" in said) == (value == "avatarl:dev")
+
+
+@pytest.mark.parametrize("value", ["ghcr.io/Me/avatarl:0.1", "avatarl latest", "ghcr.io/me/avatarl:",
+                                   "'x/y'"])
+def test_an_avatarl_image_that_is_no_image_reference_fails_the_plan(value: str):
+    from avatarl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"AVATARL_IMAGE=.* is not an image reference"):
+        plan_modal_run({"AVATARL_IMAGE": value})
+    with pytest.raises(ConfigError, match=r"AVATARL_IMAGE=.* is not an image reference"):
+        modal_prepare.plan_modal_prepare({"AVATARL_IMAGE": value}, PREPARE_OWT)
+
+
+def test_the_real_modal_app_pulls_avatarl_image(recorded_modal: dict[str, list],
+                                                monkeypatch: pytest.MonkeyPatch):
+    import modal
+
+    pulls = []
+    real = modal.Image.from_registry
+    monkeypatch.setattr(modal.Image, "from_registry",
+                        staticmethod(lambda *a, **k: pulls.append((a, k)) or real(*a, **k)))
+    plan = plan_modal_run({"GPU_TYPE": "H100", "AVATARL_IMAGE": "ghcr.io/me/avatarl:0.1"})
+    _, function = modal_app.build_app(plan)
+    assert isinstance(function, modal.Function)
+    assert pulls == [(("ghcr.io/me/avatarl:0.1",), {})]
+    assert "image" not in recorded_modal, "no Dockerfile build"
+    (_, options), = recorded_modal["function"]
+    assert isinstance(options["image"], modal.Image)
+
+
+# Settings the plan rewrites for the container: the Modal mounts, the GPU count, the hand-over.
+PLANNED = {"CHECKPOINT_DIR", "DATA_CACHE_DIR", "N_GPUS", "TRAINING_MODE", "DATA_PATH"}
+
+
+def test_the_modal_plan_forwards_every_setting_with_its_value(tmp_path: Path):
+    """Each setting travels to the container as set here (TOKENIZER was once dropped for holding "TOKEN"),
+    except the ones the plan rewrites for the container."""
+    numbers = {"N_GPUS": "2", "MAX_RESTARTS": "0", "MODAL_NODES": "1"}
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("".join(f"{name}={numbers.get(name, 'value-of-' + name)}\n" for name in config_fields())
+                      .replace("DATA_PATH=value-of-DATA_PATH", "DATA_PATH=/data/corpus.txt"))
+    plan = plan_modal_run(collect_settings(dotenv, environ={}))
+    remote = plan.remote_settings
+    assert {name: remote.get(name) for name in config_fields() if name not in PLANNED} == \
+        {name: numbers.get(name, f"value-of-{name}") for name in config_fields() if name not in PLANNED}
+    assert remote["TOKENIZER"] == "value-of-TOKENIZER" and remote["N_GPUS"] == "2"
+    assert (remote["CHECKPOINT_DIR"], remote["TRAINING_MODE"], remote["DATA_PATH"]) == \
+        ("/checkpoints", "generic", "/data/corpus.txt")
+
+
+def test_other_dotenv_variables_reach_the_container_and_their_secrets_travel_as_a_secret(tmp_path: Path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WANDB_ENTITY=my-team\nOMP_NUM_THREADS=4\nOPENAI_API_KEY=sk-1\nCUDA_VISIBLE_DEVICES=1\n"
+                      "TIKTOKEN_CACHE_DIR=/home/me/tiktoken\nWANDB_MODE=\nTOKENIZER=gpt2\nMODAL_WANDB_SECRET=wb\n")
+    plan = plan_modal_run(collect_settings(dotenv, environ={"WANDB_API_KEY": "wk-1", "PATH": "/usr/bin"}))
+    remote = plan.remote_settings
+    assert (remote["WANDB_ENTITY"], remote["OMP_NUM_THREADS"], remote["TOKENIZER"]) == ("my-team", "4", "gpt2")
+    assert not {"CUDA_VISIBLE_DEVICES", "TIKTOKEN_CACHE_DIR", "WANDB_MODE", "PATH", "OPENAI_API_KEY",
+                "WANDB_API_KEY", "MODAL_WANDB_SECRET"} & set(remote), "host paths, empty values, secrets"
+    assert plan.local_secrets == {"OPENAI_API_KEY": "sk-1", "WANDB_API_KEY": "wk-1"}
+    assert plan.named_secret == "wb" and "sk-1" not in repr(plan)

@@ -30,6 +30,7 @@ from avatarl.distributed import (
 )
 from avatarl.launchers.torchrun import given, rendezvous_args
 from tests.helpers import (
+    FAULTY,
     LAUNCH,
     LONG,
     REPO,
@@ -77,11 +78,11 @@ def reference_state(one_node: tuple[Job, dict[str, str]]) -> dict[str, Any]:
 
 
 def start_nodes(env: dict[str, str], cwd: Path, tag: str, nodes: int = 2, prefix: tuple[str, ...] = (),
-                **per_node: Any) -> list[Job]:
-    """`nodes` launchers forming one job at a fresh local endpoint, each run under `prefix`; `per_node`
-    values are lists by node."""
+                node: tuple[str, ...] = tuple(NODE), **per_node: Any) -> list[Job]:
+    """`nodes` launchers (`node`) forming one job at a fresh local endpoint, each run under `prefix`;
+    `per_node` values are lists by node."""
     common = {**env, "NNODES": str(nodes), "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
-    return [start([*prefix, *NODE], {**common, "NODE_RANK": str(rank),
+    return [start([*prefix, *node], {**common, "NODE_RANK": str(rank),
                                      **{k: str(v[rank]) for k, v in per_node.items()}}, cwd, f"{tag}{rank}")
             for rank in range(nodes)]
 
@@ -112,7 +113,7 @@ def test_two_nodes_train_one_world_bit_identical_to_one_node(tmp_path, corpus_pa
 @pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_resumes_and_matches(tmp_path, corpus_path, one_node):
     elastic_env = settings(tmp_path, corpus_path, "elastic", **EIGHT, MAX_RESTARTS=2, AVATARL_TEST_SLOW_WRITE=0.5)
-    nodes = start_nodes(elastic_env, tmp_path, "elastic")
+    nodes = start_nodes(elastic_env, tmp_path, "elastic", node=(*LAUNCH, *FAULTY))
     run_dir = Path(elastic_env["CHECKPOINT_DIR"])
     wait_for(lambda: (run_dir / "ckpt_00000004.pt").is_file(), nodes[0], what="checkpoint 4")
     worker = process_tree(nodes[1].proc.pid)[-1]  # node 1's one worker, while rank 0 writes `latest` slowly

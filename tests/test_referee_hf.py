@@ -1,8 +1,9 @@
 """AvataRL's referee from Hugging Face: a causal LM saved with save_pretrained (tiny GPT2Config, local BPE, no
 network) as REFEREE_PATH teaches a student on BPE tokens; a referee of another tokenizer is refused; padded
 vocabularies of different sizes line up; ACTION_SET=full equals top-k when TOP_K covers the vocabulary;
-REFEREE_QUANTIZE without CUDA is one line before any model is built; the referee's memory is computed; and
-the BPE section of scripts/gpu_check.sh runs end to end on a CPU (--cpu-dry-run)."""
+REFEREE_QUANTIZE without CUDA is one line before any model is built; REFEREE_PATH names one kind of referee;
+the referee's dtype follows one rule; the referee's memory is computed; and the BPE section of
+scripts/gpu_check.sh runs end to end on a CPU (--cpu-dry-run)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,26 @@ import pytest
 import torch
 
 import avatarl.model
-import avatarl.referee
+import avatarl.referee.hugging_face
 from avatarl.algorithms.avatarl import avatarl_loss
 from avatarl.checkpoint import load_checkpoint
 from avatarl.cli import main as avatarl_main
-from avatarl.config import Config, config_fields
-from avatarl.config_sections import AvatarlSettings
+from avatarl.config import Config, ConfigError, config_fields
+from avatarl.config_sections import AvatarlSettings, RefereeSettings
 from avatarl.config_sources import load_config
 from avatarl.data.prepared import TRAIN_BIN, token_dtype
-from avatarl.data.tokenizers import HFTokenizer, TiktokenTokenizer, tiktoken_from_rank_file
+from avatarl.data.tokenizers import (
+    HFTokenizer,
+    TiktokenTokenizer,
+    byte_level_alphabet,
+    tiktoken_from_rank_file,
+    tokenizer_difference,
+)
 from avatarl.model import GPT, PAD_LOGIT, GPTConfig
-from avatarl.referee import align_vocabulary, module_bytes, token_table_sha256
+from avatarl.periodic import COMPLETED
+from avatarl.referee import align_vocabulary, find_referee, module_bytes, referee_dtype
+from avatarl.referee.hugging_face import HuggingFaceHubLM, HuggingFaceLM
+from avatarl.referee.own import RefereeFile
 from avatarl.trainer import train
 from tests.helpers import REPO, TINY, TINY_RANKS, clean_env, metric_records, write_rank_file
 
@@ -37,7 +47,8 @@ BPE_RUN = {**TINY, "ALGORITHM": "avatarl", "TOTAL_ITERS": "30", "EVAL_INTERVAL":
            "LR": "3e-3", "WARMUP_ITERS": "2", "CHECKPOINT_INTERVAL": "30"}
 
 
-def run_in_process(settings: dict[str, str]) -> int:
+def run_in_process(settings: dict[str, str]) -> str:
+    """A training run in this process: how its loop ended (COMPLETED), or the AvatarlError it raised."""
     cfg, _ = load_config(settings, environ={})
     return train(cfg)
 
@@ -79,7 +90,7 @@ def test_avatarl_with_a_hugging_face_referee_lowers_val_bpb(tmp_path: Path, prep
     # REALITY_WEIGHT=0: the reward is the referee's opinion alone, so only a working referee can teach.
     settings = {**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CHECKPOINT_DIR": str(run_dir),
                 "REFEREE_PATH": str(hf_referee), "REALITY_WEIGHT": "0", "MENTOR_WEIGHT": "1"}
-    assert run_in_process(settings) == 0
+    assert run_in_process(settings) == COMPLETED
     curve = [r["val_bpb"] for r in metric_records(run_dir) if "val_bpb" in r]
     print(f"\n[referee] AvataRL, referee-only reward from a Hugging Face GPT-2: val_bpb {curve}")
     assert len(curve) == 3 and curve[-1] < curve[0] - 0.3
@@ -87,22 +98,24 @@ def test_avatarl_with_a_hugging_face_referee_lowers_val_bpb(tmp_path: Path, prep
     assert memory and memory[0] * 2**20 == module_bytes(transformers.AutoModelForCausalLM.from_pretrained(hf_referee))
     saved = load_checkpoint(run_dir / "ckpt_00000030.pt")["objective"]["referee"]
     assert saved["kind"] == "huggingface" and saved["source"] == str(hf_referee.resolve())
-    assert saved["sha256"] == avatarl.referee.directory_sha256(hf_referee) and saved["quantize"] == "none"
+    assert saved["sha256"] == avatarl.referee.hugging_face.directory_sha256(hf_referee) and saved["quantize"] == "none"
 
 
 def test_a_referee_with_another_tokenizer_is_refused_naming_both(tmp_path: Path, prepared_shakespeare: Path,
-                                                                  bpe_dir: Path, tiny_hf_dir: Path, capsys,
+                                                                  bpe_dir: Path, tiny_hf_dir: Path,
                                                                   monkeypatch):
     def no_weights(*args, **kwargs):
         raise AssertionError("the referee's weights were loaded before its tokenizer was checked")
 
-    monkeypatch.setattr(avatarl.referee, "load_frozen_causal_lm", no_weights)
+    monkeypatch.setattr(avatarl.referee.hugging_face, "load_frozen_causal_lm", no_weights)
     settings = {**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CHECKPOINT_DIR": str(tmp_path / "run"),
                 "REFEREE_PATH": str(tiny_hf_dir)}
-    assert run_in_process(settings) == 2
-    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, errors
-    assert "tokenizer mismatch" in errors[0] and str(tiny_hf_dir) in errors[0] and str(bpe_dir) in errors[0], errors
+    with pytest.raises(ConfigError) as refused:
+        run_in_process(settings)
+    assert refused.value.exit_code == 2 and len(refused.value.problems) == 1, refused.value.problems
+    problem = refused.value.problems[0]
+    assert "tokenizer mismatch" in problem and str(tiny_hf_dir) in problem and str(bpe_dir) in problem, problem
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_different_padded_vocabularies_line_up_and_padding_gets_nothing():
@@ -175,7 +188,7 @@ def test_student_and_referee_of_other_padded_sizes_train_and_the_checkpoint_name
     run_dir = tmp_path / "run"
     settings = {**TINY, "ALGORITHM": "avatarl", "DATA_PATH": str(corpus_path), "TOKENIZER": str(tiny_hf_dir),
                 "REFEREE_PATH": str(tiny_hf_dir), "CHECKPOINT_DIR": str(run_dir), "ACTION_SET": "full"}
-    assert run_in_process(settings) == 0
+    assert run_in_process(settings) == COMPLETED
     saved = load_checkpoint(run_dir / "ckpt_00000004.pt")
     shape = saved["model_config"]
     assert shape["vocab_size"] == -(-valid // 64) * 64 and shape["valid_vocab_size"] == valid
@@ -205,10 +218,36 @@ def test_tiktoken_and_a_byte_level_hf_tokenizer_with_one_table_are_one_tokenizer
     hf.save(str(tmp_path / "hub" / "tokenizer.json"))
     hf_tok = HFTokenizer(tmp_path / "hub" / "tokenizer.json", str(tmp_path / "hub"))
     assert hf_tok.size == tiktoken_tok.size == len(TINY_RANKS) + 1
-    assert token_table_sha256(hf_tok) == token_table_sha256(tiktoken_tok) == tiktoken_tok.identity.sha256
-    avatarl.referee.check_referee_tokenizer(hf_tok, tiktoken_tok, "hub")  # no error
+    assert hf_tok.table_sha256() == tiktoken_tok.table_sha256() == tiktoken_tok.identity.sha256
+    assert hf_tok.identity != tiktoken_tok.identity and tokenizer_difference(hf_tok, tiktoken_tok) is None
+    assert tokenizer_difference(hf_tok.identity, tiktoken_tok) is not None  # an identity alone has no table
     other = HFTokenizer(tiny_hf_dir / "tokenizer.json", str(tiny_hf_dir))
-    assert token_table_sha256(other) != token_table_sha256(tiktoken_tok)
+    assert other.table_sha256() != tiktoken_tok.table_sha256()
+    assert "tokenizer huggingface" in tokenizer_difference(other, tiktoken_tok)
+    assert {char: byte for byte, char in char_of.items()} == byte_level_alphabet()  # one table, both libraries
+    assert hf_tok.byte_pieces[:len(TINY_RANKS)] == list(TINY_RANKS) and hf_tok.byte_pieces[-1] is None
+
+
+def test_referee_path_names_one_kind_of_referee(tmp_path: Path, tiny_hf_dir: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "referee.pt").write_bytes(b"")
+    settings = RefereeSettings(referee_revision="main")
+    assert isinstance(find_referee(settings, empty / "referee.pt"), RefereeFile)
+    local = find_referee(settings, tiny_hf_dir)
+    assert type(local) is HuggingFaceLM and local.source == str(tiny_hf_dir.resolve()) and local.quantizable
+    hub = find_referee(RefereeSettings(referee_path="openai-community/gpt2"), Path("openai-community/gpt2"))
+    assert isinstance(hub, HuggingFaceHubLM) and hub.identity()["kind"] == "huggingface-hub"
+    assert hub.identity()["sha256"] == "" and hub.identity()["quantize"] == "none"
+    with pytest.raises(ConfigError, match="directory without config.json"):
+        find_referee(RefereeSettings(referee_path=str(empty)), empty)
+    with pytest.raises(ConfigError, match="no referee there"):
+        find_referee(RefereeSettings(referee_path=str(empty / "gone.pt")), empty / "gone.pt")
+
+
+def test_the_referee_dtype_is_bf16_only_under_bf16_autocast():
+    assert referee_dtype(torch.bfloat16) == torch.bfloat16
+    assert referee_dtype(torch.float16) == referee_dtype(None) == torch.float32
 
 
 def test_referee_memory_is_its_parameters_and_buffers_once(tiny_hf_dir: Path):

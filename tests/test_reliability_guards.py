@@ -58,10 +58,12 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(finished_run, tmp_p
     ckpt(run_dir, 4).write_bytes(raw[: len(raw) // 2])  # truncated, as by a full disk without atomic writes
     resumed = run(TRAIN, env, tmp_path)
     assert resumed.proc.returncode == 0, resumed.stdout + resumed.stderr
-    assert "Skipping checkpoint ckpt_00000004.pt" in resumed.stderr and "corrupted or truncated" in resumed.stderr
+    assert "Skipping checkpoint ckpt_00000004.pt" in resumed.stderr
+    assert "corrupted or truncated" in resumed.stderr
     assert "ckpt_00000003.pt at iteration 3" in resumed.stdout
     assert (run_dir / "ckpt_00000004.pt.abandoned").is_file(), "the bad file is set aside, not deleted"
-    assert_identical(original["model"], load_checkpoint(ckpt(run_dir, 4))["model"])  # iteration 4 redone exactly
+    redone = load_checkpoint(ckpt(run_dir, 4))
+    assert_identical(original["model"], redone["model"])  # iteration 4 redone exactly
 
     raw = bytearray(ckpt(run_dir, 4).read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one flipped bit in the payload
@@ -91,12 +93,14 @@ def test_changed_model_shape_is_refused_listing_the_differences(finished_run, tm
     env, run_dir = copy_of(finished_run, tmp_path, corpus_path)
     other_text = tmp_path / "other.txt"  # one more symbol: a different vocabulary
     other_text.write_text(corpus_path.read_text(encoding="utf-8") + "\u00e9", encoding="utf-8")
-    refused = run(TRAIN, {**env, "N_EMB": "64", "N_LAYER": "2", "TOTAL_ITERS": "6", "DATA_PATH": str(other_text)},
-                  tmp_path)
+    changed = {"N_EMB": "64", "N_LAYER": "2", "TOTAL_ITERS": "6", "DATA_PATH": str(other_text)}
+    refused = run(TRAIN, {**env, **changed}, tmp_path)
     assert refused.proc.returncode == 2
-    assert "N_EMB: checkpoint 32, now 64" in refused.stdout and "N_LAYER: checkpoint 1, now 2" in refused.stdout
-    assert "vocabulary: checkpoint and now differ, 65 vs 66 symbols (DATA_PATH, TOKENIZER)" in refused.stdout
-    assert "TOTAL_ITERS" not in refused.stdout.split("the settings differ")[1], "harmless settings are not listed"
+    assert "N_EMB: checkpoint 32, now 64" in refused.stderr
+    assert "N_LAYER: checkpoint 1, now 2" in refused.stderr
+    assert "vocabulary: checkpoint and now differ, 65 vs 66 symbols (DATA_PATH, TOKENIZER)" in refused.stderr
+    differences = refused.stderr.split("the settings differ")[1]
+    assert "TOTAL_ITERS" not in differences, "harmless settings are not listed"
     assert "Traceback" not in refused.stderr
     assert newest_state(run_dir)["iteration"] == 4
 
@@ -129,7 +133,7 @@ def test_malicious_pickle_is_refused_and_never_executed(finished_run, tmp_path, 
             load_checkpoint(path)
     refused = run(TRAIN, {**env, "TOTAL_ITERS": "6"}, tmp_path)  # RESUME=auto picks the planted file
     assert refused.proc.returncode == 2
-    assert f"Refusing to load {ckpt(run_dir, 9)}" in refused.stdout and "resumed from" not in refused.stdout
+    assert f"Refusing to load {ckpt(run_dir, 9)}" in refused.stderr and "resumed from" not in refused.stdout
     sample = run_cli(["sample", "--checkpoint", str(ckpt(run_dir, 9))], tmp_path, timeout=120,
                      CHECKPOINT_DIR=str(run_dir))
     assert sample.returncode == 2 and "Refusing to load" in sample.stderr
@@ -139,7 +143,8 @@ def test_malicious_pickle_is_refused_and_never_executed(finished_run, tmp_path, 
 def test_resume_never_refuses_an_existing_run_unless_overwrite(finished_run, tmp_path, corpus_path):
     env, run_dir = copy_of(finished_run, tmp_path, corpus_path)
     refused = run(TRAIN, {**env, "RESUME": "never"}, tmp_path)
-    assert refused.proc.returncode == 2 and "RESUME=never but" in refused.stdout and "OVERWRITE=true" in refused.stdout
+    assert refused.proc.returncode == 2
+    assert "RESUME=never but" in refused.stderr and "OVERWRITE=true" in refused.stderr
     fresh = run(TRAIN, {**env, "RESUME": "never", "OVERWRITE": "true", "TOTAL_ITERS": "1"}, tmp_path)
     assert fresh.proc.returncode == 0 and "resumed from" not in fresh.stdout
     assert sorted(p.name for p in run_dir.glob("ckpt_*")) == ["ckpt_00000001.pt"]
@@ -160,12 +165,13 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_out_of_disk_while_saving_is_reported_and_the_previous_checkpoint_survives(tmp_path, corpus_path, tiny_disk):
+def test_out_of_disk_while_saving_is_reported_and_the_previous_checkpoint_survives(tmp_path, corpus_path,
+                                                                                   tiny_disk):
     env = {**settings(tmp_path, corpus_path, TOTAL_ITERS=4), "CHECKPOINT_DIR": str(tiny_disk)}
     full = run(TRAIN, env, tmp_path)
     assert full.proc.returncode == 2, full.stdout + full.stderr
-    assert f"Out of disk space writing {tiny_disk}/ckpt_00000004.pt" in full.stdout
-    assert "The newest valid checkpoint, ckpt_00000002.pt, is intact" in full.stdout
+    assert f"error: Out of disk space writing {tiny_disk}/ckpt_00000004.pt" in full.stderr
+    assert "The newest valid checkpoint, ckpt_00000002.pt, is intact" in full.stderr
     assert "Traceback" not in full.stderr
     assert load_checkpoint(ckpt(tiny_disk, 2))["iteration"] == 2
     assert sorted(p.name for p in tiny_disk.iterdir() if p.name.endswith(".tmp")) == []

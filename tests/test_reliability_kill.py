@@ -1,6 +1,7 @@
 """SIGKILL at random moments during checkpoint writes: every time, a loadable checkpoint remains and
-RESUME=auto continues. Writes are slowed down by the AVATARL_TEST_SLOW_WRITE hook (the file is written
-in chunks with sleeps in between, and so is the `latest` pointer), so a kill lands inside a write."""
+RESUME=auto continues. The victims' writes are slowed down by AVATARL_TEST_SLOW_WRITE of tests/fault_entry.py
+(the file is written in chunks with sleeps in between, and so is the `latest` pointer), so a kill lands
+inside a write."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from avatarl.checkpoint import TEMP_PATTERN, list_checkpoints, verify
-from tests.helpers import TRAIN, newest_state, run, settings, start, wait_for
+from tests.helpers import FAULTY_TRAIN, TRAIN, newest_state, run, settings, start, wait_for
 
 pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
@@ -26,7 +27,7 @@ TOTAL = 40
 @dataclass
 class Tally:
     kills: int = 0
-    resumed: int = 0         # starts after a kill that printed "resumed from" (the next victim, or the final run)
+    resumed: int = 0         # starts after a kill that printed "resumed from" (next victim, final run)
     mid_checkpoint: int = 0  # the checkpoint's temporary file was being written when the kill landed
     mid_pointer: int = 0     # the checkpoint was complete, its `latest` pointer was being written
     iterations: list[int] = field(default_factory=list)
@@ -42,7 +43,7 @@ def kill_rounds(env: dict[str, str], cwd: Path, seed: int) -> Tally:
     assert seeded.proc.returncode == 0, seeded.stderr
     for round_ in range(KILLS_PER_DIR):
         before = temp_files(run_dir)
-        job = start(TRAIN, {**env, "AVATARL_TEST_SLOW_WRITE": str(SLOW)}, cwd, "victim")
+        job = start(FAULTY_TRAIN, {**env, "AVATARL_TEST_SLOW_WRITE": str(SLOW)}, cwd, "victim")
         wait_for(lambda: temp_files(run_dir) - before, job, what="a checkpoint write")  # noqa: B023
         time.sleep(rng.uniform(0.0, 1.5 * SLOW))  # 2/3 inside the checkpoint file, 1/3 inside the pointer
         writing = {name.split(".")[1] for name in temp_files(run_dir) - before}
@@ -65,16 +66,17 @@ def kill_rounds(env: dict[str, str], cwd: Path, seed: int) -> Tally:
 
 
 def test_sigkill_during_checkpoint_writes_always_leaves_a_resumable_run(tmp_path, corpus_path):
-    envs = [settings(tmp_path, corpus_path, f"run{i}", TOTAL_ITERS=TOTAL, CHECKPOINT_INTERVAL=1, LOG_INTERVAL=1,
-                     EVAL_INTERVAL=100) for i in range(DIRS)]
+    envs = [settings(tmp_path, corpus_path, f"run{i}", TOTAL_ITERS=TOTAL, CHECKPOINT_INTERVAL=1,
+                     LOG_INTERVAL=1, EVAL_INTERVAL=100) for i in range(DIRS)]
     with ThreadPoolExecutor(DIRS) as pool:
         tallies = list(pool.map(kill_rounds, envs, [tmp_path] * DIRS, range(DIRS)))
     kills = sum(t.kills for t in tallies)
     resumed = sum(t.resumed for t in tallies)
     mid_checkpoint = sum(t.mid_checkpoint for t in tallies)
     mid_pointer = sum(t.mid_pointer for t in tallies)
-    print(f"\n[reliability] SIGKILLs during checkpoint writes: {kills} tried ({mid_checkpoint} inside a checkpoint "
-          f"file, {mid_pointer} inside the latest pointer); resumes that succeeded: {resumed}/{kills}; "
+    print(f"\n[reliability] SIGKILLs during checkpoint writes: {kills} tried ({mid_checkpoint} inside a "
+          f"checkpoint file, {mid_pointer} inside the latest pointer); resumes that succeeded: "
+          f"{resumed}/{kills}; "
           f"iterations after each kill: {[t.iterations for t in tallies]}")
     assert kills >= 20 and resumed == kills  # each victim but the first resumed, then the final run did
     assert mid_checkpoint >= 5, "most kills must land inside a checkpoint file write"

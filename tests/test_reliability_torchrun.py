@@ -35,4 +35,4 @@ def test_sigterm_to_one_worker_stops_every_rank_at_one_step(tmp_path, corpus_pat
     os.kill(worker_with_rank(job.proc.pid, 1), signal.SIGTERM)
     assert job.wait() == 0, job.stdout + job.stderr
     stopped_at(job.stdout, run_dir)
-    assert job.stderr.count("Received SIGTERM") == 1, "only rank 1 got the signal; rank 0 followed the all-reduce"
+    assert job.stderr.count("Received SIGTERM") == 1, "rank 1 alone got it; rank 0 followed the all-reduce"

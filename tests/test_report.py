@@ -13,7 +13,7 @@ import pytest
 
 from avatarl import exit_codes
 from avatarl.cli import main as avatarl_main
-from avatarl.report import PANELS, report_run
+from avatarl.report import PANELS, X_KEY, load_records, report_run
 from tests.helpers import metric_records, run_cli
 
 pytest.importorskip("matplotlib")
@@ -33,7 +33,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def logged_panels(records: list[dict]) -> list[str]:
     return [panel.name for panel in PANELS
-            if any(key in record and "chars_seen" in record for record in records for key in panel.keys)]
+            if any(key in record and X_KEY in record for record in records for key in panel.keys)]
 
 
 def write_lines(path: Path, records: list[dict]) -> None:
@@ -55,6 +55,7 @@ def test_report_of_a_tiny_grpo_run(tiny_env, tmp_path, corpus_path):
     assert width >= 1000 and height >= 600
     assert drawn.panels == logged_panels(records) == PANEL_NAMES_OF_A_TINY_GRPO_RUN
     assert drawn.baselines == "rebuilt from ckpt_00000004.pt", "a char run whose corpus is here gets its lines"
+    assert drawn.unit == "character"  # its axes say "characters seen", its throughput characters/s
     counted = drawn.lines
     assert counted is not None and list(counted) == ["uniform", "unigram", "bigram", "trigram", "4-gram"]
     assert counted["unigram"]["acc"] < counted["4-gram"]["acc"] and counted["4-gram"]["ce"] < counted["unigram"]["ce"]
@@ -63,20 +64,29 @@ def test_report_of_a_tiny_grpo_run(tiny_env, tmp_path, corpus_path):
 
 def test_report_draws_only_what_was_logged(tmp_path):
     write_lines(tmp_path / "metrics.jsonl", [
-        {"iter": 0, "val_ce": 4.17, "chars_seen": 0},
-        {"iter": 2, "chars_per_s": 900.0, "chars_seen": 640},
-        {"iter": 2, "val_ce": 3.9, "val_acc": 0.12, "chars_seen": 640},
-        {"iter": 2, "entropy": 4.1},  # no chars_seen: nothing to place it at
+        {"iter": 0, "val_ce": 4.17, "tokens_seen": 0},
+        {"iter": 2, "tokens_per_s": 900.0, "tokens_seen": 640},
+        {"iter": 2, "val_ce": 3.9, "val_acc": 0.12, "tokens_seen": 640},
+        {"iter": 2, "entropy": 4.1},  # no tokens_seen: nothing to place it at
     ])
     drawn = report_run(tmp_path, out=tmp_path / "elsewhere.png")
     assert drawn.panels == ["val_ce", "val_acc", "throughput"]
     assert drawn.baselines == "none, no checkpoint holds the run's config" and drawn.lines is None
+    assert drawn.unit == "token"  # no checkpoint says the tokenizer: tokens, which a character also is
     assert png_size(tmp_path / "elsewhere.png")[0] > 0 and not (tmp_path / "report.png").exists()
     assert report_run(tmp_path, rebuild_baselines=False).panels == drawn.panels
 
 
+def test_metrics_logged_under_the_older_names_are_drawn_too(tmp_path):
+    write_lines(tmp_path / "metrics.jsonl", [{"iter": 0, "val_ce": 4.17, "chars_seen": 0},
+                                             {"iter": 2, "chars_per_s": 900.0, "chars_seen": 640}])
+    assert load_records(tmp_path) == [{"iter": 0, "val_ce": 4.17, "tokens_seen": 0},
+                                      {"iter": 2, "tokens_per_s": 900.0, "tokens_seen": 640}]
+    assert report_run(tmp_path, rebuild_baselines=False).panels == ["val_ce", "throughput"]
+
+
 def test_no_baselines_without_a_checkpoint_to_rebuild_them_from(tmp_path, capsys):
-    write_lines(tmp_path / "metrics.jsonl", [{"iter": 2, "kl": 0.5, "kl_coef": 1.0, "chars_seen": 640}])
+    write_lines(tmp_path / "metrics.jsonl", [{"iter": 2, "kl": 0.5, "kl_coef": 1.0, "tokens_seen": 640}])
     assert avatarl_main(["report", str(tmp_path)]) == exit_codes.OK
     out = capsys.readouterr().out
     assert out.strip() == (f"[avatarl] {tmp_path / 'report.png'}: kl "
@@ -100,7 +110,7 @@ def test_a_missing_run_dir_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_missing_matplotlib_is_one_line_naming_the_command_and_the_install(tmp_path, capsys, monkeypatch):
-    write_lines(tmp_path / "metrics.jsonl", [{"iter": 2, "kl": 0.5, "chars_seen": 640}])
+    write_lines(tmp_path / "metrics.jsonl", [{"iter": 2, "kl": 0.5, "tokens_seen": 640}])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert avatarl_main(["report", str(tmp_path), "--no-baselines"]) == exit_codes.CONFIG
     err = capsys.readouterr().err

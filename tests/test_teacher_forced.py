@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from avatarl.algorithms.grpo import group_advantages, reward_metrics
+from avatarl.algorithms.grpo import match_rewards, reward_metrics
 from avatarl.algorithms.reference import NgramReference
-from avatarl.algorithms.teacher_forced import position_rewards, sample_actions, teacher_forced_micro_step
+from avatarl.algorithms.teacher_forced import sample_actions, std_advantages, teacher_forced_micro_step
 from avatarl.config import Config, ConfigError
 from avatarl.config_sections import GRPOSettings
 from avatarl.config_sources import load_config, preset_values
 from avatarl.objectives import grpo_needs_reference, window_len
+from avatarl.periodic import COMPLETED
 from avatarl.trainer import train
 from tests.helpers import metric_records
 
@@ -55,8 +56,8 @@ def test_per_position_group_advantages_match_a_loop():
     actions = torch.randint(0, V, (7, s.k_samples), generator=gen)
     truth = torch.randint(0, V, (7,), generator=gen)
     credit = torch.rand(7, s.k_samples, generator=gen)
-    rewards = position_rewards(actions, truth, credit, s)
-    got = group_advantages(rewards[..., None], s.min_variance)[..., 0]
+    rewards = match_rewards((actions == truth[:, None]).float(), credit, s.exact_match_reward, s.partial_credit)
+    got = std_advantages(rewards, s)
     want = loop_advantages(actions.tolist(), truth.tolist(), credit.tolist(), s)
     assert got.flatten().tolist() == pytest.approx([a for row in want for a in row], abs=1e-6)
     assert (got.sum(1).abs() < 1e-5).all()  # each position's group is centred on its own mean
@@ -144,6 +145,6 @@ def test_exact_match_reward_teaches_accuracy(tmp_path, tiny_env):
                "PARTIAL_CREDIT": "0", "EXACT_MATCH_REWARD": reward, "LR": "3e-3", "TOTAL_ITERS": "60",
                "EVAL_INTERVAL": "60", "SAVE_INTERMEDIATE_CHECKPOINTS": "false"}
         cfg, _ = load_config(environ=env)
-        assert train(cfg) == 0
+        assert train(cfg) == COMPLETED
         accuracy[name] = [r["val_acc"] for r in metric_records(tmp_path / name) if "val_acc" in r][-1]
     assert accuracy["on"] > accuracy["off"] + 0.1, accuracy

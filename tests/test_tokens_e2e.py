@@ -18,6 +18,7 @@ from avatarl.checkpoint import load_checkpoint
 from avatarl.config_sources import load_config
 from avatarl.data.prepared import META, TRAIN_BIN, VAL_BIN
 from avatarl.generate import sample_from_checkpoint
+from avatarl.periodic import COMPLETED
 from avatarl.referee import export_referee
 from avatarl.trainer import train
 from tests.helpers import TINY, TORCHRUN, TRAIN, check_equivalence, clean_env, metric_records, start, wait_for
@@ -32,14 +33,15 @@ def bpb_curve(run_dir: Path) -> list[float]:
     return [r["val_bpb"] for r in metric_records(run_dir) if "val_bpb" in r]
 
 
-def run_in_process(settings: dict[str, str], role: str = "student") -> int:
+def run_in_process(settings: dict[str, str], role: str = "student") -> str:
     cfg, _ = load_config(settings, environ={})
     return train(cfg, role=role)
 
 
 def test_grpo_on_bpe_tokens_lowers_bits_per_byte(tmp_path: Path, prepared_shakespeare: Path):
     run_dir = tmp_path / "grpo"
-    assert run_in_process({**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CHECKPOINT_DIR": str(run_dir)}) == 0
+    settings = {**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CHECKPOINT_DIR": str(run_dir)}
+    assert run_in_process(settings) == COMPLETED
     curve = bpb_curve(run_dir)
     print(f"\n[tokens] GRPO on a 512-id BPE: val_bpb {curve}")
     assert len(curve) == 3 and curve[-1] < curve[0] - 0.3
@@ -53,10 +55,10 @@ def test_avatarl_on_bpe_tokens_lowers_bits_per_byte(tmp_path: Path, prepared_sha
     base = {**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CHECKPOINT_DIR": str(tmp_path / "run"),
             "TOTAL_ITERS": "40", "REFEREE_ITERS": "40"}
     cfg, _ = load_config({**base, "TOTAL_ITERS": base["REFEREE_ITERS"]}, environ={})
-    assert train(cfg, role="referee") == 0
+    assert train(cfg, role="referee") == COMPLETED
     referee = export_referee(cfg)
     assert load_checkpoint(referee)["tokenizer"]["kind"] == "huggingface"
-    assert run_in_process({**base, "ALGORITHM": "avatarl"}) == 0
+    assert run_in_process({**base, "ALGORITHM": "avatarl"}) == COMPLETED
     curve = bpb_curve(tmp_path / "run")
     print(f"\n[tokens] AvataRL on a 512-id BPE: val_bpb {curve}")
     assert len(curve) == 3 and curve[-1] < curve[0] - 0.3
@@ -65,12 +67,12 @@ def test_avatarl_on_bpe_tokens_lowers_bits_per_byte(tmp_path: Path, prepared_sha
 def test_a_1024_token_context_runs_grpo_rollouts_and_avatarl(tmp_path: Path, prepared_shakespeare: Path):
     long = {**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CONTEXT_LEN": "1024", "BATCH": "4",
             "MICRO_BATCH": "2", "TOTAL_ITERS": "2", "EVAL_INTERVAL": "2", "EVAL_WINDOWS": "4", "LOG_INTERVAL": "1"}
-    assert run_in_process({**long, "CHECKPOINT_DIR": str(tmp_path / "grpo")}) == 0
+    assert run_in_process({**long, "CHECKPOINT_DIR": str(tmp_path / "grpo")}) == COMPLETED
     grpo = [r for r in metric_records(tmp_path / "grpo") if "exact_match" in r]
     assert len(grpo) == 2 and all(np.isfinite(r["loss"]) for r in grpo)
     cfg, _ = load_config({**long, "CHECKPOINT_DIR": str(tmp_path / "av")}, environ={})
-    assert train(cfg, role="referee") == 0 and export_referee(cfg).is_file()
-    assert run_in_process({**long, "CHECKPOINT_DIR": str(tmp_path / "av"), "ALGORITHM": "avatarl"}) == 0
+    assert train(cfg, role="referee") == COMPLETED and export_referee(cfg).is_file()
+    assert run_in_process({**long, "CHECKPOINT_DIR": str(tmp_path / "av"), "ALGORITHM": "avatarl"}) == COMPLETED
     saved = load_checkpoint(tmp_path / "av" / "ckpt_00000002.pt")
     assert saved["model_config"]["block_size"] == 1024 + 4 and saved["config"]["context_len"] == 1024
 
@@ -175,7 +177,7 @@ def test_resuming_or_sampling_with_another_tokenizer_is_refused(tmp_path: Path, 
     other = write_rank_file(tmp_path / "other.tiktoken")
     resumed = run_cli(["train"], tmp_path, **{**run, "TOKENIZER": str(other), "TOTAL_ITERS": "4"})
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
-    assert "tokenizer huggingface" in resumed.stdout and "vs tiktoken" in resumed.stdout
+    assert "tokenizer huggingface" in resumed.stderr and "vs tiktoken" in resumed.stderr
     changed = (bpe_dir / "tokenizer.json").read_text().replace('"<|endoftext|>"', '"<|end|>"')
     (tok / "tokenizer.json").write_text(changed)  # the file the checkpoint names now holds another tokenizer
     sampled = run_cli(["sample", "--checkpoint", "latest", "--prompt", "ROMEO:"], tmp_path,

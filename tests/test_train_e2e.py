@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint
+from avatarl.checkpoint import find_resume_checkpoint, load_checkpoint, write_checkpoint_file
 from tests.helpers import REPO, clean_env, run_cli
 
 pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
@@ -32,9 +32,9 @@ def test_train_writes_checkpoints_metrics_and_samples(tiny_env, tmp_path):
     train_lines = [r for r in logged if "reward_mean" in r]
     assert [r["iter"] for r in train_lines] == [2, 4]
     expected = {"reward_mean", "reward_std", "exact_match", "policy_loss", "kl", "kl_coef", "entropy", "ratio_mean",
-                "ratio_max", "clip_frac", "grad_norm", "lr", "chars_seen", "chars_per_s"}
+                "ratio_max", "clip_frac", "grad_norm", "lr", "tokens_seen", "tokens_per_s"}
     assert expected <= set(train_lines[0])
-    assert all(r["chars_per_s"] > 0 and r["chars_seen"] == r["iter"] * 16 * 20 for r in train_lines)
+    assert all(r["tokens_per_s"] > 0 and r["tokens_seen"] == r["iter"] * 16 * 20 for r in train_lines)
     assert [i for i, _ in val_curve(run_dir)] == [0, 2, 4]
     assert "samples @ iter 4" in result.stderr
 
@@ -51,6 +51,23 @@ def test_resume_continues_at_the_next_iteration(tiny_env, tmp_path):
     assert saved["iteration"] == 6
     steps = {int(s["step"]) for s in saved["optimizer"]["state"].values()}
     assert steps == {6}, "AdamW state must continue from the checkpoint, not restart"
+
+
+def test_a_checkpoint_written_before_tokens_were_the_unit_resumes(tiny_env, tmp_path):
+    """Older checkpoints count chars_seen and hold no objective rank state: they resume, counting on."""
+    assert run_cli(["train"], tmp_path, **tiny_env).returncode == 0
+    run_dir = Path(tiny_env["CHECKPOINT_DIR"])
+    path = run_dir / "ckpt_00000004.pt"
+    saved = load_checkpoint(path)
+    saved["chars_seen"] = saved.pop("tokens_seen")
+    for rank_state in saved["rank_states"]:
+        del rank_state["objective"]
+    write_checkpoint_file(path, saved)
+    result = run_cli(["train"], tmp_path, **{**tiny_env, "TOTAL_ITERS": "6"})
+    assert result.returncode == 0, result.stderr
+    assert "at iteration 4 (1280 tokens seen)" in result.stdout
+    resumed = load_checkpoint(run_dir / "ckpt_00000006.pt")
+    assert resumed["tokens_seen"] == 6 * 16 * 20 and "chars_seen" not in resumed
 
 
 def test_torchrun_two_ranks_on_cpu(tiny_env, tmp_path):

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatarl.algorithms.entropy import entropy_of_log_probs
+from avatarl.algorithms.entropy import entropy_of_log_probs, kl_divergence
+from avatarl.config_schema import ActionSet
 from avatarl.config_sections import AvatarlSettings
 
 # Ties with the mean (e.g. a uniform ideal) must not count as "above" because of rounding.
@@ -162,7 +163,7 @@ def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor
     """
     with torch.no_grad():
         ref = referee_logits.detach().float()
-        if settings.action_set == "full":
+        if settings.action_set == ActionSet.FULL:
             actions, mask = full_action_set(targets.numel(), student_logits.size(-1), valid_vocab,
                                             student_logits.device)
         else:
@@ -224,8 +225,8 @@ def _metrics(actions: Tensor, mask: Tensor, targets: Tensor, rewards: Tensor) ->
 def kl_and_entropy(student_logits: Tensor, referee_logits: Tensor,
                    max_chunk_elements: int = KL_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """KL(student || referee) = sum_v p_v (log p_v - log q_v) over the full vocabulary, and the student's
-    entropy -sum_v p_v log p_v, each the mean over the positions of [N, V] logits, in nats: how far the
-    student is from its reference (GRPO's `kl`) and how spread its policy is.
+    entropy -sum_v p_v log p_v (entropy.py), each the mean over the positions of [N, V] logits, in nats:
+    how far the student is from its reference (GRPO's `kl`) and how spread its policy is.
 
     Health metrics, so no gradient; the rows go through in chunks of at most max_chunk_elements logits
     (at least one row), so the fp32 temporaries stay a few chunks in size instead of several [N, V]
@@ -239,15 +240,15 @@ def kl_and_entropy(student_logits: Tensor, referee_logits: Tensor,
         logq = F.log_softmax(referee_logits[start:start + step].float(), dim=-1)
         p = logp.exp()
         per_row[1, start:start + step] = entropy_of_log_probs(logp, p)
-        # grpo.kl_to_reference's formula, in place: its temporaries raise this metric's extra peak RSS
-        # from 517 to 678 MiB at N=2048, V=50,257.
-        per_row[0, start:start + step] = p.mul_(logp.sub_(logq)).sum(-1)
+        # In place (logp and p are consumed): the out-of-place temporaries raised this metric's extra peak
+        # RSS from 517 to 678 MiB at N=2048, V=50,257.
+        per_row[0, start:start + step] = kl_divergence(logp, logq, p, in_place=True)
     kl, student_entropy = per_row.mean(-1)
     return kl, student_entropy
 
 
 def referee_loss(referee_logits: Tensor, y: Tensor) -> Tensor:
-    """Next-character cross-entropy, mean over positions: -mean log softmax(logits)[y].
+    """Next-token cross-entropy, mean over positions: -mean log softmax(logits)[y].
 
     The ONLY supervised loss of the product. `avatarl train-referee` uses it to train the
     referee; it is never applied to the student.

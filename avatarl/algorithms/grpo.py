@@ -1,15 +1,16 @@
-"""Group Relative Policy Optimisation (GRPO) for a char-level student, as in the seed.
+"""Group Relative Policy Optimisation (GRPO) with autoregressive rollouts, as in the seed.
 
-Per micro-batch of B contexts of C chars with their true continuations of H chars:
+Per micro-batch of B contexts of C tokens with their true continuations of H tokens:
 
-1. the frozen old policy samples K continuations of H chars per context at temperature T;
-2. each generated char earns r = 1[char == true char] + partial_credit * p_ref(char | preceding chars);
+1. the frozen old policy samples K continuations of H tokens per context at temperature T;
+2. each generated token earns r = 1[token == true token] + partial_credit * p_ref(token | preceding tokens);
 3. advantages normalise r within each group of K samples, separately at every horizon position;
-4. the student's tempered log-probs of the sampled chars enter PPO's clipped surrogate;
-5. the loss adds -entropy_coef * entropy and +kl_coef * KL(student || reference).
+4. the student's tempered log-probs of the sampled tokens enter PPO's clipped surrogate;
+5. the loss adds -entropy_coef * entropy and +kl_coef * KL(student || reference) (`grpo_loss`).
 
 No cross-entropy against the data ever reaches the student: the true text only enters through
-the exact-match reward. Shapes: B contexts, K samples each, C context chars, H horizon chars, V vocab.
+the exact-match reward. Shapes: B contexts, K samples each, C context tokens, H horizon tokens, V vocab.
+The rewards, advantages, loss and metrics here are shared with teacher-forced GRPO (teacher_forced.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatarl.algorithms.entropy import entropy_of_log_probs
+from avatarl.algorithms.entropy import entropy_and_kl
 from avatarl.config_sections import GRPOSettings
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
@@ -37,12 +38,13 @@ class KLReference(CreditReference, Protocol):
 
 @dataclass
 class Rollout:
-    samples: Tensor   # [B, K, H] int64, sampled chars
+    samples: Tensor   # [B, K, H] int64, sampled tokens
     old_logp: Tensor  # [B, K, H] float32, log-prob of each under the tempered old policy
 
 
 def repeat_cache_rows(cache: KVCache, repeats: int) -> None:
-    """Row b of the cache becomes rows b*repeats .. b*repeats + repeats - 1 (keys/values are [L, B, T, H, D])."""
+    """Row b of the cache becomes rows b*repeats .. b*repeats + repeats - 1 (keys/values are
+    [L, B, T, H, D])."""
     cache.k = cache.k.repeat_interleave(repeats, dim=1)
     cache.v = cache.v.repeat_interleave(repeats, dim=1)
     cache.batch_size *= repeats
@@ -50,7 +52,7 @@ def repeat_cache_rows(cache: KVCache, repeats: int) -> None:
 
 def draw_tempered(logits: Tensor, temperature: float, generator: torch.Generator | None = None
                   ) -> tuple[Tensor, Tensor]:
-    """One char per row from pi_T = softmax(logits / T): (token [N, 1], log pi_T(token) [N, 1]).
+    """One token per row from pi_T = softmax(logits / T): (token [N, 1], log pi_T(token) [N, 1]).
 
     An exponential race, argmax_v pi_T(v) / E_v with E_v ~ Exp(1), draws exactly from pi_T without
     host syncs. logits [N, V]; `generator` must live on their device.
@@ -64,11 +66,11 @@ def draw_tempered(logits: Tensor, temperature: float, generator: torch.Generator
 @torch.no_grad()
 def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperature: float,
             generator: torch.Generator | None = None, graphs: GraphedDecoding | None = None) -> Rollout:
-    """Sample K continuations of `horizon` chars per context in one batched, KV-cached pass.
+    """Sample K continuations of `horizon` tokens per context in one batched, KV-cached pass.
 
     Each context is prefilled once (the K samples share it), then its cache and last logits are
-    repeated to [B*K] rows (row b*K + j is sample j of context b) and decoded one char per step.
-    Each char x_h is drawn from pi_T = softmax(logits / T) by `draw_tempered`, and old_logp scores it:
+    repeated to [B*K] rows (row b*K + j is sample j of context b) and decoded one token per step.
+    Each token x_h is drawn from pi_T = softmax(logits / T) by `draw_tempered`, and old_logp scores it:
     old_logp_h = log pi_T(x_h | ctx, x_<h). `generator` must live on ctx's device. With `graphs`
     (USE_CUDA_GRAPHS), the decode steps replay a captured CUDA graph of old_policy's decode step; the
     draws are the same, the logits equal up to float rounding.
@@ -90,16 +92,18 @@ def rollout(old_policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperatur
     return Rollout(torch.cat(samples, 1).view(B, k, horizon), torch.cat(logps, 1).view(B, k, horizon))
 
 
-def token_rewards(samples: Tensor, truth: Tensor, ref_prob: Tensor, partial_credit: float,
-                  exact_match: float = 1.0) -> Tensor:
-    """r[b,k,h] = exact_match * 1[samples[b,k,h] == truth[b,h]] + partial_credit * ref_prob[b,k,h].
+def match_rewards(hits: Tensor, ref_prob: Tensor | None, exact_match: float, partial_credit: float) -> Tensor:
+    """r = exact_match * hit + partial_credit * p_ref(action), elementwise, for both rollout kinds.
 
-    exact_match = partial_credit = 0 switches the reward off (the ablation that isolates what the KL
-    term alone teaches).
-
-    samples [B, K, H], truth [B, H], ref_prob [B, K, H] = p_ref(sampled char | context and sampled prefix).
+    hits: 1.0 where the sampled token is the true one, else 0.0 (float, any shape); ref_prob: the reference's
+    probability of each sampled token, of the same shape, or None when partial_credit is 0. exact_match =
+    partial_credit = 0 switches the reward off (the ablation that isolates what the KL and entropy terms
+    alone teach).
     """
-    return exact_match * (samples == truth[:, None, :]).float() + partial_credit * ref_prob.float()
+    rewards = exact_match * hits
+    if ref_prob is not None and partial_credit:
+        rewards = rewards + partial_credit * ref_prob.float()
+    return rewards
 
 
 def group_advantages(rewards: Tensor, min_std: float) -> Tensor:
@@ -116,11 +120,11 @@ def group_advantages(rewards: Tensor, min_std: float) -> Tensor:
 
 def ppo_clip_loss(new_logp: Tensor, old_logp: Tensor, adv: Tensor, clip_ratio: float
                   ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate, averaged over every sampled char.
+    """PPO's clipped surrogate, averaged over every sampled token.
 
     rho = exp(new_logp - old_logp); s = min(rho A, clip(rho, 1 - eps, 1 + eps) A); loss = -mean(s).
-    stats (detached tensors): ratio_mean, ratio_max, and clip_frac = the fraction of chars where the
-    clipped term binds (rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0), i.e. the chars that
+    stats (detached tensors): ratio_mean, ratio_max, and clip_frac = the fraction of tokens where the
+    clipped term binds (rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0), i.e. the tokens that
     get no gradient from the surrogate.
     """
     ratio = torch.exp(new_logp - old_logp)
@@ -133,43 +137,43 @@ def ppo_clip_loss(new_logp: Tensor, old_logp: Tensor, adv: Tensor, clip_ratio: f
     return loss, stats
 
 
-def kl_to_reference(student_logp: Tensor, ref_logp: Tensor, p: Tensor | None = None) -> Tensor:
-    """KL(student || reference) = sum_v p_v (log p_v - log q_v), in nats, per position: [..., V] -> [...].
-
-    Both arguments are full log-distributions over the next char; p = exp(student_logp) when the caller
-    already holds it. Terms with p_v = 0 contribute 0.
-    """
-    p = student_logp.exp() if p is None else p
-    return torch.where(p > 0, p * (student_logp - ref_logp), 0.0).sum(dim=-1)
+def grpo_loss(policy_loss: Tensor, entropy: Tensor, kl: Tensor | None, entropy_coef: float,
+              kl_coef: float | Tensor) -> Tensor:
+    """policy_loss - entropy_coef * H(pi) + kl_coef * KL(pi || ref): both GRPO losses (no KL term without a
+    reference)."""
+    loss = policy_loss - entropy_coef * entropy
+    return loss + kl_coef * kl if kl is not None else loss
 
 
 class AdaptiveKLController:
     """The PPO-style proportional controller of the KL weight (Ziegler et al., 2019).
 
-    After n_chars generated chars with measured KL: e = clip(kl / target - 1, -0.2, 0.2) and
-    coef <- min(coef * (1 + e * min(n_chars / horizon_chars, 1)), max_coef). The inner min keeps one
+    After n_tokens sampled tokens with measured KL: e = clip(kl / target - 1, -0.2, 0.2) and
+    coef <- min(coef * (1 + e * min(n_tokens / horizon_tokens, 1)), max_coef). The inner min keeps one
     update inside [0.8, 1.2] x coef, so the weight stays positive however long the interval. The cap
     matters when the student cannot reach the target yet (a trigram reference early on): uncapped,
-    the weight grew by 1.2x per update to ~1e15 in 1000 iterations of the defaults study. Call it
-    once per log interval with a host float, so the training step never waits on the device for it.
+    the weight grew by 1.2x per update to ~1e15 in 1000 iterations of the defaults study. It takes a
+    host float: the caller decides how often to pay the device sync that reads the KL (objectives/
+    grpo_base.py: every KL_UPDATE_INTERVAL steps, whatever LOG_INTERVAL).
     """
 
-    def __init__(self, init_coef: float, target: float, horizon_chars: float, max_coef: float = 100.0):
-        if target <= 0 or horizon_chars <= 0 or max_coef <= 0:
-            raise ValueError(f"target={target}, horizon_chars={horizon_chars} and max_coef={max_coef} "
+    def __init__(self, init_coef: float, target: float, horizon_tokens: float, max_coef: float = 100.0):
+        if target <= 0 or horizon_tokens <= 0 or max_coef <= 0:
+            raise ValueError(f"target={target}, horizon_tokens={horizon_tokens} and max_coef={max_coef} "
                              "must be positive")
-        self.coef, self.target, self.horizon_chars = float(init_coef), float(target), float(horizon_chars)
+        self.coef, self.target, self.horizon_tokens = float(init_coef), float(target), float(horizon_tokens)
         self.max_coef = float(max_coef)
 
     @property
     def value(self) -> float:
         return self.coef
 
-    def update(self, kl: float, n_chars: int) -> float:
+    def update(self, kl: float, n_tokens: int) -> float:
         """Move coef toward the weight that holds KL at target; a non-finite kl leaves it unchanged."""
         if kl == kl and abs(kl) != float("inf"):
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-            self.coef = min(self.coef * (1.0 + error * min(n_chars / self.horizon_chars, 1.0)), self.max_coef)
+            share = min(n_tokens / self.horizon_tokens, 1.0)
+            self.coef = min(self.coef * (1.0 + error * share), self.max_coef)
         return self.coef
 
     def state_dict(self) -> dict[str, float]:
@@ -179,17 +183,18 @@ class AdaptiveKLController:
         self.coef = float(state["coef"])
 
 
-def kl_warmup(coef: float, chars_seen: int, kl_warm: int) -> float:
-    """coef * min(1, chars_seen / kl_warm): a linear ramp from 0 over the first kl_warm chars (0 = none)."""
+def kl_warmup(coef: float, tokens_seen: int, kl_warm: int) -> float:
+    """coef * min(1, tokens_seen / kl_warm): a linear ramp from 0 over the first kl_warm tokens (0 = none)."""
     if kl_warm <= 0:
         return coef
-    return coef * min(1.0, chars_seen / kl_warm)
+    return coef * min(1.0, tokens_seen / kl_warm)
 
 
 @dataclass
 class Scored:
     inputs: Tensor      # [B*K, C+H-1] context + samples: position C-1+h predicts sample h
-    ref_logp: Tensor    # [B*K, H, V] the KL reference's next-char log-distribution at the generated positions
+    ref_logp: Tensor    # [B*K, H, V] the KL reference's next-token log-distribution, generated positions
+    hits: Tensor        # [B, K, H] 1.0 where the sample is the true token
     rewards: Tensor     # [B, K, H]
     advantages: Tensor  # [B, K, H]
 
@@ -197,9 +202,10 @@ class Scored:
 @torch.no_grad()
 def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReference, settings: GRPOSettings,
                   credit_reference: CreditReference | None = None) -> Scored:
-    """Reference log-probs, per-char rewards and group advantages of a rollout (no gradient).
+    """Reference log-probs, per-token rewards (`match_rewards`) and group advantages of a rollout (no
+    gradient).
 
-    The partial credit is p_ref(sampled char) from `reference` itself unless `credit_reference` (e.g. a
+    The partial credit is p_ref(sampled token) from `reference` itself unless `credit_reference` (e.g. a
     Hugging Face LM) is given; PARTIAL_CREDIT=0 skips it.
     """
     B, K, H = ro.samples.shape
@@ -209,14 +215,14 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
     inputs = torch.cat((ctx_rep, flat), dim=1)[:, :-1]
     ref_logp = reference.log_probs_from(inputs, C - 1).float()  # [B*K, H, V]: only the generated positions
     if settings.partial_credit == 0:
-        ref_prob = torch.zeros_like(flat, dtype=torch.float32)
+        ref_prob = None
     elif credit_reference is None or credit_reference is reference:
-        ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp()
+        ref_prob = ref_logp.gather(-1, flat[..., None]).squeeze(-1).exp().view(B, K, H)
     else:
-        ref_prob = credit_reference.token_probs(ctx_rep, flat)
-    rewards = token_rewards(ro.samples, truth, ref_prob.view(B, K, H), settings.partial_credit,
-                            settings.exact_match_reward)
-    return Scored(inputs, ref_logp, rewards, group_advantages(rewards, settings.min_variance))
+        ref_prob = credit_reference.token_probs(ctx_rep, flat).view(B, K, H)
+    hits = (ro.samples == truth[:, None, :]).float()
+    rewards = match_rewards(hits, ref_prob, settings.exact_match_reward, settings.partial_credit)
+    return Scored(inputs, ref_logp, hits, rewards, group_advantages(rewards, settings.min_variance))
 
 
 def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLReference, ctx: Tensor,
@@ -226,33 +232,27 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     """One GRPO micro-batch: returns (loss, metrics); the caller runs backward and the optimizer.
 
     loss = -mean_{b,k,h} min(rho A, clip(rho) A) - entropy_coef * mean H(pi) + kl_coef * mean KL(pi || ref)
-    where rho compares the student's and old policy's tempered probabilities of the sampled chars,
-    and H and KL use the student's untempered next-char distribution pi at the H generated positions.
+    where rho compares the student's and old policy's tempered probabilities of the sampled tokens,
+    and H and KL use the student's untempered next-token distribution pi at the H generated positions.
     `reference` gives the KL target and, unless `credit_reference` is given (e.g. an HFReference),
     the partial credit too. Old policy and references run without gradient. Metrics are detached
     device tensors: reward_mean, reward_std (within-group population std, averaged), exact_match,
-    reward_true_share (share of the reward mass paid to true chars), policy_loss, kl, entropy,
+    reward_true_share (share of the reward mass paid to true tokens), policy_loss, kl, entropy,
     ratio_mean, ratio_max, clip_frac.
     """
     B = ctx.size(0)
     K, H, T = settings.k_samples, settings.horizon, settings.temperature
     ro = rollout(old_policy, ctx, K, H, T, generator, graphs)
     scored = score_rollout(ro, ctx, truth, reference, settings, credit_reference)
-    rewards = scored.rewards
-
     flat = ro.samples.view(B * K, H)
     # The K samples of a context share it: run each context once and only the samples per row.
-    logits = policy(flat[:, :-1], prefix=ctx).float()  # [B*K, H, V], the same as policy(scored.inputs)[:, C-1:]
+    # [B*K, H, V], the same as policy(scored.inputs)[:, C-1:]
+    logits = policy(flat[:, :-1], prefix=ctx).float()
     new_logp = F.log_softmax(logits / T, dim=-1).gather(-1, flat[..., None]).view(B, K, H)
     policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, settings.clip_ratio)
-    logp = F.log_softmax(logits, dim=-1)  # [B*K, H, V] and its exp: one copy each for the entropy and the KL
-    p = logp.exp()
-    ent = entropy_of_log_probs(logp, p).mean()
-    kl = kl_to_reference(logp, scored.ref_logp, p).mean()
-    loss = policy_loss - settings.entropy_coef * ent + kl_coef * kl
-
-    hits = (ro.samples == truth[:, None, :]).float()
-    return loss, {**reward_metrics(rewards, hits, policy_loss, ent, kl), **stats}
+    ent, kl = entropy_and_kl(F.log_softmax(logits, dim=-1), scored.ref_logp)  # untempered, [B*K, H, V]
+    loss = grpo_loss(policy_loss, ent, kl, settings.entropy_coef, kl_coef)
+    return loss, {**reward_metrics(scored.rewards, scored.hits, policy_loss, ent, kl), **stats}
 
 
 def reward_metrics(rewards: Tensor, hits: Tensor, policy_loss: Tensor, entropy: Tensor, kl: Tensor | None

@@ -1,95 +1,194 @@
-"""Reference models for GRPO: partial credit for generated chars, and the KL anchor of the student.
+"""Reference models for GRPO: partial credit for generated tokens, and the KL anchor of the student.
 
-`NgramReference` is a smoothed char n-gram counted on the training split and held on the device as
-dense tables; it provides both full next-char distributions (for the KL) and per-char probabilities
-(for the credit). `HFReference` scores generated text with a Hugging Face causal LM (e.g. gpt2) and
-provides per-char credit only; the KL then stays with the n-gram. `load_frozen_causal_lm` loads such an LM
-for scoring only; AvataRL's Hugging Face referee is loaded with it too.
+`NgramReference` is a smoothed n-gram counted on the training split. It stores only the contexts that occur
+there (sparse counts: memory grows with the corpus, not with vocabulary^order) and builds full next-token
+distributions on the device (for the KL, and for the credit); where every context's row fits in
+DENSE_TABLE_ENTRIES (chars, a bigram of a small BPE) they are built once into tables, which is faster.
+`HFReference` scores generated text with a Hugging Face causal LM (e.g. gpt2) and provides per-char credit
+only; the KL then stays with the n-gram. It loads its LM with the one Hugging Face loader, AvataRL's
+referee's (referee/hugging_face.py), in float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-MAX_TABLE_ENTRIES = 1 << 26  # ~64M floats per table (256 MiB): order 4 at V=65 fits, order 5 does not
+DENSE_TABLE_ENTRIES = 1 << 24  # V^order floats (64 MiB) or fewer: rows of every context are tabled once
+ROW_CHUNK_ELEMENTS = 1 << 24  # [positions, V] floats built at once (64 MiB), and so at most as many scattered
 
 
-def ngram_table_problem(order: int, vocab_size: int) -> str | None:
-    """Why an n-gram of this order cannot be tabled for this vocabulary, or None when it fits."""
-    if vocab_size ** order <= MAX_TABLE_ENTRIES:
-        return None
-    return (f"NGRAM_ORDER={order} needs a table of {vocab_size}^{order} = {vocab_size ** order:,} entries for a "
-            f"vocabulary of {vocab_size} (limit {MAX_TABLE_ENTRIES:,}): lower NGRAM_ORDER, or use REFERENCE=gpt2 "
-            "for credit.")
+@dataclass
+class _Level:
+    """The contexts of m tokens seen in the training ids, and their successors: order m + 1 of the n-gram.
+
+    A context is numbered by its rank in `keys`, which are sorted; its key is (number of its m - 1 newest
+    tokens at level m - 1) x V + its oldest token, so contexts nest the way the back-off drops tokens and no
+    key outgrows int64. Number M (one past the last) means "not seen": its entries of keep, first and degree
+    (1, 0, 0) leave a row to the lower order. The successors of context h are tokens[first[h]:][:degree[h]].
+    """
+
+    keys: Tensor    # [M] int64, sorted
+    keep: Tensor    # [M + 1] float32: alpha V / (N(h) + alpha V), the weight left to the lower order
+    first: Tensor   # [M + 1] int64
+    degree: Tensor  # [M + 1] int64: distinct successors of h
+    tokens: Tensor  # [E] int32, ascending within each context
+    weight: Tensor  # [E] float32: N(h c) / (N(h) + alpha V)
+
+    def to(self, device: torch.device | str) -> _Level:
+        return _Level(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def _count_level(parent: Tensor, oldest: Tensor, following: Tensor, V: int,
+                 alpha_v: float) -> tuple[_Level, Tensor]:
+    """The level whose contexts are (parent context, oldest token) at each training position, followed by
+    `following`; returns it and each position's context number."""
+    keys, number = torch.unique(parent * V + oldest, sorted=True, return_inverse=True)
+    pairs, counts = torch.unique(number * V + following, sorted=True, return_counts=True)
+    totals = torch.bincount(number, minlength=len(keys)).double() + alpha_v
+    degree = torch.bincount(pairs // V, minlength=len(keys))
+    unseen = torch.zeros(1, dtype=torch.long)  # number M: keep 1, no successors
+    level = _Level(keys, torch.cat(((alpha_v / totals).float(), torch.ones(1))),
+                   torch.cat((degree.cumsum(0) - degree, unseen)), torch.cat((degree, unseen)),
+                   (pairs % V).int(), (counts / totals[pairs // V]).float())
+    return level, number
 
 
 class NgramReference:
-    """Char n-gram of order n with interpolated add-alpha smoothing, counted on the training ids.
+    """n-gram of order n with interpolated add-alpha smoothing, counted on the training ids.
 
     p_1(c) = (N(c) + alpha) / (N + alpha V)                          (add-alpha unigram)
     p_k(c | h) = (N(h c) + alpha V p_{k-1}(c | h')) / (N(h) + alpha V)   for k = 2..n,
-    where h holds the k-1 previous chars, h' drops its oldest char, and N counts occurrences in the
+    where h holds the k-1 previous tokens, h' drops its oldest token, and N counts occurrences in the
     training split. This is add-alpha smoothing whose alpha V pseudo-counts are spread by the
     lower-order model instead of uniformly, so a rarely seen history falls back to p_{k-1} rather
-    than to uniform; every probability is positive, which keeps the KL finite.
-    Table k is [V^(k-1), V] of log-probs, rows indexed by h read as a base-V number (oldest char
-    most significant). Deterministic: the same ids give the same tables, so there is no state to save.
+    than to uniform, and a history never seen is exactly p_{k-1}; every probability is positive, which
+    keeps the KL finite. Only the histories that occur are stored (`memory_bytes` grows with the training
+    ids, whatever V is); a row p_n(. | h) is p_1 scaled and added to, order by order, with the counts of h's
+    suffixes. With V^n <= dense_limit the rows of every history are built once into tables (table k is
+    [V^(k-1), V] log-probs, row h read as a base-V number, oldest token most significant), else on demand.
+    Deterministic: the same ids give the same counts, so there is no state to save.
     """
 
     def __init__(self, order: int, vocab_size: int, train_ids: Tensor, device: torch.device | str,
-                 alpha: float = 0.1):
+                 alpha: float = 0.1, dense_limit: int = DENSE_TABLE_ENTRIES):
         if order < 1:
             raise ValueError(f"n-gram order must be at least 1, got {order}")
         if alpha <= 0:
             raise ValueError(f"smoothing alpha must be positive, got {alpha}")
-        if problem := ngram_table_problem(order, vocab_size):
-            raise ValueError(problem)
         ids = train_ids.detach().to("cpu", torch.long).flatten()
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"train ids must lie in [0, {vocab_size})")
+        low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+        if low < 0 or high >= vocab_size:
+            bad = high if high >= vocab_size else low
+            raise ValueError(f"the training ids hold {bad}, outside the tokenizer's {vocab_size} ids: "
+                             "another tokenizer wrote DATA_PATH; set TOKENIZER to that one.")
         self.order, self.vocab_size, self.alpha = order, vocab_size, alpha
-        V = vocab_size
-        tables: list[Tensor] = []
-        prob = torch.full((1, V), 1.0 / V, dtype=torch.float64)  # p_0: uniform, the prior of the unigram
-        for k in range(1, order + 1):
-            counts = torch.zeros(V ** k, dtype=torch.float64)
-            if ids.numel() >= k:
-                powers = V ** torch.arange(k - 1, -1, -1)
-                counts += torch.bincount((ids.unfold(0, k, 1) * powers).sum(1), minlength=V ** k)
-            counts = counts.view(V ** (k - 1), V)
-            prior = prob.repeat(V, 1) if k > 1 else prob  # row h reads p_{k-1}(. | h mod V^(k-2))
-            prob = (counts + alpha * V * prior) / (counts.sum(1, keepdim=True) + alpha * V)
-            tables.append(prob.log().float().to(device))
-        self.tables = tables
+        V, L, alpha_v = vocab_size, ids.numel(), alpha * vocab_size
+        counts = torch.bincount(ids, minlength=V).double()
+        # p_1 = (N(c) + alpha V p_0(c)) / (N + alpha V) with p_0 uniform, so alpha V p_0(c) = alpha
+        self.unigram = ((counts + alpha) / (L + alpha_v)).float().to(device)
+        self.levels: list[_Level] = []
+        number = torch.zeros(max(L - 1, 0), dtype=torch.long)  # the empty context, at positions 0 .. L - 2
+        for m in range(1, min(order, L)):  # contexts of m tokens followed by one: positions m - 1 .. L - 2
+            level, number = _count_level(number[-(L - m):], ids[:L - m], ids[m:], V, alpha_v)
+            self.levels.append(level.to(device))
+        self.tables: list[Tensor] | None = None
+        if V ** order <= dense_limit:
+            self.tables = [self._probs(self._last_numbers(k - 1), V ** (k - 1)).log_()
+                           for k in range(1, order + 1)]
 
     @property
     def device(self) -> torch.device:
-        return self.tables[0].device
+        return self.unigram.device
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor held: the counts, and the tables where V^n is small enough for them."""
+        tensors = [self.unigram, *(self.tables or [])] + [t for level in self.levels for t in level.tensors()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _contexts(self, history: Tensor) -> list[Tensor]:
+        """Per level m, the number of the context of m tokens up to each position of history [P, L]: [P, L],
+        M where it was never seen. A position with fewer than m tokens has none; one whose shorter context
+        was never seen gets a key no context of m tokens has."""
+        numbers: list[Tensor] = []
+        V, L = self.vocab_size, history.size(-1)
+        number = torch.zeros_like(history)
+        for m, level in enumerate(self.levels[:L], start=1):
+            M = len(level.keys)
+            key = number * V + F.pad(history[:, :L - m + 1], (m - 1, 0))  # the oldest token, j - m + 1
+            at = torch.searchsorted(level.keys, key)
+            number = torch.where(level.keys[at.clamp(max=M - 1)] == key, at, M)
+            number[:, :m - 1] = M
+            numbers.append(number)
+        return numbers
+
+    def _last_numbers(self, width: int) -> list[Tensor]:
+        """Context numbers of every history of `width` tokens, in base-V order, at its last position."""
+        grid = torch.arange(self.vocab_size ** width, device=self.device)
+        digits = [grid // self.vocab_size ** (width - 1 - j) % self.vocab_size for j in range(width)]
+        return [n[:, -1] for n in self._contexts(torch.stack(digits, -1))] if width else []
+
+    def _probs(self, numbers: list[Tensor], count: int) -> Tensor:
+        """[count, V] rows p_n(. | each position's context) from each level's context numbers [count].
+
+        Unrolled, p_n = (prod_k keep_k) p_1 + sum_k (prod_{j > k} keep_j) w_k, with w_k the count weights of
+        the context at level k: one pass over the [count, V] rows, then a scatter of exactly the successors
+        seen. Built in chunks of ROW_CHUNK_ELEMENTS, whose successors are at most as many as their floats.
+        """
+        V = self.vocab_size
+        rows = torch.empty(count, V, device=self.device)
+        levels = self.levels[:len(numbers)]
+        step = max(1, ROW_CHUNK_ELEMENTS // V)
+        for s in range(0, count, step):
+            chunk = rows[s:s + step]
+            part = [number[s:s + step] for number in numbers]
+            scale = [torch.ones(len(chunk), device=self.device)]  # [prod of all keeps, ..., keep_top, 1]
+            for level, number in zip(levels[::-1], part[::-1], strict=True):
+                scale.insert(0, scale[0] * level.keep[number])
+            torch.mul(scale[0][:, None], self.unigram, out=chunk)
+            for level, number, above in zip(levels, part, scale[1:], strict=True):
+                first, degree = level.first[number], level.degree[number]
+                total = int(degree.sum())  # a host sync per level and chunk: it sizes the scatter
+                row = torch.repeat_interleave(torch.arange(len(chunk), device=self.device), degree,
+                                              output_size=total)
+                rank = torch.arange(total, device=self.device) - (degree.cumsum(0) - degree)[row]
+                entry = first[row] + rank
+                # A context's successors are distinct, so no element is hit twice: a plain indexed add,
+                # with none of the atomics (and their float summation order) of index_add_ on CUDA.
+                flat, at = chunk.view(-1), row * V + level.tokens[entry]
+                flat[at] += level.weight[entry] * above[row]
+        return rows
 
     def _index(self, history: Tensor, width: int, count: int) -> Tensor:
-        """Base-V index of the `width` chars starting at j, for j < count: [..., L] -> [..., count]."""
+        """Base-V index of the `width` tokens starting at j, for j < count: [..., L] -> [..., count]."""
         index = torch.zeros_like(history[..., :count])
         for j in range(width):
             index = index * self.vocab_size + history[..., j:j + count]
         return index
 
     def log_probs(self, history: Tensor) -> Tensor:
-        """Next-char log-distribution after every position: history [..., L] -> [..., L, V].
+        """Next-token log-distribution after every position: history [..., L] -> [..., L, V].
 
-        Row i is log p(. | history[..., :i+1]) from the last n-1 chars. The first n-2 positions have
-        only i+1 < n-1 chars before the next one; they back off to the order-(i+2) table.
+        Row i is log p(. | history[..., :i+1]) from the last n-1 tokens. The first n-2 positions have
+        only i+1 < n-1 tokens before the next one; they back off to order i+2.
         """
         n, V = self.order, self.vocab_size
         history = history.to(self.device, torch.long)
         L = history.size(-1)
+        if self.tables is None:
+            numbers = [number.flatten() for number in self._contexts(history.reshape(-1, L))] if L else []
+            return self._probs(numbers, history.numel()).log_().view(*history.shape, V)
         if n == 1:
             return self.tables[0][0].expand(*history.shape, V).contiguous()
-        out = torch.empty(*history.shape, V, device=self.device, dtype=torch.float32)
+        out = torch.empty(*history.shape, V, device=self.device)
         if L >= n - 1:
             out[..., n - 2:, :] = self.tables[n - 1][self._index(history, n - 1, L - n + 2)]
         for i in range(min(n - 2, L)):
@@ -97,10 +196,10 @@ class NgramReference:
         return out
 
     def log_probs_from(self, history: Tensor, first: int) -> Tensor:
-        """log_probs(history)[..., first:, :], computed from only the chars that reach those rows: [..., L - first, V].
+        """log_probs(history)[..., first:, :] from only the tokens that reach those rows: [..., L - first, V].
 
-        Row i needs the n-1 chars up to i, so the older ones are dropped before the tables are read; at
-        CONTEXT_LEN 1024 and GPT-2's 50k ids the whole-history tensor would be [rows, 1024, 50k].
+        Row i needs the n-1 tokens up to i, so the older ones are dropped first; at CONTEXT_LEN 1024 and
+        GPT-2's 50k ids the whole-history tensor would be [rows, 1024, 50k].
         """
         start = max(0, first - (self.order - 2)) if self.order > 1 else first
         return self.log_probs(history[..., start:])[..., first - start:, :]
@@ -111,31 +210,6 @@ class NgramReference:
         seq = torch.cat((ctx, samples), dim=1).to(self.device, torch.long)
         logp = self.log_probs_from(seq[:, :-1], C - 1)  # [N, H, V]
         return logp.gather(-1, seq[:, C:, None]).squeeze(-1).exp()
-
-
-def load_frozen_causal_lm(name_or_path: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                          revision: str | None = None, quantization_config: Any = None) -> nn.Module:
-    """A Hugging Face causal LM that only scores: `AutoModelForCausalLM` from a hub name or a local directory,
-    eval mode, no gradients, on `device` in `dtype`; with a bitsandbytes `quantization_config` its weights are
-    quantised while loading and placed on `device` by transformers (a quantised model cannot be moved)."""
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM
-    except ImportError as err:
-        raise ImportError("a Hugging Face causal LM needs the transformers library: pip install 'avatarl[gpt2]'") \
-            from err
-    # Loaded in `dtype` (transformers 5 calls the argument dtype, 4.x torch_dtype): what bitsandbytes leaves
-    # unquantised (embeddings, norms) stays in it too, and a large model never exists in float32 on the host.
-    dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    options: dict[str, Any] = {"revision": revision or None, dtype_argument: dtype}
-    if quantization_config is None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **options).to(device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=quantization_config,
-                                                     device_map={"": str(torch.device(device))}, **options)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 class HFReference:
@@ -161,6 +235,9 @@ class HFReference:
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_name_or_path}: the reference needs a fast tokenizer (char offsets)")
+        # Imported here: the referee package brings run modules, and algorithms/ loads none of them.
+        from avatarl.referee.hugging_face import load_frozen_causal_lm
+
         self.model = load_frozen_causal_lm(model_name_or_path, device, dtype)
         self.vocab_chars = list(vocab_chars)
         self.device = torch.device(device)

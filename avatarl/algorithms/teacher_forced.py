@@ -5,9 +5,10 @@ Per micro-batch of B windows of C + 1 tokens (C = CONTEXT_LEN), with N = B x C p
 
 1. one forward pass gives the student's logits at every position, pi(. | x_<=i)   [B, C, V];
 2. K actions per position are drawn from pi_T = softmax(logits / T)                [B, C, K];
-3. each earns r = exact_match * 1[a == x_{i+1}] + partial_credit * p_ref(a | x_<=i);
-4. advantages normalise r within the K actions of one position (GRPO's group_advantages);
-5. loss = -mean(A * log pi_T(a)) - entropy_coef * mean H(pi) + kl_coef * mean KL(pi || ref).
+3. each earns r = exact_match * 1[a == x_{i+1}] + partial_credit * p_ref(a | x_<=i) (grpo.match_rewards);
+4. advantages compare r within the K actions of one position: by default GRPO's group_advantages,
+   (r - mean) / max(std, MIN_VARIANCE); another `Advantages` function can be passed in;
+5. loss = -mean(A * log pi_T(a)) - entropy_coef * mean H(pi) + kl_coef * mean KL(pi || ref) (grpo.grpo_loss).
 
 The actions come from the policy being trained, so the importance ratio is 1 and PPO's clip never
 binds: this is on-policy REINFORCE with a group baseline. A rollout costs one forward pass instead of
@@ -17,13 +18,23 @@ actions that happen to hit it; the student never sees a cross-entropy gradient o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avatarl.algorithms.entropy import entropy_of_log_probs
-from avatarl.algorithms.grpo import KLReference, group_advantages, kl_to_reference, reward_metrics
+from avatarl.algorithms.entropy import entropy_and_kl
+from avatarl.algorithms.grpo import KLReference, group_advantages, grpo_loss, match_rewards, reward_metrics
 from avatarl.config_sections import GRPOSettings
+
+# rewards [N, K] (the group: the K draws at one of N positions) -> advantages [N, K], without gradient.
+Advantages = Callable[[Tensor, GRPOSettings], Tensor]
+
+
+def std_advantages(rewards: Tensor, settings: GRPOSettings) -> Tensor:
+    """GRPO's advantages: (r - group mean) / max(group std, MIN_VARIANCE), the group on dim 1."""
+    return group_advantages(rewards[..., None], settings.min_variance)[..., 0]
 
 
 def sample_actions(logp_tempered: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -31,24 +42,15 @@ def sample_actions(logp_tempered: Tensor, k: int, generator: torch.Generator | N
     return torch.multinomial(logp_tempered.detach().exp(), k, replacement=True, generator=generator)
 
 
-def position_rewards(actions: Tensor, truth: Tensor, ref_prob: Tensor | None, settings: GRPOSettings) -> Tensor:
-    """r[n, k] = exact_match * 1[actions[n, k] == truth[n]] + partial_credit * ref_prob[n, k].
-
-    actions [N, K], truth [N], ref_prob [N, K] (p_ref of each action; None when partial_credit is 0).
-    """
-    rewards = settings.exact_match_reward * (actions == truth[:, None]).float()
-    if ref_prob is not None and settings.partial_credit:
-        rewards = rewards + settings.partial_credit * ref_prob.float()
-    return rewards
-
-
 def teacher_forced_micro_step(policy: nn.Module, reference: KLReference | None, window: Tensor,
                               settings: GRPOSettings, kl_coef: float | Tensor,
-                              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                              generator: torch.Generator | None = None,
+                              advantages: Advantages = std_advantages) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch of windows [B, C + 1]: returns (loss, detached metrics) as grpo_micro_step does.
 
     `reference` (the n-gram) gives the partial credit and the KL; None when neither is used, and then no
-    KL is logged. Metrics: grpo.reward_metrics (the group is the K draws at one position).
+    KL is logged. `advantages` turns the rewards of each position's K draws into their advantages. Metrics:
+    grpo.reward_metrics (the group is the K draws at one position).
     """
     inputs, truth = window[:, :-1], window[:, 1:].flatten()  # [B, C], [N]
     K, T = settings.k_samples, settings.temperature
@@ -56,15 +58,13 @@ def teacher_forced_micro_step(policy: nn.Module, reference: KLReference | None, 
     logp_tempered = F.log_softmax(logits / T, dim=-1)
     actions = sample_actions(logp_tempered, K, generator)  # [N, K]
     with torch.no_grad():
-        ref_logp = reference.log_probs(inputs).flatten(0, 1).float() if reference is not None else None  # [N, V]
+        ref_logp = reference.log_probs(inputs).flatten(0, 1).float() if reference is not None else None
         ref_prob = ref_logp.gather(-1, actions).exp() if ref_logp is not None else None
-        rewards = position_rewards(actions, truth, ref_prob, settings)
-        advantages = group_advantages(rewards[..., None], settings.min_variance)[..., 0]  # group: dim 1 (K)
-    policy_loss = -(advantages * logp_tempered.gather(-1, actions)).mean()
+        hits = (actions == truth[:, None]).float()
+        rewards = match_rewards(hits, ref_prob, settings.exact_match_reward, settings.partial_credit)
+        advantage = advantages(rewards, settings)
+    policy_loss = -(advantage * logp_tempered.gather(-1, actions)).mean()
     logp = logp_tempered if T == 1 else F.log_softmax(logits, dim=-1)  # the same tensor at T = 1
-    p = logp.exp()
-    ent = entropy_of_log_probs(logp, p).mean()
-    kl = kl_to_reference(logp, ref_logp, p).mean() if ref_logp is not None else None
-    loss = policy_loss - settings.entropy_coef * ent + (kl_coef * kl if kl is not None else 0.0)
-    hits = (actions == truth[:, None]).float()
+    ent, kl = entropy_and_kl(logp, ref_logp)
+    loss = grpo_loss(policy_loss, ent, kl, settings.entropy_coef, kl_coef)
     return loss, reward_metrics(rewards, hits, policy_loss, ent, kl)

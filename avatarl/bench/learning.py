@@ -22,13 +22,15 @@ accuracy (what an exact-match reward pays for) and cross-entropy after one fitte
 (avatarl/evaluation.py); count models of the training split (uniform ... 4-gram, avatarl/baselines.py)
 are scored on those windows in the same units.
 
-`--quick` swaps in the `bench-quick` preset (a 2-layer, 64-wide model, its learning rate and a budget
-that fits minutes on 2 CPU cores); otherwise the model, batch, LR, TOTAL_ITERS (the supervised step
-count that sets the budget) and REFEREE_ITERS come from the settings, as do TOKENIZER and DATA_PATH
+`--quick` is `--preset bench-quick` (a 2-layer, 64-wide model, its learning rate and a budget that fits
+minutes on 2 CPU cores), under the usual precedence: a flag, `.env` or the environment still changes
+any of it (`--quick --n-layer 3`). The model, batch, LR, TOTAL_ITERS (the supervised step count that
+sets the budget) and REFEREE_ITERS come from the settings, as do TOKENIZER and DATA_PATH
 (a text file or a directory made by `avatarl prepare`). Outputs: OUT/learning.json, OUT/learning.png
 (bench/learning_report.py), and each run under OUT/runs/. `--merge A/learning.json B/learning.json`
 trains nothing: it joins runs of the same benchmark for other seeds (SEED=1338 --seeds 2 on a second
-machine beside SEED=1337 --seeds 1) into the one table and plot of all their seeds.
+machine beside SEED=1337 --seeds 1) into the one table and plot of all their seeds; it reads the
+schema-2 reports of earlier versions too (their counts named chars_*) and writes schema 3.
 """
 
 from __future__ import annotations
@@ -44,30 +46,38 @@ from typing import Any
 import torch
 
 from avatarl import exit_codes
-from avatarl.algorithms.reference import ngram_table_problem
 from avatarl.baselines import ORDER_NAMES, corpus_baselines
-from avatarl.bench.learning_report import markdown_table, merge_reports, require_pyplot, summarize, write_outputs
+from avatarl.bench.learning_report import (
+    SCHEMA,
+    SCHEMA_2,
+    markdown_table,
+    merge_reports,
+    require_pyplot,
+    summarize,
+    upgrade_report,
+    write_outputs,
+)
 from avatarl.config import Config, ConfigError
+from avatarl.config_schema import Algorithm
 from avatarl.config_sources import preset_values
 from avatarl.data.corpus import Corpus, load_corpus
 from avatarl.data.tokenizers import CharTokenizer
-from avatarl.objectives import grpo_needs_reference, window_len
+from avatarl.errors import NonFiniteSteps, print_error
+from avatarl.objectives import window_len
 from avatarl.referee import check_referee_quantize, export_referee
 from avatarl.run_dir import METRICS, run_dir
 from avatarl.tracking import read_metrics
 from avatarl.trainer import train
 
-SCHEMA = "avatarl.bench.learning/2"
-QUICK_PRESET = "bench-quick"  # avatarl/presets/bench-quick.env: model, LR and budget of --quick
 TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
 EVAL_POINTS = 12
 FINAL_METRICS = ("val_ce", "val_bpb", "val_acc", "val_ce_second_half", "val_ce_calibrated", "val_temperature")
 SETTINGS_RECORDED = frozenset({
-    "seed", "data_path", "tokenizer", "device", "context_len", "horizon", "k_samples", "batch", "micro_batch", "lr",
-    "min_lr", "warmup_iters", "eval_windows", "temperature", "entropy_coef", "beta_kl", "kl_warm", "adaptive_kl",
-    "kl_target", "kl_max_coef", "reference", "ngram_order", "old_policy_interval", "partial_credit", "top_k",
-    "label_smoothing", "reality_weight", "mentor_weight", "reward_scale", "max_reward_clamp", "exact_match_reward",
-    "rollouts"})
+    "seed", "data_path", "tokenizer", "device", "context_len", "horizon", "k_samples", "batch", "micro_batch",
+    "lr", "min_lr", "warmup_iters", "eval_windows", "temperature", "entropy_coef", "beta_kl", "kl_warm",
+    "adaptive_kl", "kl_target", "kl_max_coef", "reference", "ngram_order", "old_policy_interval",
+    "partial_credit", "top_k", "label_smoothing", "reality_weight", "mentor_weight", "reward_scale",
+    "max_reward_clamp", "exact_match_reward", "rollouts"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +106,19 @@ def methods() -> tuple[Method, ...]:
     )
 
 
-def chars_to_beat(curve: list[tuple[int, float]], threshold: float) -> int | None:
-    """chars_seen of the first measurement with val CE strictly below `threshold`, else None."""
-    return next((chars for chars, ce in curve if ce < threshold), None)
+def tokens_to_beat(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    """tokens_seen of the first measurement with val CE strictly below `threshold`, else None."""
+    return next((tokens for tokens, ce in curve if ce < threshold), None)
 
 
 def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Curves (chars_seen, value) of val_ce and val_acc, the last of every FINAL_METRICS, the last and the
+    """Curves (tokens_seen, value) of val_ce and val_acc, the last of every FINAL_METRICS, the last and the
     lowest logged policy entropy; None for what a run never logged."""
     evals = [r for r in records if "val_ce" in r]
     entropies = [r["entropy"] for r in records if "entropy" in r]
     summary: dict[str, Any] = {
-        "curve": [(int(r["chars_seen"]), float(r["val_ce"])) for r in evals],
-        "acc_curve": [(int(r["chars_seen"]), float(r["val_acc"])) for r in evals if "val_acc" in r],
+        "curve": [(int(r["tokens_seen"]), float(r["val_ce"])) for r in evals],
+        "acc_curve": [(int(r["tokens_seen"]), float(r["val_acc"])) for r in evals if "val_acc" in r],
         "final_entropy": entropies[-1] if entropies else None, "min_entropy": min(entropies, default=None)}
     for key in FINAL_METRICS:
         values = [r[key] for r in evals if key in r]
@@ -120,38 +130,48 @@ def method_config(base: Config, method: Method, directory: Path, iters: int, war
                   referee_path: Path) -> Config:
     settings: dict[str, Any] = dict(method.overrides)
     if method.role == "referee":  # the supervised baseline has the student's shape, not the referee's
-        settings.update(referee_n_layer=base.model.n_layer, referee_n_head=base.model.n_head, referee_n_emb=base.model.n_emb)
+        settings.update(referee_n_layer=base.model.n_layer, referee_n_head=base.model.n_head,
+                        referee_n_emb=base.model.n_emb)
     return base.replace(**settings, checkpoint_dir=str(directory), referee_path=str(referee_path),
-                               total_iters=iters, warmup_iters=warmup,
-                               eval_interval=max(1, iters // eval_points))
+                        total_iters=iters, warmup_iters=warmup, eval_interval=max(1, iters // eval_points))
 
 
 def run_method(cfg: Config, method: Method) -> tuple[int, dict[str, Any]]:
-    """Train one method; exit code FAILED when a stop signal ended it before its last step."""
-    print(f"[bench] seed {cfg.run.seed} {method.label}: {cfg.optim.total_iters} steps of {cfg.optim.batch} contexts", flush=True)
+    """Train one method; exit code FAILED when a stop signal ended it before its last step, BAD_STEPS (its
+    error printed) after MAX_BAD_STEPS non-finite steps; other errors end the benchmark."""
+    print(f"[bench] seed {cfg.run.seed} {method.label}: {cfg.optim.total_iters} steps of {cfg.optim.batch} "
+          "contexts", flush=True)
     started = time.perf_counter()
-    code = train(cfg, role=method.role)
+    try:
+        train(cfg, role=method.role)
+        code = exit_codes.OK
+    except NonFiniteSteps as err:  # reported with its partial curve; the other methods still run
+        print_error(err)
+        code = err.exit_code
     wall = time.perf_counter() - started
-    summary = run_summary(read_metrics(run_dir(cfg.run.checkpoint_dir, method.role) / METRICS))
+    summary = run_summary(read_metrics(run_dir(cfg, method.role) / METRICS))
     curve = summary["curve"]
     planned = cfg.optim.total_iters * cfg.optim.batch * window_len(cfg, method.role)
     if code == exit_codes.OK and (not curve or curve[-1][0] != planned):
-        print(f"error: {method.label} stopped before its last step: the benchmark stops too.", file=sys.stderr)
+        print(f"error: {method.label} stopped before its last step: the benchmark stops too.",
+              file=sys.stderr)
         code = exit_codes.FAILED
     return code, {"exit_code": code, "seed": cfg.run.seed, "iters": cfg.optim.total_iters,
-                  "chars_seen": curve[-1][0] if curve else 0, **summary, "wall_s": round(wall, 2)}
+                  "tokens_seen": curve[-1][0] if curve else 0, **summary, "wall_s": round(wall, 2)}
 
 
 def train_referee(base: Config, out: Path, iters: int, eval_points: int
                   ) -> tuple[int, dict[str, Any], Path | None]:
     """The AvataRL referee (REFEREE_N_* shape), trained and exported exactly as `avatarl train-referee`."""
     cfg = base.replace(checkpoint_dir=str(out / "runs" / f"seed{base.run.seed}" / "referee"),
-                              referee_path="", total_iters=iters, eval_interval=max(1, iters // eval_points),
-                              save_final_checkpoint=True)
+                       referee_path="", total_iters=iters, eval_interval=max(1, iters // eval_points),
+                       save_final_checkpoint=True)
     code, result = run_method(cfg, Method("referee", "referee for AvataRL (supervised)", "referee"))
     path = export_referee(cfg) if code == exit_codes.OK else None
-    result["shape"] = {"n_layer": cfg.referee.referee_n_layer or cfg.model.n_layer, "n_head": cfg.referee.referee_n_head or cfg.model.n_head,
-                       "n_emb": cfg.referee.referee_n_emb or cfg.model.n_emb}
+    shape = cfg.referee
+    result["shape"] = {"n_layer": shape.referee_n_layer or cfg.model.n_layer,
+                       "n_head": shape.referee_n_head or cfg.model.n_head,
+                       "n_emb": shape.referee_n_emb or cfg.model.n_emb}
     return code, result, path
 
 
@@ -163,9 +183,9 @@ def corpus_lines(base: Config) -> tuple[dict[str, Any], Corpus, str]:
     return baselines, corpus, unit
 
 
-def check_methods(base: Config, rows: tuple[Method, ...], model_vocab_size: int) -> None:
+def check_methods(base: Config, rows: tuple[Method, ...]) -> None:
     """The cheap checks of every row's settings, so that a row that cannot run stops the benchmark before
-    minutes of training the others: their Config validation, GRPO's n-gram table, the referee's quantisation."""
+    minutes of training the others: their Config validation and the referee's quantisation."""
     problems = []
     for method in rows:
         try:
@@ -173,10 +193,7 @@ def check_methods(base: Config, rows: tuple[Method, ...], model_vocab_size: int)
         except ConfigError as err:
             problems += [f"{method.label}: {line}" for line in err.problems]
             continue
-        if method.role == "student" and cfg.run.algorithm == "grpo" and grpo_needs_reference(cfg):
-            if problem := ngram_table_problem(cfg.grpo.ngram_order, model_vocab_size):
-                problems.append(f"{method.label}: {problem}")
-        if method.role == "student" and cfg.run.algorithm == "avatarl":
+        if method.role == "student" and cfg.run.algorithm == Algorithm.AVATARL:
             try:
                 check_referee_quantize(cfg)
             except ConfigError as err:
@@ -190,7 +207,7 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     """Train every method at the budget of `budget_iters` supervised steps, for `seeds` seeds from SEED;
     returns (exit code, report).
 
-    Stops at the first configuration error (exit 2) or stop signal (exit 1). A method that ends
+    Stops at the first stop signal (exit 1); a configuration error raises (exit 2). A method that ends
     otherwise badly (exit 3, non-finite steps) is reported with its exit code and partial curve, and
     the others still run.
     """
@@ -201,20 +218,22 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     vocab_size = corpus.tokenizer.size
     budget = budget_iters * base.optim.batch * (base.model.context_len + 1)
     rows = methods()
-    check_methods(base, rows, corpus.model_vocab_size)
+    check_methods(base, rows)
     report: dict[str, Any] = {
-        "schema": SCHEMA, "budget_chars": budget, "token_unit": unit, "vocab_size": vocab_size,
+        "schema": SCHEMA, "budget_tokens": budget, "token_unit": unit, "vocab_size": vocab_size,
         "baselines": baselines, "kl_reference": {"order": base.grpo.ngram_order,
                                                  **baselines.get(ORDER_NAMES[base.grpo.ngram_order], {})},
         "model": {"n_layer": base.model.n_layer, "n_head": base.model.n_head, "n_emb": base.model.n_emb},
         "settings": {k.upper(): v for k, v in base.to_dict().items() if k in SETTINGS_RECORDED},
-        "seeds": [base.run.seed + i for i in range(seeds)], "torch_threads": torch.get_num_threads(), "referee": {},
+        "seeds": [base.run.seed + i for i in range(seeds)], "torch_threads": torch.get_num_threads(),
+        "referee": {},
         "methods": {m.name: {"label": m.label, "settings": {k.upper(): v for k, v in m.overrides}, "runs": []}
                     for m in rows}}
     started = time.perf_counter()
     for seed in report["seeds"]:
         seeded = base.replace(seed=seed)
-        code, report["referee"][str(seed)], referee_path = train_referee(seeded, out, referee_iters, eval_points)
+        code, referee, referee_path = train_referee(seeded, out, referee_iters, eval_points)
+        report["referee"][str(seed)] = referee
         if code != exit_codes.OK or referee_path is None:
             return code, report
         for method in rows:
@@ -224,10 +243,10 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
             cfg = method_config(seeded, method, out / "runs" / f"seed{seed}" / method.name, iters, warmup,
                                 eval_points, referee_path)
             code, result = run_method(cfg, method)
-            if code in (exit_codes.CONFIG, exit_codes.FAILED):
+            if code == exit_codes.FAILED:
                 return code, report
             for line in ("unigram", "bigram"):
-                result[f"chars_to_beat_{line}"] = chars_to_beat(result["curve"], baselines[line]["ce"])
+                result[f"tokens_to_beat_{line}"] = tokens_to_beat(result["curve"], baselines[line]["ce"])
             report["methods"][method.name]["runs"].append(result)
     for entry in report["methods"].values():
         entry["summary"] = summarize(entry["runs"])
@@ -244,12 +263,12 @@ def merge_learning_benches(paths: list[Path], out: Path, json_path: Path | None)
         except (OSError, ValueError) as err:
             print(f"error: --merge {path}: cannot read it as JSON ({err}).", file=sys.stderr)
             return exit_codes.CONFIG
-        if not isinstance(report, dict) or report.get("schema") != SCHEMA or \
+        if not isinstance(report, dict) or report.get("schema") not in (SCHEMA, SCHEMA_2) or \
                 not all(key in report for key in ("seeds", "settings", "methods", "referee")):
-            print(f"error: --merge {path}: not a {SCHEMA} report (the learning.json of avatarl bench learning).",
-                  file=sys.stderr)
+            print(f"error: --merge {path}: not a {SCHEMA} (or {SCHEMA_2}) report (the learning.json of "
+                  "avatarl bench learning).", file=sys.stderr)
             return exit_codes.CONFIG
-        reports.append(report)
+        reports.append(upgrade_report(report))
     try:
         merged = merge_reports(reports, [str(path) for path in paths])
     except ValueError as err:
@@ -270,14 +289,13 @@ def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.CONFIG
     if getattr(args, "merge", None):
-        return merge_learning_benches([Path(name).expanduser() for name in args.merge], Path(args.out).expanduser(),
+        return merge_learning_benches([Path(name).expanduser() for name in args.merge],
+                                      Path(args.out).expanduser(),
                                       Path(args.json_path).expanduser() if args.json_path else None)
     seeds = getattr(args, "seeds", 1)
     if seeds < 1:
         print(f"error: --seeds {seeds}: give at least 1.", file=sys.stderr)
         return exit_codes.CONFIG
-    if args.quick:
-        cfg = cfg.replace(**preset_values(QUICK_PRESET))
     out = Path(args.out).expanduser()
     code, report = learning_bench(cfg, out, cfg.optim.total_iters, cfg.referee.referee_iters, seeds)
     if code != exit_codes.OK:

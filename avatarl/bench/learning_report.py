@@ -1,5 +1,9 @@
 """What `avatarl bench learning` writes: the per-method summary over seeds, the markdown table, the plot
-(validation CE and accuracy against tokens seen, with the count-model lines) and the JSON."""
+(validation CE and accuracy against tokens seen, with the count-model lines) and the JSON, whose schema
+(SCHEMA) older reports are upgraded to when read (`upgrade_report`, for `--merge`).
+
+Counts of tokens are named tokens_* whatever the tokenizer (budget_tokens, tokens_seen, tokens_to_beat_*);
+the table and plot say "characters seen" when the token unit is char and "tokens seen" otherwise."""
 
 from __future__ import annotations
 
@@ -9,8 +13,11 @@ from typing import Any
 
 from avatarl import plotting
 
-SUMMARIZED = ("final_val_acc", "final_val_ce", "final_val_bpb", "final_val_ce_second_half", "final_val_ce_calibrated",
-              "min_entropy")
+SCHEMA = "avatarl.bench.learning/3"
+# Schema 2 named the token counts for characters (budget_chars, chars_seen, chars_to_beat_*); 3 renames them.
+SCHEMA_2 = "avatarl.bench.learning/2"
+SUMMARIZED = ("final_val_acc", "final_val_ce", "final_val_bpb", "final_val_ce_second_half",
+              "final_val_ce_calibrated", "min_entropy")
 BASELINE_STYLES = {"uniform": ":", "unigram": "--", "bigram": "-.", "trigram": (0, (3, 1, 1, 1)),
                    "4-gram": (0, (1, 1))}
 
@@ -36,6 +43,28 @@ def spread(summary: dict[str, dict[str, float]], key: str, digits: int = 3) -> s
     return f"{stat['mean']:.{digits}f} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
 
 
+def unit_name(report: dict[str, Any]) -> str:
+    """What the report's tokens are, spelled out: "character" (TOKENIZER=char) or "token"."""
+    return "character" if report.get("token_unit", "char") == "char" else "token"
+
+
+def upgrade_report(report: dict[str, Any]) -> dict[str, Any]:
+    """A report of schema 2 as schema 3 writes it (its counts renamed); a schema-3 report as it is."""
+    if report.get("schema") != SCHEMA_2:
+        return report
+
+    def renamed(entry: dict[str, Any]) -> dict[str, Any]:
+        return {key.replace("chars_", "tokens_", 1) if key.startswith("chars_") else key: value
+                for key, value in entry.items()}
+
+    upgraded = {("budget_tokens" if key == "budget_chars" else key): value for key, value in report.items()}
+    upgraded["schema"] = SCHEMA
+    upgraded["referee"] = {seed: renamed(run) for seed, run in report["referee"].items()}
+    upgraded["methods"] = {name: {**entry, "runs": [renamed(run) for run in entry["runs"]]}
+                           for name, entry in report["methods"].items()}
+    return upgraded
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The README table: per method, accuracy and the three losses at the common budget, over seeds."""
     unit = report.get("token_unit", "char")
@@ -43,31 +72,35 @@ def markdown_table(report: dict[str, Any]) -> str:
                       for name, b in report["baselines"].items())
     rows = [f"Count models on the same validation windows (accuracy / CE nats/{unit}): {lines}.", "",
             f"Seeds {', '.join(map(str, report['seeds']))}; mean (min-max) over seeds.", "",
-            "CE (nats/" + unit + ") and bits per byte on all windows; the calibrated CE is on the second half of the "
-            "windows at the temperature fitted on the first half, next to that half's CE at temperature 1.", "",
-            f"| Method | {unit.capitalize()}s seen | Val accuracy | Val CE | Val bits/byte | CE, 2nd half | "
-            "Calibrated CE, 2nd half | Lowest entropy |",
+            f"CE (nats/{unit}) and bits per byte on all windows; the calibrated CE is on the second half of "
+            "the windows at the temperature fitted on the first half, next to that half's CE at temperature "
+            "1.", "",
+            f"| Method | {unit_name(report).capitalize()}s seen | Val accuracy | Val CE | Val bits/byte | "
+            "CE, 2nd half | Calibrated CE, 2nd half | Lowest entropy |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in report["methods"].values():
         summary, runs = entry.get("summary", {}), entry["runs"]
-        seen = f"{runs[0]['chars_seen']:,}" if runs else "n/a"
+        seen = f"{runs[0]['tokens_seen']:,}" if runs else "n/a"
         cells = [spread(summary, key) for key in ("final_val_acc", "final_val_ce", "final_val_bpb",
                                                   "final_val_ce_second_half", "final_val_ce_calibrated")]
-        rows.append(f"| {entry['label']} | {seen} | {' | '.join(cells)} | {spread(summary, 'min_entropy', 2)} |")
+        lowest = spread(summary, "min_entropy", 2)
+        rows.append(f"| {entry['label']} | {seen} | {' | '.join(cells)} | {lowest} |")
     referees = list(report["referee"].values())
     if referees:
         ces = ", ".join(f"{r['final_val_ce']:.3f}" for r in referees if r.get("final_val_ce") is not None)
-        rows += ["", f"Referee (supervised, trained apart for AvataRL, one per seed): {referees[0]['iters']} steps, "
-                 f"{referees[0]['chars_seen']:,} {unit}s, val CE {ces}."]
+        rows += ["", f"Referee (supervised, trained apart for AvataRL, one per seed): {referees[0]['iters']} "
+                 f"steps, {referees[0]['tokens_seen']:,} {unit_name(report)}s, val CE {ces}."]
     return "\n".join(rows) + "\n"
 
 
 def require_pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend, or ImportError naming `avatarl bench learning` and the install hint."""
+    """matplotlib's pyplot on the Agg backend, or ImportError naming `avatarl bench learning` and the install
+    hint."""
     return plotting.require_pyplot("avatarl bench learning")
 
 
-def mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+def mean_curve(runs: list[dict[str, Any]], key: str
+               ) -> tuple[list[int], list[float], list[float], list[float]]:
     """(x, mean, min, max) of one curve over seeds, at the measurements every seed made."""
     curves = [dict(run[key]) for run in runs if run.get(key)]
     if not curves:
@@ -99,22 +132,24 @@ def plot_learning(report: dict[str, Any], path: Path) -> None:
             ax.axhline(baseline[metric], color="grey", linestyle=BASELINE_STYLES.get(name, ":"), linewidth=1)
             ax.annotate(f"{name} {baseline[metric]:.3f}", (0, baseline[metric]), xytext=(2, 2),
                         textcoords="offset points", fontsize=8, color="grey")
-        ax.set_xlabel(f"{unit}s seen")
+        ax.set_xlabel(f"{unit_name(report)}s seen")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     uniform = report["baselines"]["uniform"]["ce"]
     lowest = min(b["ce"] for b in report["baselines"].values())
     axes[0].set_ylim(lowest - 0.3, uniform + 0.6)
-    fig.suptitle(f"Learning at equal {unit}s seen ({report['model']['n_layer']} layers, {report['model']['n_emb']} "
-                 f"wide, seeds {', '.join(map(str, report['seeds']))})")
+    model = report["model"]
+    fig.suptitle(f"Learning at equal {unit_name(report)}s seen ({model['n_layer']} layers, "
+                 f"{model['n_emb']} wide, "
+                 f"seeds {', '.join(map(str, report['seeds']))})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 # What must agree for runs of other seeds to be one benchmark (`settings` are checked apart).
-SAME_BENCHMARK = ("schema", "budget_chars", "token_unit", "vocab_size", "baselines", "kl_reference", "model")
+SAME_BENCHMARK = ("schema", "budget_tokens", "token_unit", "vocab_size", "baselines", "kl_reference", "model")
 # Settings that may differ: the seed, and where the corpus and tokenizer lie and what runs them on each
 # machine (the same corpus and tokenizer give the same vocab_size and baselines, which are compared).
 PER_MACHINE = frozenset({"SEED", "DATA_PATH", "TOKENIZER", "DEVICE"})
@@ -147,9 +182,10 @@ def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, 
     merged.update(seeds=sorted(seeds), merged_from=parts,
                   referee={str(seed): next(r["referee"][str(seed)] for r in reports if seed in r["seeds"])
                            for seed in sorted(seeds)})
-    merged["methods"] = {name: {**entry, "runs": sorted((run for r in reports for run in r["methods"][name]["runs"]),
-                                                        key=lambda run: run["seed"])}
-                         for name, entry in first["methods"].items()}
+    merged["methods"] = {
+        name: {**entry, "runs": sorted((run for r in reports for run in r["methods"][name]["runs"]),
+                                       key=lambda run: run["seed"])}
+        for name, entry in first["methods"].items()}
     for entry in merged["methods"].values():
         entry["summary"] = summarize(entry["runs"])
     return merged

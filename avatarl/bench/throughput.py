@@ -23,6 +23,8 @@ ratios: grpo_over_supervised = GRPO iteration / supervised step, kv_cache_speedu
 KV-cached rollout, shared_prefix_speedup = full-rows / shared-prefix GRPO iteration, supervised_over_peer = supervised
 step / peer step (with the peer row), and on CUDA mfu = FLOP/s of the GRPO iteration / the GPU's peak
 bf16 dense FLOP/s.
+
+`--quick`: `--preset bench-quick` (2 x 64; flags still win) and 2 timed iterations unless `--iters` is given.
 """
 
 from __future__ import annotations
@@ -50,17 +52,13 @@ from avatarl.config import Config
 from avatarl.data.sampler import make_sampler
 from avatarl.device import mixed_precision, resolve_device
 from avatarl.model import GPT, attention_backend_available, frozen_copy
-from avatarl.objectives import AvataRLObjective, RefereeObjective
-from avatarl.referee import Referee
+from avatarl.objectives import AvataRLObjective, SupervisedObjective
+from avatarl.progress import gpu_peak_tflops, grpo_context_flops, next_token_context_flops
+from avatarl.referee import Referee, referee_dtype
 from avatarl.run import MetricBuffer, Run, RunState
 from avatarl.trainer import build, model_config, train_step
 
 SCHEMA = "avatarl.bench.throughput/1"
-# Peak dense bf16 tensor-core TFLOP/s (no sparsity) from the vendors' datasheets; T4 has no bf16, its fp16 peak.
-PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "A100": 312.0,
-                    "A100-80GB": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "T4": 65.0}
-
-
 @dataclasses.dataclass
 class Timing:
     times_s: list[float]                  # wall clock (CUDA events on a GPU)
@@ -116,17 +114,6 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
     return {name: Timing(times[name], peaks[name], None if cuda else cpu_times[name]) for name in calls}
 
 
-def gpu_peak_tflops(device_name: str, gpu_type: str) -> tuple[str, float]:
-    """(GPU type, peak bf16 dense TFLOP/s): recognised in the CUDA device name, else GPU_TYPE."""
-    name = device_name.upper()
-    if "H100" in name and "PCIE" in name:
-        return "H100 PCIe", PEAK_BF16_TFLOPS["H100 PCIe"]
-    for kind in ("B200", "H200", "H100", "A100", "L40S", "A10G", "L4", "T4"):
-        if kind in name:
-            return kind, PEAK_BF16_TFLOPS[kind]
-    return gpu_type, PEAK_BF16_TFLOPS[gpu_type]
-
-
 @torch.no_grad()
 def rollout_recompute(policy: nn.Module, ctx: Tensor, k: int, horizon: int, temperature: float,
                       generator: torch.Generator | None = None) -> Rollout:
@@ -172,11 +159,10 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
     rows = cfg.optim.micro_batch * cfg.grpo.k_samples  # C + H input chars, then the next one, in B x K windows
     sup_cfg = cfg.replace(context_len=cfg.seq_len, micro_batch=rows, batch=rows)
     supervised = dataclasses.replace(
-        grpo, cfg=sup_cfg, objective=RefereeObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(device),
+        grpo, cfg=sup_cfg, objective=SupervisedObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(device),
         sampler=make_sampler(grpo.corpus.train, sup_cfg.model.context_len + 1, cfg.run.seed, 0, device))
-    referee = GPT(model_config(cfg, grpo.corpus.model_vocab_size, "referee")).to(device)
-    if mixed_precision(cfg, device) == torch.bfloat16:
-        referee = referee.to(torch.bfloat16)  # as referee.load_referee does for a bf16 run
+    referee = GPT(model_config(cfg, grpo.corpus.model_vocab_size, "referee"))
+    referee = referee.to(device, referee_dtype(mixed_precision(cfg, device)))  # as open_referee loads one
     av_cfg = cfg.replace(algorithm="avatarl")
     referee = frozen_copy(referee)
     avatarl = dataclasses.replace(
@@ -248,10 +234,9 @@ def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
     AvataRL: F(C) x BC for the student plus F_ref(C)/3 x BC for the referee's forward.
     """
     B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
-    S = C + H - 1
     return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
-            "grpo_iteration": student.flops_per_token(S) * B * (C + K * (H - 1)) * 4.0 / 3.0,
-            "avatarl_iteration": (student.flops_per_token(C) + referee.flops_per_token(C) / 3.0) * B * C}
+            "grpo_iteration": grpo_context_flops(student, C, K, H) * B,
+            "avatarl_iteration": next_token_context_flops(student, C, referee) * B}
 
 
 def ratios_of(t: dict[str, float]) -> dict[str, float]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from avatarl.config import ConfigError
 from avatarl.data.tokenizers import (
     Tokenizer,
     TokenizerIdentity,
@@ -25,6 +24,7 @@ from avatarl.data.tokenizers import (
     load_tokenizer,
     tokenizer_from_identity,
 )
+from avatarl.errors import InputError
 
 META = "meta.json"
 TRAIN_BIN, VAL_BIN = "train.bin", "val.bin"
@@ -55,10 +55,10 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError([f"DATA_PATH={str(directory)!r}: {META} is unreadable ({err}); run `avatarl prepare` "
+        raise InputError([f"DATA_PATH={str(directory)!r}: {META} is unreadable ({err}); run `avatarl prepare` "
                            "again."]) from None
     if meta.get("format") != FORMAT:
-        raise ConfigError([f"DATA_PATH={str(directory)!r}: {META} is not an avatarl prepared directory "
+        raise InputError([f"DATA_PATH={str(directory)!r}: {META} is not an avatarl prepared directory "
                            f"(format {meta.get('format')!r}, expected {FORMAT!r})."])
     return meta
 
@@ -69,11 +69,11 @@ def open_prepared(directory: Path, tokenizer_spec: str) -> tuple[PreparedData, T
     meta = read_meta(directory)
     for name in (TRAIN_BIN, VAL_BIN):
         if not (directory / name).is_file():
-            raise ConfigError([f"DATA_PATH={str(directory)!r} has no {name}: run `avatarl prepare ... --output "
+            raise InputError([f"DATA_PATH={str(directory)!r} has no {name}: run `avatarl prepare ... --output "
                                f"{directory}` (an interrupted prepare leaves none)."])
     if meta is None:  # a nanoGPT directory
         if tokenizer_spec == "char":
-            raise ConfigError([f"DATA_PATH={str(directory)!r} has train.bin but no {META}: set TOKENIZER to the "
+            raise InputError([f"DATA_PATH={str(directory)!r} has train.bin but no {META}: set TOKENIZER to the "
                                "tokenizer that wrote it (gpt2 for nanoGPT's openwebtext)."])
         tokenizer = load_tokenizer(tokenizer_spec)
         dtype = token_dtype(tokenizer.size)
@@ -84,12 +84,12 @@ def open_prepared(directory: Path, tokenizer_spec: str) -> tuple[PreparedData, T
             tokenizer = tokenizer_from_identity(saved, owner=f"the data in {directory}")
         else:
             tokenizer = load_tokenizer(tokenizer_spec)
-            check_same_tokenizer(saved, tokenizer.identity, f"the data in {directory}", "TOKENIZER")
+            check_same_tokenizer(saved, tokenizer, f"the data in {directory}", "TOKENIZER")
         dtype = np.dtype(meta["dtype"])
     train = np.memmap(directory / TRAIN_BIN, dtype=dtype, mode="r")
     val = np.memmap(directory / VAL_BIN, dtype=dtype, mode="r")
     for name, split in (("train_tokens", train), ("val_tokens", val)):
         if name in meta and meta[name] != len(split):
-            raise ConfigError([f"DATA_PATH={str(directory)!r}: {META} says {meta[name]:,} {name}, the file holds "
+            raise InputError([f"DATA_PATH={str(directory)!r}: {META} says {meta[name]:,} {name}, the file holds "
                                f"{len(split):,}: it was changed or truncated; run `avatarl prepare` again."])
     return PreparedData(directory, train, val, meta), tokenizer

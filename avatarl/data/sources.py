@@ -2,8 +2,9 @@
 .txt / .jsonl / .parquet files, or a Hugging Face dataset (hub name or local directory) through `datasets`.
 
 A .txt file is one document; a .jsonl line or a parquet / dataset row is one document (its TEXT_COLUMN).
-Problems (no such file, an empty source, a file that is not UTF-8, a missing text column) raise ConfigError
-with one line that names the source, before any expensive work where they can be seen up front.
+Problems (no such file, an empty source, a file that is not UTF-8, a missing text column) raise
+InputError (a ConfigError) with one line that names the source, before any expensive work where they
+can be seen up front.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avatarl.config import ConfigError
+from avatarl.errors import InputError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -45,10 +47,10 @@ def expand(sources: list[str]) -> list[Path]:
         else:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not found:
-            raise ConfigError([f"source {source!r}: no such file, or no {'/'.join(SUFFIXES)} file in it."])
+            raise InputError([f"source {source!r}: no such file, or no {'/'.join(SUFFIXES)} file in it."])
         unknown = [p for p in found if p.suffix not in SUFFIXES]
         if unknown:
-            raise ConfigError([f"source {unknown[0]}: unknown kind of file; use {', '.join(SUFFIXES)}."])
+            raise InputError([f"source {unknown[0]}: unknown kind of file; use {', '.join(SUFFIXES)}."])
         files += found
     return files
 
@@ -61,9 +63,9 @@ def _jsonl_documents(path: Path, column: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except ValueError as err:
-                raise ConfigError([f"source {path}:{number} is not a JSON line ({err})."]) from None
+                raise InputError([f"source {path}:{number} is not a JSON line ({err})."]) from None
             if column not in record:
-                raise ConfigError([f"source {path}:{number} has no text column {column!r} (it has "
+                raise InputError([f"source {path}:{number} has no text column {column!r} (it has "
                                    f"{', '.join(sorted(record))}): set --text-column."])
             yield str(record[column])
 
@@ -73,7 +75,7 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
 
     table = pq.ParquetFile(path)
     if column not in table.schema_arrow.names:
-        raise ConfigError([f"source {path} has no text column {column!r} (it has "
+        raise InputError([f"source {path} has no text column {column!r} (it has "
                            f"{', '.join(table.schema_arrow.names)}): set --text-column."])
     for batch in table.iter_batches(columns=[column], batch_size=1024):
         yield from (str(text) for text in batch.column(0).to_pylist() if text is not None)
@@ -89,7 +91,7 @@ def file_documents(files: list[Path], column: str) -> Iterator[str]:
             else:
                 yield from _parquet_documents(path, column)
         except UnicodeDecodeError as err:
-            raise ConfigError([f"source {path} is not UTF-8 text (byte {err.start}): convert it to UTF-8."]) \
+            raise InputError([f"source {path} is not UTF-8 text (byte {err.start}): convert it to UTF-8."]) \
                 from None
 
 
@@ -109,10 +111,10 @@ def hf_documents(source: HFSource, column: str) -> Iterator[str]:
             dataset = datasets.load_dataset(source.name, source.config, split=source.split,
                                             streaming=source.streaming)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise ConfigError([f"--hf-dataset {source.name}: could not load split {source.split!r} ({err})."]) from None
+        raise InputError([f"--hf-dataset {source.name}: could not load split {source.split!r} ({err})."]) from None
     names = list(dataset.column_names or [])
     if names and column not in names:
-        raise ConfigError([f"--hf-dataset {source.name} has no text column {column!r} (it has "
+        raise InputError([f"--hf-dataset {source.name} has no text column {column!r} (it has "
                            f"{', '.join(names)}): set --text-column."])
     for row in dataset:
         if row[column] is not None:

@@ -8,8 +8,10 @@
      a save_pretrained dir)
 
 Each tokenizer has an identity (kind, source, sha256 of its definition) that prepared data and every
-checkpoint record, so data, checkpoints and referees made with another tokenizer are refused, and
-`token_bytes`: the UTF-8 bytes each id stands for, which bits per byte divide by.
+checkpoint record, so data, checkpoints and referees made with another tokenizer are refused (one check,
+`tokenizer_difference`), and `token_bytes`: the UTF-8 bytes each id stands for, which bits per byte divide
+by. A byte-level BPE's table of token bytes is read one way (`HFTokenizer.byte_pieces`), so GPT-2 through
+tiktoken and as a Hugging Face tokenizer.json have one `table_sha256`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,11 @@ class Tokenizer:
 
     def can_encode(self, text: str) -> bool:
         return True
+
+    def table_sha256(self) -> str | None:
+        """`pieces_sha256` of the bytes each id stands for where ids are byte strings, so two kinds of
+        tokenizer with one table compare equal; None where they are not (chars, a BPE not byte-level)."""
+        return None
 
 
 def _ids(ids: Any) -> list[int]:
@@ -148,6 +155,9 @@ class TiktokenTokenizer(Tokenizer):
         sizes[[self.encoding.encode_single_token(token) for token in self.encoding.special_tokens_set]] = 0
         return sizes
 
+    def table_sha256(self) -> str | None:
+        return self.identity.sha256  # the identity already hashes the token bytes
+
 
 def tiktoken_from_rank_file(path: Path) -> Any:
     """A tiktoken Encoding from a rank file, with GPT-2's split pattern and <|endoftext|> after the ranks."""
@@ -180,20 +190,47 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Any) -> str:
         return self.tokenizer.decode(_ids(ids), skip_special_tokens=False)
 
-    def token_bytes(self) -> np.ndarray:
-        from tokenizers import pre_tokenizers
-
-        table = set(pre_tokenizers.ByteLevel.alphabet()) if self.byte_level else set()  # one char per byte
-        sizes = np.zeros(self.size, dtype=np.int64)
+    @cached_property
+    def byte_pieces(self) -> list[bytes | None]:
+        """The bytes each id stands for, read off a byte-level tokenizer's alphabet (one char per byte); None
+        for a special token, an unused id, a token outside the alphabet, and every id of a tokenizer that
+        is not byte-level."""
+        byte_of = byte_level_alphabet() if self.byte_level else {}
+        pieces: list[bytes | None] = []
         for i in range(self.size):
+            token = self.tokenizer.id_to_token(i)
+            readable = token is not None and token not in self.special and bool(byte_of)
+            readable = readable and set(token) <= byte_of.keys()
+            pieces.append(bytes(byte_of[ch] for ch in token) if readable else None)
+        return pieces
+
+    def token_bytes(self) -> np.ndarray:
+        sizes = np.zeros(self.size, dtype=np.int64)
+        for i, piece in enumerate(self.byte_pieces):
             token = self.tokenizer.id_to_token(i)
             if token is None or token in self.special:
                 continue
-            if self.byte_level and all(ch in table for ch in token):
-                sizes[i] = len(token)  # one printable char per byte
-            else:
-                sizes[i] = len(self.tokenizer.decode([i]).encode("utf-8"))
+            sizes[i] = len(piece) if piece is not None else len(self.tokenizer.decode([i]).encode("utf-8"))
         return sizes
+
+    def table_sha256(self) -> str | None:
+        if not self.byte_level:
+            return None
+        # Special tokens count as their text, as tiktoken's table holds them.
+        return pieces_sha256(piece if piece is not None else (self.tokenizer.id_to_token(i) or "").encode()
+                             for i, piece in enumerate(self.byte_pieces))
+
+
+@cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: each printable Latin-1 byte is its own char, the other 68
+    bytes (controls, space, NBSP, soft hyphen) are chr(256), chr(257), ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    alphabet = {chr(byte): byte for byte in printable}
+    alphabet.update({chr(256 + n): byte for n, byte in enumerate(others)})
+    return alphabet
 
 
 def char_vocabulary(tokenizer: Tokenizer) -> list[str]:
@@ -254,32 +291,56 @@ def tokenizer_from_identity(identity: TokenizerIdentity, chars: list[str] | None
         except ConfigError:
             raise ConfigError([f"{owner} was made with {identity.describe()}, which cannot be loaded from there any "
                                "more: set TOKENIZER to where it is now."]) from None
-    check_same_tokenizer(identity, tokenizer.identity, owner, "the tokenizer found there")
+    check_same_tokenizer(identity, tokenizer, owner, "the tokenizer found there")
     return tokenizer
 
 
-def vocabulary_difference(saved: dict[str, Any], tokenizer: Tokenizer) -> str | None:
-    """Why the token ids of a checkpoint or referee (its "tokenizer" identity; char files of before it carry
-    their chars as "vocab" / "vocab_chars") mean something else under `tokenizer`; None when they do not."""
-    mine = tokenizer.identity
-    theirs = TokenizerIdentity.from_dict(saved["tokenizer"]) if saved.get("tokenizer") else None
-    if theirs is not None and not theirs.kind == mine.kind == "char":
-        return None if theirs == mine else f"tokenizer {theirs.describe()} vs {mine.describe()}"
-    chars = list(saved.get("vocab") or saved.get("vocab_chars") or [])
-    ours = char_vocabulary(tokenizer)
-    if chars == ours:
+def tokenizer_difference(theirs: Tokenizer | TokenizerIdentity, mine: Tokenizer) -> str | None:
+    """Why ids made with `theirs` mean something else under `mine`; None when they mean the same. The one
+    tokenizer check of prepared data, checkpoints and referees: two char vocabularies symbol by symbol,
+    otherwise the same identity (kind and sha256 of the definition) or, both loaded, the same table of
+    token bytes (GPT-2 through tiktoken and as a Hugging Face tokenizer.json)."""
+    if isinstance(theirs, CharTokenizer) and isinstance(mine, CharTokenizer):
+        return symbol_difference(list(theirs.chars), list(mine.chars))
+    identity = theirs if isinstance(theirs, TokenizerIdentity) else theirs.identity
+    if identity == mine.identity:
         return None
-    if len(chars) != len(ours):
-        return f"{len(chars)} vs {len(ours)} symbols"
-    i = next(i for i, (a, b) in enumerate(zip(chars, ours, strict=True)) if a != b)
-    return f"same {len(chars)} symbols count, but token {i} is {chars[i]!r} vs {ours[i]!r}"
+    table = mine.table_sha256()
+    if isinstance(theirs, Tokenizer) and table is not None and table == theirs.table_sha256():
+        return None
+    return f"tokenizer {identity.describe()} vs {mine.identity.describe()}"
 
 
-def check_same_tokenizer(theirs: TokenizerIdentity, mine: TokenizerIdentity, their_name: str, my_name: str) -> None:
+def symbol_difference(theirs: list[str], mine: list[str]) -> str | None:
+    """The first way two char vocabularies differ (their sizes, else the first symbol), None when equal."""
+    if theirs == mine:
+        return None
+    if len(theirs) != len(mine):
+        return f"{len(theirs)} vs {len(mine)} symbols"
+    i = next(i for i, (a, b) in enumerate(zip(theirs, mine, strict=True)) if a != b)
+    return f"same {len(theirs)} symbols count, but token {i} is {theirs[i]!r} vs {mine[i]!r}"
+
+
+def saved_tokenizer(saved: dict[str, Any]) -> Tokenizer | TokenizerIdentity:
+    """What the ids of a checkpoint or referee file were made with: its "tokenizer" identity, or the chars
+    of a char file (which carry them as "vocab" / "vocab_chars", from before identities were recorded)."""
+    identity = saved.get("tokenizer")
+    if identity and identity["kind"] != "char":
+        return TokenizerIdentity.from_dict(identity)
+    return CharTokenizer(saved.get("vocab") or saved.get("vocab_chars") or [])
+
+
+def vocabulary_difference(saved: dict[str, Any], tokenizer: Tokenizer) -> str | None:
+    """Why the token ids of a checkpoint or referee file mean something else under `tokenizer`, or None."""
+    return tokenizer_difference(saved_tokenizer(saved), tokenizer)
+
+
+def check_same_tokenizer(theirs: TokenizerIdentity, mine: Tokenizer, their_name: str, my_name: str
+                         ) -> None:
     """ConfigError naming both tokenizers when the ids of one do not mean what they mean in the other."""
-    if theirs != mine:
-        raise ConfigError([f"tokenizer mismatch: {their_name} was made with {theirs.describe()}, {my_name} is "
-                           f"{mine.describe()}; use the same tokenizer (TOKENIZER) for both."])
+    if tokenizer_difference(theirs, mine) is not None:
+        raise ConfigError([f"tokenizer mismatch: {their_name} was made with {theirs.describe()}, {my_name} "
+                           f"is {mine.identity.describe()}; use the same tokenizer (TOKENIZER) for both."])
 
 
 def train_bpe(docs: Any, vocab_size: int, output: Path) -> Path:

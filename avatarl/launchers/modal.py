@@ -1,12 +1,14 @@
-"""Train on Modal in the image built from docker/Dockerfile, the same image compose and Kubernetes run.
+"""Train on Modal in the image of docker/Dockerfile (AVATARL_IMAGE from a registry, else built by Modal:
+modal_image.py), the same image compose and Kubernetes run.
 
     TRAINING_MODE=modal avatarl train        # also: make modal, python train_generic.py --mode modal
 
-What happens: from the local settings (environment > .env > flags, see `collect_settings`) a Modal app
-is defined with the Dockerfile image, `GPU_TYPE:N_GPUS` GPUs, two persistent volumes (MODAL_DATA_VOLUME
-at /data, MODAL_CHECKPOINT_VOLUME at /checkpoints, created on first use), the wandb/HF keys as a Modal
-secret (a named one, MODAL_WANDB_SECRET, or the local keys sent as an ephemeral secret; never part of
-the image or of the function's arguments), retries, and a MODAL_TIMEOUT_HOURS limit. The remote
+What happens: from the local settings (environment > flags > .env > preset, see `collect_settings`) a
+Modal app is defined with that image, `GPU_TYPE:N_GPUS` GPUs, two persistent volumes
+(MODAL_DATA_VOLUME at /data, MODAL_CHECKPOINT_VOLUME at /checkpoints, created on first use), the secrets
+(config.is_secret: WANDB_API_KEY, HF_TOKEN, any *_KEY of .env) as a Modal secret (a named one,
+MODAL_WANDB_SECRET, or the local keys sent as an ephemeral secret; never part of the image or of the
+function's arguments), retries, and a MODAL_TIMEOUT_HOURS limit. The remote
 function runs `avatarl train` (or, for N_GPUS > 1, `avatarl launch --nproc-per-node=N_GPUS -m avatarl
 train`, i.e. torchrun) with CHECKPOINT_DIR=/checkpoints, so a retried or preempted run resumes from its
 newest checkpoint. MODAL_NODES > 1 makes it a clustered function (`modal.clustered`): that many
@@ -36,12 +38,13 @@ from typing import Any, cast
 
 from avatarl import exit_codes
 from avatarl.config import LAUNCHER_NAMES, LAUNCHER_VARIABLES, config_fields, is_secret
-from avatarl.config_sources import default_of, dotenv_values_if_present, preset_settings
-from avatarl.run_dir import heartbeat_age
+from avatarl.config_sources import default_of, layer_sources
+from avatarl.errors import ConfigError
+from avatarl.launchers.modal_image import function_image, image_setting
+from avatarl.run_dir import heartbeat_age, run_directory
 from avatarl.signals import STOP_SIGNALS, forwarding_signals, send
 
 APP_NAME = "avatarl"
-DOCKERFILE = "docker/Dockerfile"
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
 MAX_GPUS = 8  # GPUs Modal attaches to one container
@@ -52,16 +55,17 @@ RETRIES = 3
 # Hugging Face downloads and the token cache live in the data volume, so a retry does not fetch them again.
 VOLUME_CACHES = {"DATA_CACHE_DIR": f"{DATA_MOUNT}/cache", "HF_HOME": f"{DATA_MOUNT}/hf"}
 COMMIT_POLL_SECONDS = 30.0
-# Keys the remote trainer reads from the environment, sent only inside a Modal secret.
-SECRET_KEYS = ("WANDB_API_KEY", "HF_TOKEN")
-# Settings that describe this machine, not the container.
+# Variables that describe this machine, not the container: never sent. Every other setting is sent, and
+# every other variable of .env (WANDB_ENTITY...); secrets (config.is_secret) only inside a Modal secret.
 HOST_ONLY = frozenset({"CHECKPOINT_DIR", "DATA_CACHE_DIR", "HF_HOME", "TRAINING_MODE", "AVATARL_IMAGE",
-                       "CHECKPOINT_HOST_DIR", "DATA_HOST_DIR", "CACHE_HOST_DIR", "HOST_UID"})
+                       "CHECKPOINT_HOST_DIR", "DATA_HOST_DIR", "CACHE_HOST_DIR", "HOST_UID",
+                       "CUDA_VISIBLE_DEVICES", "TIKTOKEN_CACHE_DIR", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET",
+                       "PATH", "HOME", "PYTHONPATH", "VIRTUAL_ENV"})
 INSTALL_HINT = "Modal is not installed: pip install 'avatarl[modal]' (then `modal setup` once to log in)."
 
 
-class ModalSetupError(RuntimeError):
-    """The Modal run cannot be set up as configured; the message says what to change."""
+class ModalSetupError(ConfigError):
+    """The Modal run cannot be set up as configured; each line says what to change (exit 2)."""
 
 
 def in_modal_container(environ: Mapping[str, str] | None = None) -> bool:
@@ -72,24 +76,9 @@ def in_modal_container(environ: Mapping[str, str] | None = None) -> bool:
 
 def collect_settings(env_file: str | os.PathLike | None = None, cli: Mapping[str, str] | None = None,
                      environ: Mapping[str, str] | None = None, preset: str | None = None) -> dict[str, str]:
-    """Settings and launcher variables as text, with the precedence of `load_config`:
-    env > .env > cli > preset."""
-    environ = os.environ if environ is None else environ
-    known = set(config_fields()) | LAUNCHER_NAMES
-    merged: dict[str, str] = {}
-    presets = preset_settings(preset) if preset else {}
-    for layer in (presets, cli or {}, dotenv_values_if_present(env_file), environ):
-        merged.update({name: value for name, value in layer.items() if name in known})
-    return merged
-
-
-def repo_root() -> Path:
-    """The source checkout holding docker/Dockerfile, which is also the image's build context."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / DOCKERFILE).is_file():
-        raise ModalSetupError(f"{root / DOCKERFILE} not found: run Modal training from a source checkout "
-                              "(git clone ...; pip install -e '.[modal]').")
-    return root
+    """What the local sources set, as text, decided as for every command (config_sources.layer_sources:
+    env > flags > .env > preset): settings, launcher variables and every other variable of .env."""
+    return dict(layer_sources(cli, env_file, environ, preset).values)
 
 
 def trainer_command(n_gpus: int, nodes: int = 1) -> list[str]:
@@ -118,6 +107,7 @@ class ModalPlan:
     # (local file, path inside the data volume) when DATA_PATH is a file on this machine.
     upload: tuple[Path, str] | None
     local_secrets: dict[str, str] = field(repr=False)
+    image: str = ""  # AVATARL_IMAGE (modal_image.function_image: pulled, or the Dockerfile built)
 
 
 def _setting(settings: Mapping[str, str], name: str) -> str:
@@ -173,7 +163,7 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
         problems.append("MODAL_DATA_VOLUME and MODAL_CHECKPOINT_VOLUME must name different volumes.")
 
     remote = {name: value for name, value in settings.items()
-              if name in config_fields() and name not in HOST_ONLY and not is_secret(name)}
+              if name not in LAUNCHER_NAMES and name not in HOST_ONLY and not is_secret(name)}
     # TRAINING_MODE=generic: the hand-over happened; the trainer in the container must not start another.
     remote.update(volumes, **VOLUME_CACHES, CHECKPOINT_DIR=CHECKPOINT_MOUNT, N_GPUS=str(n_gpus),
                   TRAINING_MODE="generic", MODAL_NODES=str(nodes))
@@ -196,23 +186,21 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
                      timeout_s=round(cast(float, hours) * 3600), data_volume=volumes["MODAL_DATA_VOLUME"],
                      checkpoint_volume=volumes["MODAL_CHECKPOINT_VOLUME"],
                      named_secret=_setting(settings, "MODAL_WANDB_SECRET"), remote_settings=remote, upload=upload,
-                     local_secrets={key: settings[key] for key in SECRET_KEYS if settings.get(key)})
+                     local_secrets={key: value for key, value in settings.items()
+                                    if is_secret(key) and key not in HOST_ONLY and value},
+                     image=image_setting(settings))
 
 
 def hand_over_to_modal(env_file: str | None, cli: Mapping[str, str], preset: str | None = None) -> int:
-    """TRAINING_MODE=modal: start the Modal run with this machine's settings (env > .env > flags); secrets
-    travel as a Modal secret, never as function arguments. Returns the remote trainer's exit code."""
+    """TRAINING_MODE=modal: start the Modal run with this machine's settings (collect_settings); secrets
+    travel as a Modal secret, never as function arguments. Returns the remote trainer's exit code; raises
+    ModalSetupError when the run cannot be set up."""
     try:
         import modal  # noqa: F401
     except ImportError:
-        print("error: TRAINING_MODE=modal needs the Modal client: pip install 'avatarl[modal]' and run "
-              "`modal setup` (or use TRAINING_MODE=generic to train on this machine).", file=sys.stderr)
-        return exit_codes.CONFIG
-    try:
-        return run_modal(collect_settings(env_file, cli, preset=preset))
-    except ModalSetupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return exit_codes.CONFIG
+        raise ModalSetupError("TRAINING_MODE=modal needs the Modal client: pip install 'avatarl[modal]' and run "
+                              "`modal setup` (or use TRAINING_MODE=generic to train on this machine).") from None
+    return run_modal(collect_settings(env_file, cli, preset=preset))
 
 
 def _import_modal() -> Any:
@@ -223,21 +211,16 @@ def _import_modal() -> Any:
     return modal
 
 
-def dockerfile_image(modal: Any) -> Any:
-    """The image of docker/Dockerfile, built by Modal from this checkout (training and `modal_prepare`)."""
-    root = repo_root()
-    return modal.Image.from_dockerfile(str(root / DOCKERFILE), context_dir=str(root))
-
-
 def function_options(modal: Any, timeout_s: int, retries: int, named_secret: str,
-                     local_secrets: Mapping[str, str]) -> dict[str, Any]:
-    """What the training and the prepare function share: the Dockerfile's image with no source mounted
-    over it (it holds this package, built from the same tree), the named secret and the local ones (a
-    Modal secret, never a function argument), the time limit, and retries with backoff."""
+                     local_secrets: Mapping[str, str], image: str = "") -> dict[str, Any]:
+    """What the training and the prepare function share: the image of AVATARL_IMAGE=`image` (from its
+    registry, else the Dockerfile's) with no source mounted over it (it holds this package), the named
+    secret and the local ones (a Modal secret, never a function argument), the time limit, and retries
+    with backoff."""
     secrets = [modal.Secret.from_name(named_secret)] if named_secret else []
     if local_secrets:
         secrets.append(modal.Secret.from_dict(dict(local_secrets)))
-    return dict(image=dockerfile_image(modal), secrets=secrets, timeout=timeout_s, include_source=False,
+    return dict(image=function_image(modal, image), secrets=secrets, timeout=timeout_s, include_source=False,
                 retries=modal.Retries(max_retries=retries, initial_delay=10.0, backoff_coefficient=2.0))
 
 
@@ -250,7 +233,7 @@ def build_app(plan: ModalPlan) -> tuple[Any, Any]:
     # Several containers scheduled together, all or nothing, with RDMA between them for NCCL.
     body = modal.clustered(size=plan.nodes, rdma=True)(train_in_container) if plan.nodes > 1 else train_in_container
     function = app.function(gpu=plan.gpu, volumes=volumes, **function_options(
-        modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets))(body)
+        modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets, plan.image))(body)
     return app, function
 
 
@@ -333,10 +316,10 @@ def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any
     return code, signalled.is_set()
 
 
-def run_finished(checkpoint_dir: Path) -> bool:
-    """Whether the trainer marked its run complete in the heartbeat (and not just stopped early)."""
+def run_finished(directory: Path) -> bool:
+    """Whether the trainer marked the run in `directory` complete in its heartbeat (not just stopped early)."""
     try:
-        _, beat = heartbeat_age(checkpoint_dir)
+        _, beat = heartbeat_age(directory)
     except (OSError, ValueError, KeyError):
         return False
     return bool(beat.get("finished"))
@@ -369,14 +352,14 @@ def train_in_container(settings: dict[str, str]) -> int:
         settings = {**settings, **cluster_settings(nodes, cluster.container_rank(),
                                                    list(cluster.container_ips(family="ipv4")),
                                                    list(cluster.container_ips(family="ipv6")))}
-    checkpoint_dir = Path(settings["CHECKPOINT_DIR"])
+    directory = run_directory(settings["CHECKPOINT_DIR"], settings.get("RUN_NAME", ""))  # the run's own
     checkpoint_volume = modal.Volume.from_name(settings["MODAL_CHECKPOINT_VOLUME"])
-    committer = CheckpointCommitter(checkpoint_dir / LATEST, checkpoint_volume.commit)
+    committer = CheckpointCommitter(directory / LATEST, checkpoint_volume.commit)
     code, signalled = supervise(trainer_command(int(settings["N_GPUS"]), nodes), {**os.environ, **settings},
                                 committer.poll)
     checkpoint_volume.commit()
     modal.Volume.from_name(settings["MODAL_DATA_VOLUME"]).commit()
-    if code == exit_codes.OK and signalled and not run_finished(checkpoint_dir):
+    if code == exit_codes.OK and signalled and not run_finished(directory):
         raise RuntimeError("stopped by a signal before the end (preemption): Modal reruns it and it resumes")
     if code not in (exit_codes.OK, *exit_codes.NOT_RETRYABLE):
         raise RuntimeError(f"avatarl train exited with {code}: Modal retries it and it resumes from its checkpoint")

@@ -11,6 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any, cast
 
 from avatarl import exit_codes
+from avatarl.errors import run_entry
 from avatarl.launchers.modal import (
     DATA_MOUNT,
     MAX_TIMEOUT_HOURS,
@@ -23,6 +24,7 @@ from avatarl.launchers.modal import (
     supervise,
     time_limit_hours,
 )
+from avatarl.launchers.modal_image import image_setting
 
 APP_NAME = "avatarl-prepare"
 DEFAULT_CPU = 16.0
@@ -42,6 +44,7 @@ class PreparePlan:
     data_volume: str
     named_secret: str
     local_secrets: dict[str, str] = field(repr=False)
+    image: str = ""  # AVATARL_IMAGE, as for training (modal_image.function_image)
 
 
 def _on_volume(path: str) -> bool:
@@ -91,17 +94,18 @@ def plan_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str],
     return PreparePlan(args=tuple(args), cpu=cpu, memory_mib=round(memory_gb * 1024),
                        timeout_s=round(cast(float, hours) * 3600),
                        data_volume=volume, named_secret=_setting(settings, "MODAL_WANDB_SECRET"),
-                       local_secrets={"HF_TOKEN": settings["HF_TOKEN"]} if settings.get("HF_TOKEN") else {})
+                       local_secrets={"HF_TOKEN": settings["HF_TOKEN"]} if settings.get("HF_TOKEN") else {},
+                       image=image_setting(settings))
 
 
 def build_prepare_app(plan: PreparePlan) -> tuple[Any, Any]:
-    """The Modal app and its prepare function: the Dockerfile image, CPUs only, the data volume at /data."""
+    """The Modal app and its prepare function: the training's image, CPUs only, the data volume at /data."""
     modal = _import_modal()
     app = modal.App(APP_NAME)
     volumes = {DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True)}
     # The local secret is HF_TOKEN, for gated datasets.
-    function = app.function(cpu=plan.cpu, memory=plan.memory_mib, volumes=volumes, **function_options(
-        modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets))(prepare_in_container)
+    options = function_options(modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets, plan.image)
+    function = app.function(cpu=plan.cpu, memory=plan.memory_mib, volumes=volumes, **options)(prepare_in_container)
     return app, function
 
 
@@ -150,11 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours, rest = parser.parse_known_args(argv)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    try:
-        return run_modal_prepare(collect_settings(ours.env_file), rest, ours.cpu, ours.memory_gb, ours.timeout_hours)
-    except ModalSetupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return exit_codes.CONFIG
+    return run_entry(lambda: run_modal_prepare(collect_settings(ours.env_file), rest, ours.cpu, ours.memory_gb,
+                                               ours.timeout_hours))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from avatarl.config import Config
+from avatarl.config_schema import DeviceKind
+from avatarl.errors import ConfigError
 from avatarl.signals import forwarding_signals, send
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies (Linux)
 # By default the workers of every rendezvous round share the rendezvous's own store, where the keys of
@@ -74,12 +76,43 @@ def rendezvous_args(cfg: Config, args: Sequence[str]) -> list[str]:
     own_rendezvous = given(args, "--standalone", "--rdzv-backend", "--rdzv-endpoint", "--nnodes", "--master-addr")
     if own_rendezvous or (cfg.distributed.node_range == (1, 1) and not cfg.distributed.rdzv_endpoint):
         return extra
-    conf = f"is_host={int(cfg.distributed.node_rank == 0)},join_timeout={math.ceil(cfg.distributed.dist_timeout_s)}"
-    extra += [f"--nnodes={cfg.distributed.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.distributed.rdzv_endpoint}",
-              f"--rdzv-id={cfg.distributed.rdzv_id}", f"--rdzv-conf={conf}"]
-    if cfg.distributed.node_addr and not given(args, "--local-addr"):
-        extra.append(f"--local-addr={cfg.distributed.node_addr}")
+    dist = cfg.distributed
+    conf = f"is_host={int(dist.node_rank == 0)},join_timeout={math.ceil(dist.dist_timeout_s)}"
+    extra += [f"--nnodes={dist.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={dist.rdzv_endpoint}",
+              f"--rdzv-id={dist.rdzv_id}", f"--rdzv-conf={conf}"]
+    if dist.node_addr and not given(args, "--local-addr"):
+        extra.append(f"--local-addr={dist.node_addr}")
     return extra
+
+
+def option_value(args: Sequence[str], option: str) -> str | None:
+    """The value of torchrun's `option` among `args` (as for `given`), or None when they leave it unset."""
+    wanted = option.replace("_", "-")
+    for i, arg in enumerate(args):
+        if arg in ("-m", "--module") or arg.endswith(".py"):
+            return None
+        name, equals, value = arg.partition("=")
+        if name.replace("_", "-") == wanted:
+            return value if equals else (args[i + 1] if i + 1 < len(args) else None)
+    return None
+
+
+def check_visible_gpus(cfg: Config, args: Sequence[str]) -> None:
+    """Each worker takes the GPU of its local rank: refuse, before torchrun starts them, more workers per
+    node than GPUs are visible here (CUDA_VISIBLE_DEVICES chooses them), which would fail one by one."""
+    nproc = option_value(args, "--nproc-per-node")
+    if cfg.run.device == DeviceKind.CPU or nproc is None or not nproc.isdigit():  # torchrun's gpu, auto...
+        return
+    import torch  # here: a CPU launch, the common case in tests, does without it
+
+    visible = torch.cuda.device_count()
+    if visible == 0 or int(nproc) <= visible:  # no GPU: DEVICE=auto trains on the CPU, DEVICE=cuda says so
+        return
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={chosen}" if chosen is not None else "all of this machine's"
+    raise ConfigError([f"{nproc} processes per node but {visible} GPU(s) visible ({where}): set N_GPUS "
+                       f"(or --nproc-per-node) to at most {visible}, or list more GPUs in "
+                       "CUDA_VISIBLE_DEVICES."])
 
 
 def launch_torchrun(torchrun_args: Sequence[str], cfg: Config | None = None) -> int:
@@ -94,6 +127,8 @@ def launch_torchrun(torchrun_args: Sequence[str], cfg: Config | None = None) -> 
     reaches the workers the same way and aborts them.
     """
     options = rendezvous_args(cfg, torchrun_args) if cfg is not None else []
+    if cfg is not None:
+        check_visible_gpus(cfg, [*options, *torchrun_args])
     print("[avatarl] torchrun", *options, *torchrun_args, file=sys.stderr, flush=True)
     child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *options, *torchrun_args],
                              env={**FRESH_STORE_EACH_ROUND, **os.environ}, start_new_session=True,

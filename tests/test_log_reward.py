@@ -1,0 +1,81 @@
+"""The log E[reward] advantages (avatarl/algorithms/log_reward.py) against hand computations: draws without
+replacement are distinct and their Horvitz-Thompson weights unbiased; a hit gives the likelihood gradient,
+a miss the policy's expected likelihood gradient given that the truth was not drawn."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avatarl.algorithms.log_reward import (
+    draws_for,
+    gumbel_top_k,
+    inclusion_probability,
+    log_reward_advantages,
+)
+
+
+def test_draws_without_replacement_are_distinct_and_their_weights_estimate_expectations_without_bias():
+    logp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]), -1).expand(20000, -1)
+    f = torch.tensor([0.3, 5.0, -1.0, 2.0, 7.0, 11.0])  # any function of the action
+    actions, kappa = gumbel_top_k(logp, 2, torch.Generator().manual_seed(0))
+    assert actions.shape == (20000, 2) and bool((actions[:, 0] != actions[:, 1]).all())
+    lp = logp.gather(-1, actions)
+    weights = lp.exp() / inclusion_probability(lp, kappa)
+    estimate = (weights * f[actions]).sum(1).mean()
+    exact = (logp[0].exp() * f).sum()
+    assert float(estimate) == pytest.approx(float(exact), rel=0.03)
+
+
+def test_the_whole_vocabulary_drawn_has_no_threshold_and_weights_one():
+    logp = torch.log_softmax(torch.randn(3, 4), -1)
+    actions, kappa = gumbel_top_k(logp, 4)
+    assert bool(torch.isinf(kappa).all()) and sorted(actions[0].tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(inclusion_probability(logp.gather(-1, actions), kappa), torch.ones(3, 4))
+
+
+def likelihood_gradient_of_the_estimate(logits, actions, rewards, kappa):
+    logits = logits.clone().requires_grad_(True)
+    logp = F.log_softmax(logits, -1)
+    lp = logp.gather(-1, actions)
+    advantages = log_reward_advantages(lp, rewards, kappa)
+    (advantages * lp).sum().backward()
+    return logits.grad
+
+
+def test_a_draw_that_hits_the_truth_gives_the_likelihood_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7)
+    truth = torch.tensor([1, 4, 0, 6, 2])
+    actions, kappa = gumbel_top_k(F.log_softmax(logits, -1), 7)  # every id drawn: every row hits
+    rewards = (actions == truth[:, None]).float()
+    got = likelihood_gradient_of_the_estimate(logits, actions, rewards, kappa)
+    want = torch.autograd.functional.jacobian(
+        lambda z: F.log_softmax(z, -1).gather(-1, truth[:, None]).sum(), logits)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_miss_gives_the_expected_likelihood_gradient_over_the_ids_not_drawn():
+    logits = torch.tensor([[1.5, 0.2, -0.3, 0.9, -1.0]])
+    actions, kappa = torch.tensor([[0, 3]]), torch.tensor([[0.4]])
+    got = likelihood_gradient_of_the_estimate(logits, actions, torch.zeros(1, 2), kappa)
+    p = logits.softmax(-1)[0]
+    outside = [1, 2, 4]
+    want = sum(p[b] / p[outside].sum() * (F.one_hot(torch.tensor(b), 5).float() - p) for b in outside)
+    assert torch.allclose(got[0], want, atol=1e-6)
+
+
+def test_independent_draws_divide_by_the_group_mean():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    got = log_reward_advantages(torch.zeros(2, 4), rewards, None)
+    assert got.tolist() == [[1.0, -1.0, -1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("vocab, k_samples, k_fraction, want", [(2048, 4, 0.25, 512), (65, 4, 0.25, 17),
+                                                               (65, 4, 0.0, 4), (10, 4, 1.0, 10)])
+def test_k_follows_the_vocabulary_when_a_fraction_is_set(vocab, k_samples, k_fraction, want):
+    assert draws_for(vocab, k_samples, k_fraction) == want == min(vocab, want)
+    assert want == (math.ceil(k_fraction * vocab) if k_fraction else k_samples)
