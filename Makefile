@@ -32,11 +32,12 @@ lint: $(BIN)/avatarl ## ruff
 config: $(BIN)/avatarl ## print the resolved settings and their sources
 	$(BIN)/avatarl config
 
-train-local: $(BIN)/avatarl ## train on this machine (small CPU setting when no GPU is visible)
+train-local: $(BIN)/avatarl ## train on this machine with the RL method that learns most from its reward
+	@echo "Method: teacher-forced GRPO credited by log E[reward] (--preset grpo-log-reward), the RL method that learns most from its reward in docs/learning.md"
 	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(BIN)/avatarl train; \
+		$(BIN)/avatarl train --preset grpo-log-reward; \
 	else \
-		echo "No CUDA GPU: using the small CPU setting (--preset cpu-small: avatarl/presets/cpu-small.env)"; \
+		echo "No CUDA GPU: the small CPU setting (--preset cpu-small: avatarl/presets/cpu-small.env, same method)"; \
 		$(BIN)/avatarl train --preset cpu-small; \
 	fi
 

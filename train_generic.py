@@ -26,8 +26,9 @@ def translate(argv: list[str]) -> list[str]:
     parser.add_argument("--no-wandb", action="store_true", help="USE_WANDB=false")
     parser.add_argument("--config", dest="env_file", help="dotenv file with settings")
     args = parser.parse_args(argv)
-    flags = {"--training-mode": args.mode, "--data-path": args.data_path, "--checkpoint-dir": args.checkpoint_dir,
-             "--wandb-project": args.wandb_project, "--wandb-name": args.wandb_name, "--env-file": args.env_file,
+    flags = {"--training-mode": args.mode, "--data-path": args.data_path,
+             "--checkpoint-dir": args.checkpoint_dir, "--wandb-project": args.wandb_project,
+             "--wandb-name": args.wandb_name, "--env-file": args.env_file,
              "--use-wandb": "false" if args.no_wandb else None}
     translated = ["train"]
     for flag, value in flags.items():

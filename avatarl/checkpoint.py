@@ -160,8 +160,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                               f"values, which could run code when unpickled ({_unpickling_reason(err)}). "
                               "Delete the file, or set RESUME to a checkpoint you trust.") from None
     except (RuntimeError, KeyError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} has a valid checksum but is not a torch checkpoint ({type(err).__name__}: "
-                              f"{first_line(err)}).") from None
+        raise CheckpointError(f"{path} has a valid checksum but is not a torch checkpoint "
+                              f"({type(err).__name__}: {first_line(err)}).") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not an avatarl checkpoint.")
     return state
@@ -217,8 +217,8 @@ class RunLock:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise RunDirectoryBusy(f"CHECKPOINT_DIR={self.path.parent} is in use by a running trainer ({owner}): "
-                                  "stop it or choose another CHECKPOINT_DIR.") from None
+            raise RunDirectoryBusy(f"CHECKPOINT_DIR={self.path.parent} is in use by a running trainer "
+                                   f"({owner}): stop it or choose another CHECKPOINT_DIR.") from None
         handle.seek(0)
         previous = handle.read().strip()
         if previous:

@@ -1,4 +1,5 @@
-"""`avatarl` command line: train, train-referee, sample, config, health, bench, prepare, tokenizer, launch, report.
+"""`avatarl` command line: train, train-referee, sample, config, health, bench, prepare, tokenizer, launch,
+report.
 
 Settings come from the process environment, flags, `.env` and a preset, in that order of precedence
 (config_sources.py); run `avatarl config` to see each resolved value and where it came from. Each
@@ -29,8 +30,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = (
     parser.add_argument("--env-file", help="dotenv file to read (default: ./.env when present)")
     parser.add_argument("--preset", choices=preset_names(), help="named settings of avatarl/presets/ that "
                         "replace the defaults (.env, flags and the environment still win)")
-    group = parser.add_argument_group("settings (each also an environment variable, which wins over its flag; "
-                                      "a flag wins over .env)")
+    group = parser.add_argument_group("settings (each also an environment variable, which wins over its "
+                                      "flag; a flag wins over .env)")
     for name, f in config_fields().items():
         if only and name not in only:
             continue
@@ -50,7 +51,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Layered]:
     preset = getattr(args, "preset", None)
     if getattr(args, "quick", False):
         if preset not in (None, QUICK_PRESET):
-            raise ConfigError([f"--quick is --preset {QUICK_PRESET}: give either --quick or --preset {preset}."])
+            raise ConfigError([f"--quick is --preset {QUICK_PRESET}: give either --quick or "
+                               f"--preset {preset}."])
         preset = QUICK_PRESET
     return resolve_settings(cli_settings(args), getattr(args, "env_file", None), preset)
 
@@ -122,8 +124,8 @@ def command_health(args: argparse.Namespace) -> int:
         print(f"unhealthy: no readable heartbeat in {directory} ({err})", file=sys.stderr)
         return exit_codes.FAILED
     if age > max_age and not beat.get("finished"):
-        print(f"unhealthy: last heartbeat {age:.0f}s ago at iteration {beat['iteration']} (max age {max_age:.0f}s)",
-              file=sys.stderr)
+        print(f"unhealthy: last heartbeat {age:.0f}s ago at iteration {beat['iteration']} "
+              f"(max age {max_age:.0f}s)", file=sys.stderr)
         return exit_codes.FAILED
     print(f"healthy: iteration {beat['iteration']}/{beat.get('total_iters')}, heartbeat {age:.0f}s ago, "
           f"{beat.get('tokens_per_s', 0):.0f} tokens/s")
@@ -158,13 +160,14 @@ def command_prepare(args: argparse.Namespace) -> int:
     from avatarl.data.prepare import prepare
 
     cfg, _ = resolve(args)
-    # --tokenizer names the BPE outright; TOKENIZER (env, .env) stands in for it unless it is the default char,
-    # which prepare cannot use.
+    # --tokenizer names the BPE outright; TOKENIZER (env, .env) stands in for it unless it is the default
+    # char, which prepare cannot use.
     spec = args.tokenizer or cfg.data.tokenizer
+    num_proc = args.num_proc if args.num_proc is not None else os.cpu_count() or 1
     meta = prepare(args.sources, Path(args.output).expanduser(), spec, hf_source(args), args.text_column,
-                   args.num_proc if args.num_proc is not None else os.cpu_count() or 1, args.val_fraction, args.dtype)
-    print(f"[avatarl] prepared {args.output}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
-          f"({meta['dtype']}) from {meta['documents']:,} documents in {meta['seconds']:.1f}s, "
+                   num_proc, args.val_fraction, args.dtype)
+    print(f"[avatarl] prepared {args.output}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
+          f"tokens ({meta['dtype']}) from {meta['documents']:,} documents in {meta['seconds']:.1f}s, "
           f"{meta['tokens_per_s']:,.0f} tokens/s with {meta['num_proc']} process(es)")
     return exit_codes.OK
 
@@ -192,11 +195,13 @@ def positive_int(text: str) -> int:
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="*", help="UTF-8 .txt files, .jsonl / .parquet files, directories or globs")
+    parser.add_argument("sources", nargs="*",
+                        help="UTF-8 .txt files, .jsonl / .parquet files, directories or globs")
     parser.add_argument("--hf-dataset", help="a Hugging Face dataset: hub name or local directory")
     parser.add_argument("--hf-config", help="its configuration (e.g. sample-10BT of FineWeb-Edu)")
     parser.add_argument("--split", default="train", help="its split (default train)")
-    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
+    parser.add_argument("--streaming", action="store_true",
+                        help="stream the dataset instead of downloading it")
     parser.add_argument("--text-column", default="text", help="the column or JSON key holding the text")
 
 
@@ -208,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(train)
     train.set_defaults(handler=command_train)
 
-    referee = commands.add_parser("train-referee", help="train the supervised referee used by ALGORITHM=avatarl")
+    referee = commands.add_parser("train-referee",
+                                  help="train the supervised referee used by ALGORITHM=avatarl")
     add_setting_flags(referee)
     referee.set_defaults(handler=command_train_referee)
 
@@ -243,40 +249,49 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--env-file", help="dotenv file to read (default: ./.env when present)")
     prep.set_defaults(handler=command_prepare)
 
-    tok = commands.add_parser("tokenizer", help="tokenizers: `avatarl tokenizer train` makes a byte-level BPE")
+    tok = commands.add_parser("tokenizer",
+                              help="tokenizers: `avatarl tokenizer train` makes a byte-level BPE")
     tok_commands = tok.add_subparsers(dest="tokenizer_command", required=True)
     tok_train = tok_commands.add_parser("train", help="train a byte-level BPE on a corpus with Hugging Face "
                                         "tokenizers (offline) and save it as tokenizer.json")
     add_source_arguments(tok_train)
-    tok_train.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary (at least 257)")
+    tok_train.add_argument("--vocab-size", type=int, required=True,
+                           help="ids in the vocabulary (at least 257)")
     tok_train.add_argument("--output", required=True, help="the directory to write tokenizer.json to")
     tok_train.set_defaults(handler=command_tokenizer_train)
 
-    commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 -m avatarl "
-                        "train` (every argument goes to torchrun) exits 0 after a SIGTERM checkpoint; without "
-                        "--standalone, NNODES, RDZV_ENDPOINT, MAX_RESTARTS... set its rendezvous")
+    commands.add_parser("launch", help="torchrun with clean stops: `avatarl launch --nproc-per-node=4 "
+                        "-m avatarl train` (every argument goes to torchrun) exits 0 after a SIGTERM "
+                        "checkpoint; without --standalone, NNODES, RDZV_ENDPOINT, MAX_RESTARTS... set its "
+                        "rendezvous")
 
     health = commands.add_parser("health", help="exit 0 while the run's heartbeat is fresh (liveness probe)")
     health.add_argument("--max-age", type=float, default=None,
-                        help="seconds after which a heartbeat is stale (default max(60, 4 x HEARTBEAT_INTERVAL))")
+                        help="seconds after which a heartbeat is stale "
+                             "(default max(60, 4 x HEARTBEAT_INTERVAL))")
     add_setting_flags(health, only=("CHECKPOINT_DIR", "HEARTBEAT_INTERVAL"))
     health.set_defaults(handler=command_health)
 
     bench = commands.add_parser("bench", help="benchmarks: throughput, learning")
     bench.add_argument("which", choices=("throughput", "learning"))
     bench.add_argument("--quick", action="store_true", help=f"--preset {QUICK_PRESET}: a model and budget "
-                       "for a CPU (flags, .env and the environment still win); throughput: 2 timed iterations")
+                       "for a CPU (flags, .env and the environment still win); throughput: 2 timed "
+                       "iterations")
     bench.add_argument("--iters", type=int, default=None, help="timed iterations (throughput)")
     bench.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     bench.add_argument("--out", default="bench-out", help="output directory (learning)")
-    bench.add_argument("--seeds", type=int, default=1, help="repeat every method for SEED, SEED+1, ... (learning)")
+    bench.add_argument("--seeds", type=int, default=1,
+                       help="repeat every method for SEED, SEED+1, ... (learning)")
+    bench.add_argument("--methods", nargs="+", metavar="ROW", default=None,
+                       help="(learning) train only these rows of the table, e.g. supervised grpo_log_reward")
     bench.add_argument("--merge", nargs="+", metavar="JSON", default=None,
-                       help="(learning) train nothing: join the learning.json of runs for other seeds into OUT")
+                       help="(learning) train nothing: join the learning.json of runs for other seeds "
+                            "into OUT")
     add_setting_flags(bench)
     bench.set_defaults(handler=command_bench)
 
-    run_report = commands.add_parser("report", help="draw a run's curves from RUN_DIR/metrics.jsonl into one PNG "
-                                 "next to it (no wandb needed)")
+    run_report = commands.add_parser("report", help="draw a run's curves from RUN_DIR/metrics.jsonl into "
+                                     "one PNG next to it (no wandb needed)")
     run_report.add_argument("run_dir", metavar="RUN_DIR", help="the run's CHECKPOINT_DIR")
     run_report.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/report.png)")
     run_report.add_argument("--no-baselines", action="store_true", help="do not rebuild the run's corpus "

@@ -16,13 +16,12 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from avatarl.config_distributed import DistributedSettings, LaunchSettings
 from avatarl.config_schema import Choice, ConfigError, Section
 from avatarl.config_sections import (
     AvatarlSettings,
     DataSettings,
-    DistributedSettings,
     GRPOSettings,
-    LaunchSettings,
     ModelSettings,
     OptimSettings,
     RefereeSettings,

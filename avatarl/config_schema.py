@@ -49,6 +49,11 @@ class Advantage(Choice):
     LOG_REWARD = "log_reward"
 
 
+class Credit(Choice):
+    ALL = "all"
+    PREFIX = "prefix"
+
+
 class Reference(Choice):
     NGRAM = "ngram"
     GPT2 = "gpt2"
@@ -63,6 +68,17 @@ class Quantize(Choice):
 class ActionSet(Choice):
     TOPK = "topk"
     FULL = "full"
+    SAMPLED = "sampled"
+
+
+class RewardNorm(Choice):
+    REWARDS = "rewards"
+    ACTIONS = "actions"
+
+
+class SampledAdvantage(Choice):
+    LOG_REWARD = "log_reward"
+    MEAN = "mean"
 
 
 class LrDecay(Choice):

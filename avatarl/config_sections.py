@@ -1,28 +1,29 @@
 """The settings of each component, one dataclass per section: data, model, optim, grpo, avatarl,
-referee, run, distributed, launch. Each checks its own ranges and the relations between its fields."""
+referee, run (the distributed and launch sections are in config_distributed.py). Each checks its own
+ranges and the relations between its fields."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from avatarl.config_schema import (
-    Advantage,
     ActionSet,
+    Advantage,
     Algorithm,
     AmpDtype,
     ConfigError,
+    Credit,
     DeviceKind,
-    GpuType,
     LogLevel,
     LrDecay,
     Quantize,
     Reference,
+    RewardNorm,
     Rollouts,
+    SampledAdvantage,
     Sampling,
     Section,
-    TrainingMode,
     setting,
 )
 
@@ -67,7 +68,8 @@ class ModelSettings(Section):
             return [f"N_EMB={self.n_emb} is not divisible by N_HEAD={self.n_head}: "
                     "choose N_HEAD among the divisors of N_EMB."]
         if (self.n_emb // self.n_head) % 2:
-            return [f"N_EMB/N_HEAD={self.n_emb // self.n_head} is odd: rotary embeddings need an even head size."]
+            return [f"N_EMB/N_HEAD={self.n_emb // self.n_head} is odd: rotary embeddings need an even "
+                    "head size."]
         return []
 
 
@@ -120,6 +122,11 @@ class GRPOSettings(Section):
         "teacher_forced (K tokens drawn at every position of a window from one forward pass; the group is "
         "the K draws at one position).", choices=Rollouts)
     horizon: int = setting(8, "Tokens the policy generates per rollout (autoregressive GRPO).", low=1)
+    credit: Credit = setting(
+        Credit.ALL,
+        "Autoregressive GRPO: which generated tokens earn reward: all (each scored against the true token "
+        "at its position, the seed) or prefix (only while the tokens sampled before it are the true ones; "
+        "its group is the samples sharing that prefix; docs/grpo-defaults.md).", choices=Credit)
     k_samples: int = setting(
         4,
         "Rollouts per context (the GRPO group size; teacher_forced: draws per position).", low=2)
@@ -163,12 +170,12 @@ class GRPOSettings(Section):
         "Iterations between refreshes of the frozen sampling policy.", low=1)
     reference: Reference = setting(
         Reference.NGRAM,
-        "Reference model for partial credit: n-gram counts, or a HF causal LM (gpt2: TOKENIZER=char only; the "
-        "KL anchor stays the n-gram).", choices=Reference)
+        "Reference model for partial credit: n-gram counts, or a HF causal LM (gpt2: TOKENIZER=char only; "
+        "the KL anchor stays the n-gram).", choices=Reference)
     ngram_order: int = setting(
         3,
-        "Order of GRPO's n-gram reference (1 = unigram ... 4): sparse counts of the contexts seen in training, "
-        "so every order runs at every vocabulary.", low=1, high=4)
+        "Order of GRPO's n-gram reference (1 = unigram ... 4): sparse counts of the contexts seen in "
+        "training, so every order runs at every vocabulary.", low=1, high=4)
     reference_model: str = setting("gpt2", "Hugging Face model name or local path when REFERENCE=gpt2.")
     exact_match_reward: float = setting(
         1.0,
@@ -179,10 +186,23 @@ class GRPOSettings(Section):
         "Weight of the reference-probability partial credit in the reward.", low=0.0)
 
     def problems(self) -> list[str]:
+        problems = []
         if self.rollouts == Rollouts.TEACHER_FORCED and self.reference != Reference.NGRAM:
-            return [f"ROLLOUTS=teacher_forced with REFERENCE={self.reference}: teacher-forced rollouts score "
-                    "every position with the n-gram; set REFERENCE=ngram."]
-        return []
+            problems.append(f"ROLLOUTS=teacher_forced with REFERENCE={self.reference}: teacher-forced "
+                            "rollouts score every position with the n-gram; set REFERENCE=ngram.")
+        if self.rollouts == Rollouts.TEACHER_FORCED and self.credit != Credit.ALL:
+            problems.append(f"CREDIT={self.credit} applies to autoregressive rollouts (teacher-forced "
+                            "draws always follow the true prefix): set ROLLOUTS=autoregressive, or leave "
+                            "CREDIT at all.")
+        if self.rollouts == Rollouts.AUTOREGRESSIVE:
+            for name, value, default in (("SAMPLING", self.sampling, Sampling.WITH_REPLACEMENT),
+                                         ("ADVANTAGE", self.advantage, Advantage.GROUP_STD),
+                                         ("K_FRACTION", self.k_fraction, 0.0)):
+                if value != default:
+                    problems.append(f"{name}={value} applies to teacher-forced draws: "
+                                    "set ROLLOUTS=teacher_forced (or --preset grpo-log-reward), "
+                                    f"or leave {name} at {default}.")
+        return problems
 
 
 @dataclass
@@ -193,7 +213,8 @@ class AvatarlSettings(Section):
     action_set: ActionSet = setting(
         ActionSet.TOPK,
         "AvataRL's actions per position: topk = student top-k, referee top-k and the true token; full = "
-        "every id of the vocabulary ([positions, vocab] memory).", choices=ActionSet)
+        "every id of the vocabulary ([positions, vocab] memory); sampled = SAMPLE_FRACTION x vocabulary "
+        "draws from the student, each rewarded with its ideal probability (on-policy).", choices=ActionSet)
     label_smoothing: float = setting(0.1, "Reality mass spread over the non-true actions.", low=0.0, high=1.0)
     reality_weight: float = setting(0.7, "Exponent of the ground-truth distribution in the ideal.", low=0.0)
     mentor_weight: float = setting(0.3, "Exponent of the referee distribution in the ideal.", low=0.0)
@@ -203,6 +224,27 @@ class AvatarlSettings(Section):
     max_reward_clamp: float = setting(
         1.5,
         "Largest reward per position; larger rewards are scaled down.", low=0.0, low_exclusive=True)
+    reward_norm: RewardNorm = setting(
+        RewardNorm.REWARDS,
+        "Per-position divisor of the topk/full loss: rewards = the position's summed reward (every position "
+        "weighs 1; REWARD_SCALE and MAX_REWARD_CLAMP then cancel), actions = its action count (upstream's).",
+        choices=RewardNorm)
+    sample_fraction: float = setting(
+        0.25,
+        "ACTION_SET=sampled: distinct draws per position, ceil(SAMPLE_FRACTION x vocabulary).",
+        low=0.0, low_exclusive=True, high=1.0)
+    sampled_advantage: SampledAdvantage = setting(
+        SampledAdvantage.LOG_REWARD,
+        "ACTION_SET=sampled: log_reward (the gradient of log E[ideal], Horvitz-Thompson weights) or mean "
+        "(r - the group's mean reward).", choices=SampledAdvantage)
+
+    def problems(self) -> list[str]:
+        if self.action_set == ActionSet.SAMPLED:
+            return []
+        defaults = {f.name: f.default for f in fields(self)}
+        return [f"{name.upper()}={getattr(self, name)} applies to sampled actions: set ACTION_SET=sampled, "
+                f"or leave {name.upper()} at {defaults[name]}."
+                for name in ("sample_fraction", "sampled_advantage") if getattr(self, name) != defaults[name]]
 
 
 @dataclass
@@ -272,110 +314,9 @@ class RunSettings(Section):
         return run_name_problems(self.run_name)
 
 
-@dataclass
-class DistributedSettings(Section):
-    """Several processes and nodes (distributed.py, launchers/torchrun.py)."""
-
-    bucket_size_mb: int = setting(25, "DDP gradient bucket size.", low=1)
-    nnodes: str = setting(
-        "1",
-        "Nodes of the job: N, or MIN:MAX for elastic membership (torchrun --nnodes); a round with another "
-        "node count resumes with re-seeded data order (not bit-identical) and needs BATCH to split over its "
-        "ranks.",
-    )
-    node_rank: int = setting(
-        0,
-        "This node's number; node 0 hosts the rendezvous at RDZV_ENDPOINT (the c10d rendezvous orders the "
-        "ranks itself).", low=0)
-    rdzv_endpoint: str = setting(
-        "",
-        "host:port of the rendezvous on node 0, reachable from every node; required when NNODES is not 1.",
-    )
-    rdzv_id: str = setting("avatarl", "Job id: nodes with the same id and endpoint form one job.")
-    node_addr: str = setting(
-        "",
-        "This node's address as the other nodes reach it (torchrun --local-addr); empty: its host name. "
-        "torchrun tells nodes apart by address and process id, so nodes that share one host's network "
-        "(containers on one machine) each need their own.",
-    )
-    max_restarts: int = setting(
-        0,
-        "Times torchrun restarts the worker group after a worker or node fails; restarted workers resume "
-        "from the newest checkpoint (Modal: 0 when MODAL_NODES > 1, its retries restart a cluster).", low=0)
-    dist_timeout_s: float = setting(
-        600.0,
-        "Seconds a rank waits for its peers in a collective before it stops with an error naming them.",
-        low=0.0, low_exclusive=True)
-
-    def problems(self) -> list[str]:
-        return node_problems(self)
-
-    @property
-    def node_range(self) -> tuple[int, int]:
-        """NNODES as (fewest, most) nodes; (1, 1) when NNODES is not valid (node_problems says why)."""
-        return parse_nnodes(self.nnodes) or (1, 1)
-
-
-@dataclass
-class LaunchSettings(Section):
-    """Where the run starts: this machine or Modal, and its GPUs (launchers/)."""
-
-    training_mode: TrainingMode = setting(
-        TrainingMode.GENERIC,
-        "generic = this machine; modal = hand over to Modal.", choices=TrainingMode)
-    n_gpus: int = setting(1, "GPUs the launchers (compose, Modal, torchrun) start.", low=1)
-    gpu_type: GpuType = setting(GpuType.A100, "GPU type for Modal and for MFU peaks.", choices=GpuType)
-
-
-
-def parse_nnodes(text: str) -> tuple[int, int] | None:
-    """"4" -> (4, 4), "2:4" -> (2, 4); None when the text is neither form or the range is empty."""
-    low, _, high = text.strip().partition(":")
-    if not (low.isdigit() and (high or low).isdigit()):
-        return None
-    fewest, most = int(low), int(high or low)
-    return (fewest, most) if 1 <= fewest <= most else None
-
-
-def is_plain_address(text: str) -> bool:
-    """A host name, an IPv4 address or an unbracketed IPv6 address, as torchrun's --local-addr takes it
-    (it becomes the workers' MASTER_ADDR on the node of rank 0)."""
-    if ":" in text:
-        try:
-            return ipaddress.ip_address(text).version == 6
-        except ValueError:
-            return False
-    return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", text) is not None
-
-
 def run_name_problems(name: str) -> list[str]:
     """RUN_NAME must be one plain directory name, and not the referee's run directory."""
     if name and (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) is None or name == "referee"):
         return [f"RUN_NAME={name!r} is not allowed: use up to 100 letters, digits, '.', '_' or '-', starting "
                 "with a letter or digit (one directory under CHECKPOINT_DIR), other than 'referee'."]
     return []
-
-
-def node_problems(cfg: DistributedSettings) -> list[str]:
-    """What is wrong with the settings of several nodes, one line each."""
-    nodes = parse_nnodes(cfg.nnodes)
-    if nodes is None:
-        return [f"NNODES={cfg.nnodes!r} is not allowed: give a number of nodes (2) or a MIN:MAX range (2:4), "
-                "at least 1."]
-    problems = []
-    if cfg.node_rank >= nodes[1]:
-        problems.append(f"NODE_RANK={cfg.node_rank} is out of range: with NNODES={cfg.nnodes} it must be below "
-                        f"{nodes[1]}.")
-    host, _, port = cfg.rdzv_endpoint.rpartition(":")
-    if cfg.rdzv_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
-        problems.append(f"RDZV_ENDPOINT={cfg.rdzv_endpoint!r} is not host:port: give node 0's address and a free "
-                        "port, e.g. 10.0.0.1:29400.")
-    if nodes != (1, 1) and not cfg.rdzv_endpoint:
-        problems.append(f"RDZV_ENDPOINT is empty but NNODES={cfg.nnodes}: several nodes need node 0's host:port, "
-                        "the same on every node.")
-    if not cfg.rdzv_id or not all(c.isalnum() or c in "-_." for c in cfg.rdzv_id):
-        problems.append(f"RDZV_ID={cfg.rdzv_id!r} is not allowed: use letters, digits, '-', '_' or '.'.")
-    if cfg.node_addr and not is_plain_address(cfg.node_addr):
-        problems.append(f"NODE_ADDR={cfg.node_addr!r} is not an address: give this node's host name or IP "
-                        "address alone, e.g. 10.0.0.2 or fd00::2 (no port, no brackets).")
-    return problems

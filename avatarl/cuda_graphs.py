@@ -96,7 +96,8 @@ class GraphedDecoding:
     def prepare(self, prefilled: KVCache, repeats: int) -> Decoder:
         """A decoder for prefilled.batch_size * repeats rows, its cache holding the prefilled positions."""
         device_type = prefilled.k.device.type
-        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        autocast_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                          else None)
         key = (prefilled.batch_size * repeats, prefilled.max_len, prefilled.k.dtype, autocast_dtype)
         if self.decoder is None or self.decoder.key != key:
             self.decoder = None  # free the old graph's memory before capturing the new one

@@ -9,7 +9,7 @@ import torch
 from avatarl.config import Config, ConfigError
 from avatarl.config_schema import AmpDtype, DeviceKind
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -25,7 +25,8 @@ def check_device(cfg: Config, device: torch.device, world_size: int) -> None:
         raise ConfigError(["DEVICE=cuda but no CUDA GPU is visible: use DEVICE=auto or DEVICE=cpu, or run "
                            "on a GPU host (docker: --gpus all)."])
     if world_size > 1 and cfg.launch.n_gpus != world_size and device.type == "cuda":
-        log.warning("N_GPUS=%d but torchrun started %d processes: trusting torchrun.", cfg.launch.n_gpus, world_size)
+        log.warning("N_GPUS=%d but torchrun started %d processes: trusting torchrun.",
+                    cfg.launch.n_gpus, world_size)
 
 
 def mixed_precision(cfg: Config, device: torch.device) -> torch.dtype | None:

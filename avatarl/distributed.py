@@ -75,12 +75,15 @@ def init_distributed(device_preference: str, timeout_s: float = 600.0) -> DistIn
     group = os.environ.get("GROUP_RANK", "0")
     me = f"node {os.environ.get('NODE_RANK', group)} ({socket.gethostname()}, pid {os.getpid()})"
     members = cast(list[str], gather_to_all(me))
-    info = DistInfo(rank, local_rank, world_size, device, tuple(members), int(os.environ.get("GROUP_WORLD_SIZE", "1")))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    info = DistInfo(rank, local_rank, world_size, device, tuple(members), nodes)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts and local_rank == 0:  # each node counts its own: a node restarted to let another rejoin does not
-        print(f"[avatarl] {me}: torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}, "
-              f"the worker group started again ({world_size} ranks on {info.nodes} nodes); RESUME decides where it "
-              "continues.", flush=True)
+    # Each node counts its own restarts: a node restarted to let another rejoin does not.
+    if restarts and local_rank == 0:
+        most = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+        print(f"[avatarl] {me}: torchrun restart {restarts} of {most}, "
+              f"the worker group started again ({world_size} ranks on {info.nodes} nodes); "
+              "RESUME decides where it continues.", flush=True)
     return info
 
 
@@ -175,8 +178,8 @@ def check_shared_directory(directory: Path, info: DistInfo) -> None:
             token_file.write_text(token, encoding="utf-8")
         except OSError as err:
             raise ConfigError([f"CHECKPOINT_DIR={directory}: rank 0 cannot write {token_file.name} there "
-                               f"({err.strerror or err}); make the shared directory writable by the trainer's "
-                               "user on node 0."]) from None
+                               f"({err.strerror or err}); make the shared directory writable by the "
+                               "trainer's user on node 0."]) from None
         return token
 
     token = decided_by_rank0(write_token, info, "the shared-directory token")  # returns once it is written

@@ -42,7 +42,8 @@ def validation_chunks(count: int, rows: int) -> list[tuple[str, int, int]]:
     if count == 1:
         return [("both", 0, 1)]
     half = count // 2
-    return [(part, start, min(start + rows, stop)) for part, lo, stop in (("fit", 0, half), ("report", half, count))
+    halves = (("fit", 0, half), ("report", half, count))
+    return [(part, start, min(start + rows, stop)) for part, lo, stop in halves
             for start in range(lo, stop, rows)]
 
 

@@ -25,7 +25,8 @@ def _write_all(handle: Any, blobs: list[bytes]) -> None:
         handle.write(blob)
 
 
-def atomic_write(path: Path, blobs: list[bytes], write: Callable[[Any, list[bytes]], None] = _write_all) -> None:
+def atomic_write(path: Path, blobs: list[bytes],
+                 write: Callable[[Any, list[bytes]], None] = _write_all) -> None:
     """Write blobs to `path` so that readers only ever see the old or the complete new file.
 
     A temporary file beside `path` is written with `write`, fsynced and renamed over `path`, and the

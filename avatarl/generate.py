@@ -55,7 +55,8 @@ def training_samples(model: GPT, tokenizer: Tokenizer, device: torch.device, see
     sampling never shifts the training RNG."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    prompts = [p for p in TRAINING_PROMPTS if tokenizer.can_encode(p)] or [tokenizer.decode([0])]  # any alphabet
+    # a corpus whose alphabet spells none of the prompts starts from its first token
+    prompts = [p for p in TRAINING_PROMPTS if tokenizer.can_encode(p)] or [tokenizer.decode([0])]
     samples = []
     for prompt in prompts:
         prompt_ids = tokenizer.encode(prompt)

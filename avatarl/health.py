@@ -41,14 +41,16 @@ def longest_run(sequences: Sequence[Sequence[Hashable]]) -> int:
 
 
 def sample_health(sequences: Sequence[Sequence[Hashable]]) -> dict[str, float]:
-    """sample_distinct_1/2/3 and sample_longest_run of generated sequences (prompts left out by the caller)."""
+    """sample_distinct_1/2/3 and sample_longest_run of generated sequences (the caller leaves the
+    prompts out)."""
     metrics = {f"sample_distinct_{n}": distinct_n(sequences, n) for n in DISTINCT_ORDERS}
     metrics["sample_longest_run"] = float(longest_run(sequences))
     return metrics
 
 
 def degeneracy_warning(metrics: dict[str, float], threshold: float) -> str | None:
-    """The warning to log when distinct-2 of the samples fell below `threshold` (DEGENERACY_WARN; 0 = never)."""
+    """The warning to log when distinct-2 of the samples fell below `threshold` (DEGENERACY_WARN;
+    0 = never)."""
     distinct = metrics.get("sample_distinct_2")
     if distinct is None or distinct >= threshold:
         return None

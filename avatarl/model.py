@@ -87,7 +87,7 @@ class DecodeAt:
 
     def __init__(self, cache: KVCache, pos: Tensor):
         self.cache, self.index = cache, pos.view(1)
-        self.key_mask = (torch.arange(cache.max_len, device=pos.device) <= pos)[None]  # [1 query, max_len keys]
+        self.key_mask = (torch.arange(cache.max_len, device=pos.device) <= pos)[None]  # [1 query, max_len]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, 1, H, D] at `pos` of `layer`; return the whole buffers [B, max_len, H, D]."""
@@ -229,7 +229,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_emb, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
 
-        # apply_rotary's [block, H, D] tables, angle[t, j] = t * 10000^(-2j/D). Non-persistent: never checkpointed.
+        # apply_rotary's [block, H, D] tables, angle[t, j] = t * 10000^(-2j/D); never checkpointed.
         head_dim = config.n_emb // config.n_head
         theta = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [D/2]
         angle = torch.outer(torch.arange(config.block_size, dtype=torch.float32), theta)  # [block, D/2]

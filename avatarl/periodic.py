@@ -96,7 +96,8 @@ class Validation(Duty):
 
     def __init__(self, logger: NullLogger, run: Run):
         self.logger = logger
-        self.windows = eval_windows(run.corpus.val, run.cfg.model.context_len, run.cfg.run.eval_windows, run.info.device)
+        self.windows = eval_windows(run.corpus.val, run.cfg.model.context_len, run.cfg.run.eval_windows,
+                                    run.info.device)
 
     def _measure(self, run: Run) -> dict[str, float]:
         return validation_metrics(run.raw_model, self.windows, run.corpus.token_bytes)
@@ -113,8 +114,9 @@ class Validation(Duty):
 
 
 class TextSamples(Duty):
-    """Rank 0, every SAMPLE_INTERVAL (0 = never) and when the run completes: a few generated lines, and
-    their degeneracy (distinct-n, longest run of one token) as metrics, with a warning past DEGENERACY_WARN."""
+    """Rank 0, every SAMPLE_INTERVAL (0 = never) and when the run completes: a few generated lines,
+    and their degeneracy (distinct-n, longest run of one token) as metrics, with a warning past
+    DEGENERACY_WARN."""
 
     def __init__(self, logger: NullLogger):
         self.logger = logger
@@ -139,7 +141,8 @@ class TextSamples(Duty):
             self._log(run)
 
 
-class Heartbeat(Duty):  # listed after Checkpoints: a run is marked finished only once its last checkpoint is saved
+# Listed after Checkpoints: a run is marked finished only once its last checkpoint is saved.
+class Heartbeat(Duty):
     """Rank 0, every HEARTBEAT_INTERVAL seconds: heartbeat.json; at the end, whether the run completed."""
 
     def __init__(self, throughput: Throughput):

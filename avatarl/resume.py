@@ -29,7 +29,7 @@ from avatarl.errors import first_line
 from avatarl.run import Run
 from avatarl.run_dir import describe_run, write_heartbeat
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 # Where the run lives, not what it learns: a run moved or resumed under another path is the same run.
 LOCATION_SETTINGS = ("checkpoint_dir", "run_name", "resume", "overwrite")
@@ -50,11 +50,12 @@ def save_run(run: Run) -> Path | None:
     if run.info.is_main:
         started = time.perf_counter()
         try:
-            path = save_checkpoint(run.run_dir, state.iteration, {**run.state_dict(), "rank_states": rank_states},
-                                   run.cfg.run.keep_checkpoints)
+            saved = {**run.state_dict(), "rank_states": rank_states}
+            path = save_checkpoint(run.run_dir, state.iteration, saved, run.cfg.run.keep_checkpoints)
             log.info("Saved %s in %.2fs", path.name, time.perf_counter() - started)
         except (CheckpointError, OSError) as err:
-            error = err if isinstance(err, CheckpointError) else CheckpointError(f"Could not save a checkpoint: {err}")
+            error = (err if isinstance(err, CheckpointError)
+                     else CheckpointError(f"Could not save a checkpoint: {err}"))
     if D.any_rank(error is not None, run.info.device):
         raise error or CheckpointError("Rank 0 could not save the checkpoint (see its error); stopping.")
     return path
@@ -86,7 +87,8 @@ def restore_run(run: Run, path: Path) -> None:
             saved, problem = load_checkpoint(path, map_location=run.info.device), None
         except (CheckpointError, OSError) as err:
             saved, problem = {}, first_line(err)
-        D.require_on_every_rank(problem, run.info, f"RESUME: cannot read the checkpoint {path} that rank 0 chose "
+        D.require_on_every_rank(problem, run.info,
+                                f"RESUME: cannot read the checkpoint {path} that rank 0 chose "
                                 "(every rank must see CHECKPOINT_DIR as rank 0 does)")
     problems = shape_differences(saved, run)
     if problems:
@@ -104,7 +106,8 @@ def restore_run(run: Run, path: Path) -> None:
     else:
         log.warning("The checkpoint was written by %d ranks, this run has %d: data order is re-seeded.",
                     len(rank_states), run.info.world_size)
-    D.print0(f"[avatarl] resumed from {path} at iteration {run.state.iteration} ({run.state.tokens_seen} tokens seen)")
+    D.print0(f"[avatarl] resumed from {path} at iteration {run.state.iteration} "
+             f"({run.state.tokens_seen} tokens seen)")
 
 
 def learning_settings() -> set[str]:

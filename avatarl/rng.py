@@ -1,4 +1,5 @@
-"""Every random number generator a run touches: seeding once, and capture/restore for bit-identical resumes."""
+"""Every random number generator a run touches: seeding once, and capture/restore for bit-identical
+resumes."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Put back the states of `capture_rng`."""
     random.setstate(state["python"])
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached"]))
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy_state["kind"], keys, numpy_state["pos"], numpy_state["has_gauss"],
+                         numpy_state["cached"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

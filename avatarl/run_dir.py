@@ -28,7 +28,7 @@ from avatarl.checkpoint import list_checkpoints
 from avatarl.config import Config, ConfigError
 from avatarl.files import atomic_write
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 HEARTBEAT = "heartbeat.json"

@@ -25,12 +25,14 @@ from avatarl.errors import first_line
 from avatarl.files import atomic_write
 from avatarl.run_dir import METRICS, WANDB_ID
 
-log = logging.getLogger("avatarl")
+log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 
 
 def setup_logging(level: str, is_main: bool) -> None:
+    """Configure the root logger, so every module's `logging.getLogger(__name__)` (avatarl.trainer, ...)
+    prints through one handler in one format that leaves the logger's name out."""
     logging.basicConfig(level=getattr(logging, level) if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 

@@ -68,7 +68,8 @@ def model_config(cfg: Config, vocab_size: int, role: str = "student", valid_voca
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": cfg.optim.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    groups = [{"params": matrices, "weight_decay": cfg.optim.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
@@ -81,23 +82,27 @@ def build(cfg: Config, info: D.DistInfo, role: str, run_dir: Path) -> Run:
     model = torch.compile(raw_model) if cfg.model.use_torch_compile else raw_model
     model = D.wrap_ddp(model, info, cfg.distributed.bucket_size_mb)
     optimizer = make_optimizer(raw_model, cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=mixed_precision(cfg, info.device) == torch.float16)
+    fp16 = mixed_precision(cfg, info.device) == torch.float16
+    scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
     sampler = make_sampler(corpus.train, objective.window_len, cfg.run.seed, info.rank, info.device)
     D.print0(f"[avatarl] {role}: {raw_model.num_params() / 1e6:.2f}M parameters, attention via "
              f"{raw_model.attention_backend}, device {info.device}, world size {info.world_size}, "
-             f"{cfg.optim.grad_accum_steps(info.world_size)} micro-batch(es) of {cfg.optim.micro_batch} per step")
+             f"{cfg.optim.grad_accum_steps(info.world_size)} micro-batch(es) of {cfg.optim.micro_batch} "
+             "per step")
     if cfg.model.use_cuda_graphs and objective.method == Method.GRPO:
-        where = "replayed from a CUDA graph" if info.device.type == "cuda" else "eager (CUDA graphs need CUDA)"
+        where = ("replayed from a CUDA graph" if info.device.type == "cuda"
+                 else "eager (CUDA graphs need CUDA)")
         D.print0(f"[avatarl] USE_CUDA_GRAPHS: rollout decode steps {where}")
-    return Run(cfg, info, corpus, model, raw_model, optimizer, scaler, sampler, objective, run_dir, RunState(),
-               MetricBuffer(info.device))
+    return Run(cfg, info, corpus, model, raw_model, optimizer, scaler, sampler, objective, run_dir,
+               RunState(), MetricBuffer(info.device))
 
 
 def train_step(run: Run) -> bool:
     """One optimizer step over BATCH contexts. Returns False when the step was skipped as non-finite."""
     cfg, state = run.cfg, run.state
-    lr = learning_rate(state.iteration, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters, cfg.optim.total_iters,
-                       cfg.optim.use_lr_decay, cfg.optim.lr_decay_type)
+    optim = cfg.optim
+    lr = learning_rate(state.iteration, optim.lr, optim.min_lr, optim.warmup_iters, optim.total_iters,
+                       optim.use_lr_decay, optim.lr_decay_type)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.objective.prepare_step(state.iteration, state.tokens_seen)
@@ -114,8 +119,10 @@ def train_step(run: Run) -> bool:
         total_loss += loss.detach()
         run.metrics.add(metrics)
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
-    locally_finite = bool(torch.isfinite(grad_norm) & torch.isfinite(total_loss))  # the one host sync per step
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
+                                               cfg.optim.grad_clip or float("inf"))
+    # the one host sync per step
+    locally_finite = bool(torch.isfinite(grad_norm) & torch.isfinite(total_loss))
     finite = not D.any_rank(not locally_finite, run.info.device)  # ranks must agree on skipping
     if finite:
         run.scaler.step(run.optimizer)
@@ -139,7 +146,8 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
         return find_resume_checkpoint(run_dir)
     path = Path(cfg.run.resume).expanduser()
     if not path.is_file():
-        raise ConfigError([f"RESUME={cfg.run.resume!r}: no such checkpoint file (use auto, never or a path)."])
+        raise ConfigError([f"RESUME={cfg.run.resume!r}: no such checkpoint file "
+                           "(use auto, never or a path)."])
     return path
 
 

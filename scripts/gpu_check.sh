@@ -222,7 +222,7 @@ from pathlib import Path
 import torch
 
 from avatarl import distributed as D
-from avatarl.bench.throughput import gpu_peak_tflops
+from avatarl.progress import gpu_peak_tflops
 from avatarl.config import ConfigError
 from avatarl.config_sources import load_config
 from avatarl.errors import first_line

@@ -34,11 +34,11 @@ from avatarl.trainer import train
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 STUDY_SETTINGS = {
     "N_LAYER": "2", "N_HEAD": "4", "N_EMB": "128", "CONTEXT_LEN": "32", "HORIZON": "8", "K_SAMPLES": "4",
-    "BATCH": "64", "MICRO_BATCH": "64", "TOTAL_ITERS": "300", "LR": "1e-3", "MIN_LR": "1e-3", "WARMUP_ITERS": "10",
-    "USE_LR_DECAY": "false", "BETA_KL": "1e-3", "KL_WARM": "50000", "KL_TARGET": "0.02", "NGRAM_ORDER": "2",
-    "LOG_INTERVAL": "5", "EVAL_INTERVAL": "25", "EVAL_WINDOWS": "512", "SAMPLE_INTERVAL": "0", "USE_WANDB": "false",
-    "DEVICE": "cpu", "SAVE_INTERMEDIATE_CHECKPOINTS": "false", "SAVE_FINAL_CHECKPOINT": "false", "RESUME": "never",
-    "OVERWRITE": "true",
+    "BATCH": "64", "MICRO_BATCH": "64", "TOTAL_ITERS": "300", "LR": "1e-3", "MIN_LR": "1e-3",
+    "WARMUP_ITERS": "10", "USE_LR_DECAY": "false", "BETA_KL": "1e-3", "KL_WARM": "50000", "KL_TARGET": "0.02",
+    "NGRAM_ORDER": "2", "LOG_INTERVAL": "5", "EVAL_INTERVAL": "25", "EVAL_WINDOWS": "512",
+    "SAMPLE_INTERVAL": "0", "USE_WANDB": "false", "DEVICE": "cpu", "SAVE_INTERMEDIATE_CHECKPOINTS": "false",
+    "SAVE_FINAL_CHECKPOINT": "false", "RESUME": "never", "OVERWRITE": "true",
 }
 
 
@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shown = " ".join(f"{name} {last_before(records, it, name):.3f}"
                          for name in ("entropy", "kl", "kl_coef", "reward_mean", "exact_match", "clip_frac"))
         print(f"[{args.label}] iter {it} val CE {val_ce:.3f} {shown}", flush=True)
+    final = next((r for r in reversed(records) if "entropy" in r), {})
     summary = {"label": args.label, "outcome": outcome, "settings": settings, "val_ce": history,
-               "final": next((r for r in reversed(records) if "entropy" in r), {}), "seconds": time.time() - started}
+               "final": final, "seconds": time.time() - started}
     if args.out:
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(summary) + "\n")

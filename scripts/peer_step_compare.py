@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(built, str):
         print(f"error: {built}", file=sys.stderr)
         return 1
-    peer_step, _ = peer_step_fn(cfg, built[0], WindowSampler(grpo.corpus.train, cfg.seq_len + 1, cfg.run.seed), device)
+    windows = WindowSampler(grpo.corpus.train, cfg.seq_len + 1, cfg.run.seed)
+    peer_step, _ = peer_step_fn(cfg, built[0], windows, device)
     calls = {"ours": lambda: train_step(supervised), "peer": peer_step}
     for fn in calls.values():
         fn(), fn()
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             for event in prof.key_averages():
                 self_ms[name][event.key] += event.self_cpu_time_total / 1e3 / args.steps
             total_ms[name] += sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / args.steps
-    print(f"{cfg.model.n_layer}L {cfg.model.n_head}H {cfg.model.n_emb}d, {cfg.optim.micro_batch * cfg.grpo.k_samples} rows of {cfg.seq_len} "
+    rows = cfg.optim.micro_batch * cfg.grpo.k_samples
+    print(f"{cfg.model.n_layer}L {cfg.model.n_head}H {cfg.model.n_emb}d, {rows} rows of {cfg.seq_len} "
           f"tokens, {torch.get_num_threads()} thread(s), {device}; self CPU ms per step (profiled), "
           f"mean of {args.steps}")
     print(f"{'op':<56}{'ours':>10}{'peer':>10}")

@@ -7,14 +7,20 @@ from pathlib import Path
 import pytest
 
 from avatarl.cli import main as avatarl_main
-from tests.helpers import CORPUS, TINY, make_tiny_hf_model
+from avatarl.data.corpus import PACKAGED_CORPUS, packaged_tiny_shakespeare
+from tests.helpers import TINY, make_tiny_hf_model
 
 
 @pytest.fixture(scope="session")
-def corpus_path() -> Path:
-    if not CORPUS.is_file():
-        pytest.fail(f"Tiny Shakespeare is expected at {CORPUS} (../shared/data relative to the repo root)")
-    return CORPUS
+def corpus_path(tmp_path_factory) -> Path:
+    """Tiny Shakespeare as a plain text file: the package's copy, decompressed (and its sha256 checked)
+    once per session, so the suite runs from any clone."""
+    text = packaged_tiny_shakespeare()
+    if text is None:
+        pytest.fail(f"{PACKAGED_CORPUS} is missing or does not match its sha256")
+    path = tmp_path_factory.mktemp("corpus") / "tinyshakespeare.txt"
+    path.write_bytes(text.encode("utf-8"))
+    return path
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""What the tests share: the corpus and repository paths, the tiny preset, running the real CLI and
+"""What the tests share: the repository path, the tiny preset, running the real CLI and
 torchrun as subprocesses (waiting for files, killing whole jobs), comparing checkpoints, and a tiny
 Hugging Face model and tokenizer made offline. Fixtures built on these live in conftest.py."""
 
@@ -27,7 +27,6 @@ from avatarl.run_dir import METRICS
 from avatarl.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # A model and budget small enough for 2 CPU cores (avatarl/presets/tiny.env); tests override what they need.
 TINY = preset_settings("tiny")
@@ -55,7 +54,8 @@ TRAIN = [sys.executable, "-m", "avatarl", "train"]
 # after python or torchrun, or as the training command of `avatarl launch`.
 FAULTY = ["-m", "tests.fault_entry", "train"]
 FAULTY_TRAIN = [sys.executable, *FAULTY]
-LONG = dict(TOTAL_ITERS=100_000, CHECKPOINT_INTERVAL=100_000, LOG_INTERVAL=2, EVAL_INTERVAL=1000)  # until stopped
+# runs until it is stopped
+LONG = dict(TOTAL_ITERS=100_000, CHECKPOINT_INTERVAL=100_000, LOG_INTERVAL=2, EVAL_INTERVAL=1000)
 STOPPED = re.compile(r"stop requested: checkpoint saved at iteration (\d+)")
 
 
@@ -123,7 +123,8 @@ def wait_for(condition: Callable[[], Any], job: Job, timeout: float = TIMEOUT, w
             value = condition()
             if value:
                 return value
-            raise AssertionError(f"the job exited ({job.proc.returncode}) before {what}\n{job.stdout}\n{job.stderr}")
+            raise AssertionError(f"the job exited ({job.proc.returncode}) before {what}\n"
+                                 f"{job.stdout}\n{job.stderr}")
         time.sleep(0.01)
     kill_job(job)
     raise AssertionError(f"timed out waiting for {what}\n{job.stdout}\n{job.stderr}")
@@ -140,7 +141,8 @@ def kill_job(job: Job, signum: int = signal.SIGKILL) -> None:
     job.proc.wait(timeout=TIMEOUT)
     for pid in workers:  # reap-free wait: the workers were reparented, poll until they are gone
         deadline = time.monotonic() + TIMEOUT
-        while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid) and time.monotonic() < deadline:
+        while (Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid)
+               and time.monotonic() < deadline):
             time.sleep(0.01)
 
 
@@ -162,10 +164,12 @@ def newest_state(run_dir: Path) -> dict[str, Any]:
 
 
 def assert_identical(a: Any, b: Any, where: str = "checkpoint") -> int:
-    """Assert two loaded checkpoints (or parts) are equal, tensors bit for bit. Returns tensor bytes compared."""
+    """Assert two loaded checkpoints (or parts) are equal, tensors bit for bit. Returns tensor bytes
+    compared."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max():.3g})"
+        assert torch.equal(a, b), (f"{where} differs "
+                                   f"(max abs diff {(a.double() - b.double()).abs().max():.3g})")
         return a.numel() * a.element_size()
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
@@ -202,8 +206,8 @@ def check_equivalence(command: list[str], tmp_path: Path, corpus: Path, **extra:
     # Cut inside a log interval, an old-policy interval and a KL-controller interval (KL_UPDATE_INTERVAL=5),
     # with an unsaturated controller (measured KL ~5.4 nats/char): its update at step 5 then depends on every
     # rank's partial KL sums, which the checkpoint holds as the objective's rank state.
-    common = dict(TOTAL_ITERS=n, CHECKPOINT_INTERVAL=n // 2, LOG_INTERVAL=3, EVAL_INTERVAL=4, OLD_POLICY_INTERVAL=3,
-                  KL_WARM=0, BETA_KL=0.01, KL_TARGET=5.0, **extra)
+    common = dict(TOTAL_ITERS=n, CHECKPOINT_INTERVAL=n // 2, LOG_INTERVAL=3, EVAL_INTERVAL=4,
+                  OLD_POLICY_INTERVAL=3, KL_WARM=0, BETA_KL=0.01, KL_TARGET=5.0, **extra)
     straight_env = settings(tmp_path, corpus, "straight", **common)
     resumed_env = settings(tmp_path, corpus, "resumed", **common)
     straight = start(command, straight_env, tmp_path, "straight")  # runs while the other leg is killed
@@ -218,7 +222,8 @@ def check_equivalence(command: list[str], tmp_path: Path, corpus: Path, **extra:
     a = load_checkpoint(Path(straight_env["CHECKPOINT_DIR"]) / f"ckpt_{n:08d}.pt")
     b = load_checkpoint(resumed_dir / f"ckpt_{n:08d}.pt")
     assert a["iteration"] == b["iteration"] == n
-    assert any(not torch.equal(half["model"][k], b["model"][k]) for k in half["model"]), "the second half trains"
+    changed = [k for k in half["model"] if not torch.equal(half["model"][k], b["model"][k])]
+    assert changed, "the second half trains"
     compared = compare_runs(a, b)
     logged_a = [r for r in metric_records(Path(straight_env["CHECKPOINT_DIR"])) if r["iter"] > n // 2]
     logged_b = [r for r in metric_records(resumed_dir) if r["iter"] > n // 2]
@@ -312,12 +317,14 @@ def make_tiny_hf_model(directory: Path) -> Path:
 
 
 # Single bytes and a few merges: a tiktoken rank table small enough to write by hand, loaded like GPT-2's.
-TINY_RANKS = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the", b" t", b" the", b"in", b"er", b"an", b" a"]
+TINY_RANKS = [bytes([i]) for i in range(256)] + [
+    b"th", b"he", b"the", b" t", b" the", b"in", b"er", b"an", b" a"]
 
 
 def write_rank_file(path: Path) -> Path:
     """A .tiktoken rank file (base64 token, rank per line) holding TINY_RANKS."""
     import base64
 
-    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(TINY_RANKS)))
+    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(TINY_RANKS))
+    path.write_text("".join(lines))
     return path

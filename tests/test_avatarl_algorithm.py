@@ -16,8 +16,12 @@ from avatarl.algorithms.avatarl import (
     policy_gradient_loss,
     reality_distribution,
     referee_loss,
+    sampled_advantages,
+    sampled_avatarl_loss,
+    vocabulary_ideal,
 )
-from avatarl.config import Config
+from avatarl.config import Config, ConfigError
+from avatarl.config_schema import RewardNorm, SampledAdvantage
 from avatarl.data.tokenizers import CharTokenizer
 from avatarl.referee import check_referee_compatible
 
@@ -142,11 +146,130 @@ def test_policy_gradient_loss_by_hand():
     rewards = t([[1.5, 0.5, 9.0], [1.0, 0, 0]])
     # row 0: (1.5 ln2 + 0.5 · 2 ln2) / 2 = 1.25 ln2;  row 1: 2 ln2 / 3
     expected = (1.25 * LN2 + 2 * LN2 / 3) / 2
-    loss = policy_gradient_loss(logits, actions, mask, rewards, entropy_coef=0.0)
+    loss = policy_gradient_loss(logits, actions, mask, rewards, entropy_coef=0.0, norm=RewardNorm.ACTIONS)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     # the entropy coefficient divides the logits by 1 + c
-    softened = policy_gradient_loss(2 * logits, actions, mask, rewards, entropy_coef=1.0)
+    softened = policy_gradient_loss(2 * logits, actions, mask, rewards, entropy_coef=1.0,
+                                    norm=RewardNorm.ACTIONS)
     assert softened.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_policy_gradient_loss_divided_by_the_rewards_by_hand():
+    logits = torch.log(t([[0.5, 0.25, 0.25]] * 3))
+    actions = t([[0, 1, 2], [2, 0, 1], [0, 1, 2]], torch.long)
+    mask = t([[1, 1, 0], [1, 1, 1], [1, 1, 1]], torch.bool)
+    rewards = t([[1.5, 0.5, 9.0], [1.0, 0, 0], [0, 0, 0]])
+    # row 0: (1.5 ln2 + 0.5 · 2 ln2) / 2 = 1.25 ln2;  row 1: 2 ln2 / 1;  row 2 is paid nothing: 0
+    expected = (1.25 * LN2 + 2 * LN2 + 0.0) / 3
+    loss = policy_gradient_loss(logits, actions, mask, rewards, 0.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # a position's rewards scaled by any factor (REWARD_SCALE, the clamp) leave this loss unchanged
+    scaled = rewards * t([[7.0], [0.01], [3.0]])
+    loss = policy_gradient_loss(logits, actions, mask, scaled, 0.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("norm", list(RewardNorm))
+def test_exhaustive_gradient_is_a_soft_label_cross_entropy_gradient(norm):
+    """grad = Σ_i w_i grad CE(q_i, pi_i) with q = r / Σ r and w = Σ r / D: 1 for norm=rewards, Σ r / |A|
+    for norm=actions."""
+    torch.manual_seed(4)
+    n, vocab = 6, 9
+    logits = torch.randn(n, vocab, requires_grad=True)
+    actions, mask = action_set(logits, torch.randn(n, vocab), torch.randint(0, vocab, (n,)), top_k=3)
+    rewards = torch.rand(n, actions.size(1)) * mask
+    (grad,) = torch.autograd.grad(policy_gradient_loss(logits, actions, mask, rewards, 0.0, norm), logits)
+    q = torch.zeros(n, vocab).scatter_add_(1, actions, rewards)
+    total = q.sum(-1)
+    weight = torch.ones(n) if norm == RewardNorm.REWARDS else total / mask.sum(-1)
+    soft_ce = -(weight * ((q / total[:, None]) * torch.log_softmax(logits, -1)).sum(-1)).mean()
+    (expected,) = torch.autograd.grad(soft_ce, logits)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    # and in closed form: (w / n) · (pi - q)
+    closed = (weight[:, None] / n) * (torch.softmax(logits.detach(), -1) - q / total[:, None])
+    torch.testing.assert_close(grad, closed, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- sampled actions (on-policy)
+
+def test_vocabulary_ideal_by_hand_and_padding_gets_nothing():
+    referee = torch.log(t([[0.5, 0.25, 0.25, 1.0]]))  # id 3 is padding: it must not enter the mentor either
+    cfg = Config.of(label_smoothing=0.1, reality_weight=1.0, mentor_weight=1.0)
+    ideal = vocabulary_ideal(referee, t([0], torch.long), cfg.avatarl, valid_vocab=3)
+    # reality [0.9, 0.05, 0.05] x mentor [0.5, 0.25, 0.25] = [0.45, 0.0125, 0.0125], over 0.475
+    torch.testing.assert_close(ideal, t([[0.45 / 0.475, 0.0125 / 0.475, 0.0125 / 0.475, 0.0]]))
+
+
+def test_sampled_advantages_by_hand():
+    logp, rewards = torch.log(t([[0.5, 0.25]])), t([[0.8, 0.1]])
+    kappa = torch.log(t([[0.25]]))
+    # inclusion q = 1 - exp(-pi / exp(kappa)): 1 - e^-2 and 1 - e^-1; A = w r / Σ w r with w = pi / q
+    paid = [0.5 / (1 - math.exp(-2)) * 0.8, 0.25 / (1 - math.exp(-1)) * 0.1]
+    expected = t([[paid[0] / sum(paid), paid[1] / sum(paid)]])
+    advantage = sampled_advantages(logp, rewards, kappa, SampledAdvantage.LOG_REWARD)
+    torch.testing.assert_close(advantage, expected)
+    # mean: (r - mean r) / K with mean 0.3 over the 3 draws
+    three = t([[0.6, 0.2, 0.1]])
+    advantage = sampled_advantages(torch.log(t([[0.2, 0.3, 0.5]])), three, kappa, SampledAdvantage.MEAN)
+    torch.testing.assert_close(advantage, t([[0.1, -0.1 / 3, -0.2 / 3]]))
+
+
+def test_sampled_loss_with_every_id_drawn_is_the_exact_log_expected_reward_gradient():
+    """SAMPLE_FRACTION=1: K = all valid ids, inclusion probability 1, so log_reward's estimate is exact:
+    grad of -log Σ_a pi(a) ideal(a). Padding ids are never drawn."""
+    torch.manual_seed(5)
+    n, vocab, valid = 8, 7, 5
+    logits = torch.randn(n, vocab).masked_fill(torch.arange(vocab) >= valid, -1e4).requires_grad_(True)
+    referee, targets = torch.randn(n, vocab), torch.randint(0, valid, (n,))
+    cfg = Config.of(action_set="sampled", sample_fraction=1.0, entropy_coef=0.0)
+    loss, actions, mask, rewards = sampled_avatarl_loss(logits, referee, targets, cfg.avatarl, 0.0, valid,
+                                                        torch.Generator().manual_seed(0))
+    assert actions.shape == (n, valid) and bool(mask.all())
+    assert actions.sort(-1).values.tolist() == [list(range(valid))] * n  # every valid id once, no padding
+    ideal = vocabulary_ideal(referee, targets, cfg.avatarl, valid)
+    torch.testing.assert_close(rewards, ideal.gather(-1, actions))
+    (grad,) = torch.autograd.grad(loss, logits)
+    exact = -torch.log((torch.softmax(logits, -1) * ideal).sum(-1)).mean()
+    (expected,) = torch.autograd.grad(exact, logits)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_loss_mean_baseline_draws_a_share_of_the_vocabulary():
+    torch.manual_seed(6)
+    n, vocab = 4, 10
+    logits, referee = torch.randn(n, vocab, requires_grad=True), torch.randn(n, vocab)
+    targets = torch.arange(n)
+    cfg = Config.of(action_set="sampled", sample_fraction=0.25, sampled_advantage="mean")
+    loss, actions, _, rewards = sampled_avatarl_loss(logits, referee, targets, cfg.avatarl, 0.01, 0,
+                                                     torch.Generator().manual_seed(1))
+    assert actions.shape == (n, 3)  # ceil(0.25 x 10)
+    assert all(len(set(row)) == 3 for row in actions.tolist())  # without replacement
+    logp = torch.log_softmax(logits.detach() / 1.01, -1).gather(-1, actions)
+    advantage = (rewards - rewards.mean(-1, keepdim=True)) / 3
+    assert loss.item() == pytest.approx(-(advantage * logp).sum(-1).mean().item(), rel=1e-5)
+
+
+def test_micro_step_with_sampled_actions_logs_the_metrics_of_its_draws():
+    vocab = 8
+    student, referee = Bigram(vocab, seed=1), Bigram(vocab, seed=2).eval()
+    cfg = Config.of(action_set="sampled", sample_fraction=0.5)
+    torch.manual_seed(7)
+    x, y = torch.randint(0, vocab, (2, 5)), torch.randint(0, vocab, (2, 5))
+    loss, m = avatarl_micro_step(student, referee, x, y, cfg.avatarl, cfg.grpo.entropy_coef)
+    loss.backward()
+    assert all(p.grad is None for p in referee.parameters()) and student.emb.weight.grad.abs().sum() > 0
+    assert m["action_set_size"].item() == 4.0  # ceil(0.5 x 8) draws per position
+    assert 0 < m["reward_min"].item() <= m["reward_mean"].item() <= m["reward_max"].item() <= 1.0
+    assert set(m) == {"reward_mean", "reward_max", "reward_min", "action_set_size", "true_top_frac",
+                      "reward_true_share", "entropy", "kl"}
+
+
+def test_sample_settings_without_sampled_actions_are_refused():
+    with pytest.raises(ConfigError) as err:
+        Config.of(sample_fraction=0.5)
+    assert err.value.problems == ["SAMPLE_FRACTION=0.5 applies to sampled actions: set ACTION_SET=sampled, "
+                                  "or leave SAMPLE_FRACTION at 0.25."]
+    assert Config.of(action_set="sampled", sampled_advantage="mean").avatarl.sampled_advantage == "mean"
 
 
 def test_referee_loss_is_cross_entropy():
@@ -190,8 +313,11 @@ def test_micro_step_by_hand_referee_only():
     # position 0: actions {0, 1}, mentor [6/7, 1/7] -> rewards [1.5, 0] (85.7 clamped)
     # position 1: actions {2, 3}, mentor [1/8, 7/8] -> rewards [0, 1.5]: the true token 2 is not top
     logp = torch.log_softmax(student.table.detach(), -1)
+    # REWARD_NORM=rewards divides each position by its 1.5 paid; actions (upstream's) by its 2 actions
+    assert loss.item() == pytest.approx(-(logp[0, 0] + logp[1, 3]).item() / 2, rel=1e-6)
+    upstream, _ = avatarl_micro_step(student, referee, x, y, cfg.replace(reward_norm="actions").avatarl, 0.0)
     expected = -(1.5 * logp[0, 0] / 2 + 1.5 * logp[1, 3] / 2) / 2
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert upstream.item() == pytest.approx(expected.item(), rel=1e-6)
     entropy = -(logp.exp() * logp).sum(-1).mean()
     kl = (logp.exp() * (logp - torch.log_softmax(referee.table.detach(), -1))).sum(-1).mean()
     # reward_true_share: 1.5 of the 3.0 paid goes to a true token (position 0's)
@@ -205,8 +331,9 @@ def test_kl_and_entropy_in_row_chunks_equal_the_whole_and_keep_no_graph():
     torch.manual_seed(0)
     student = torch.randn(7, 11, requires_grad=True)
     referee = torch.randn(7, 11, dtype=torch.bfloat16)
-    whole = torch.nn.functional.kl_div(torch.log_softmax(referee.float(), -1), torch.log_softmax(student.float(), -1),
-                                       reduction="batchmean", log_target=True)
+    whole = torch.nn.functional.kl_div(torch.log_softmax(referee.float(), -1),
+                                       torch.log_softmax(student.float(), -1), reduction="batchmean",
+                                       log_target=True)
     whole_entropy = -(student.softmax(-1) * student.log_softmax(-1)).sum(-1).mean()
     for chunk_elements in (11, 3 * 11, 4 * 11 + 5, 1, 10**9):  # one row, rows that do not divide 7, one chunk
         kl, student_entropy = kl_and_entropy(student, referee, max_chunk_elements=chunk_elements)
@@ -230,7 +357,8 @@ def loop_reference(student_logits, referee_logits, targets, cfg):
         reality = {a: (1 - eps if len(acts) > 1 else 1.0) if a == y else eps / (len(acts) - 1) for a in acts}
         p = torch.softmax(r.double(), -1)
         mentor = {a: p[a].item() / sum(p[b].item() for b in acts) for a in acts}
-        score = {a: reality[a] ** cfg.avatarl.reality_weight * mentor[a] ** cfg.avatarl.mentor_weight for a in acts}
+        score = {a: reality[a] ** cfg.avatarl.reality_weight * mentor[a] ** cfg.avatarl.mentor_weight
+                 for a in acts}
         ideal = {a: score[a] / sum(score.values()) for a in acts}
         mean = sum(ideal.values()) / len(acts)
         reward = {a: cfg.avatarl.reward_scale * ideal[a] if ideal[a] > mean else 0.0 for a in acts}
@@ -238,7 +366,9 @@ def loop_reference(student_logits, referee_logits, targets, cfg):
         if top > cfg.avatarl.max_reward_clamp:
             reward = {a: v * cfg.avatarl.max_reward_clamp / top for a, v in reward.items()}
         logp = torch.log_softmax(z / (1 + cfg.grpo.entropy_coef), -1)
-        terms.append(-sum(logp[a] * reward[a] for a in acts) / len(acts))
+        paid = sum(reward.values())
+        divisor = len(acts) if cfg.avatarl.reward_norm == RewardNorm.ACTIONS else (paid if paid > 0 else 1.0)
+        terms.append(-sum(logp[a] * reward[a] for a in acts) / divisor)
         rows.append((acts, reward))
     return rows, torch.stack(terms).mean()
 
@@ -261,10 +391,11 @@ def test_vectorised_matches_loop_reference(top_k, rw, mw):
         assert rewards[i][~mask[i]].abs().sum() == 0
 
 
-def test_student_gradient_is_the_policy_gradient_and_referee_gets_none():
+@pytest.mark.parametrize("norm", ["rewards", "actions"])
+def test_student_gradient_is_the_policy_gradient_and_referee_gets_none(norm):
     vocab = 7
     student, referee = Bigram(vocab, seed=1), Bigram(vocab, seed=2).eval()
-    cfg = Config.of(top_k=2, entropy_coef=0.05)
+    cfg = Config.of(top_k=2, entropy_coef=0.05, reward_norm=norm)
     torch.manual_seed(3)
     x, y = torch.randint(0, vocab, (3, 5)), torch.randint(0, vocab, (3, 5))
     loss, _ = avatarl_micro_step(student, referee, x, y, cfg.avatarl, cfg.grpo.entropy_coef)

@@ -1,4 +1,5 @@
-"""AvataRL end to end through the real CLI: `avatarl train-referee`, then `ALGORITHM=avatarl avatarl train`."""
+"""AvataRL end to end through the real CLI: `avatarl train-referee`, then `ALGORITHM=avatarl avatarl
+train`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from tests.helpers import run_cli
 pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
 # 2-layer, 64-wide models on 32-char contexts; the referee trains once per module and serves all seeds.
-SMALL = {"N_LAYER": "2", "N_HEAD": "4", "N_EMB": "64", "CONTEXT_LEN": "32", "BATCH": "32", "MICRO_BATCH": "32",
-         "LR": "3e-3", "MIN_LR": "3e-4", "WARMUP_ITERS": "5", "LOG_INTERVAL": "10", "EVAL_WINDOWS": "128",
-         "SAMPLE_INTERVAL": "0", "CHECKPOINT_INTERVAL": "1000", "SAVE_INTERMEDIATE_CHECKPOINTS": "false",
-         "USE_WANDB": "false"}
+SMALL = {"N_LAYER": "2", "N_HEAD": "4", "N_EMB": "64", "CONTEXT_LEN": "32", "BATCH": "32",
+         "MICRO_BATCH": "32", "LR": "3e-3", "MIN_LR": "3e-4", "WARMUP_ITERS": "5", "LOG_INTERVAL": "10",
+         "EVAL_WINDOWS": "128", "SAMPLE_INTERVAL": "0", "CHECKPOINT_INTERVAL": "1000",
+         "SAVE_INTERMEDIATE_CHECKPOINTS": "false", "USE_WANDB": "false"}
 REFEREE_ITERS = "80"
-STUDENT = {"ALGORITHM": "avatarl", "TOTAL_ITERS": "40", "EVAL_INTERVAL": "20", "SAVE_FINAL_CHECKPOINT": "false"}
+STUDENT = {"ALGORITHM": "avatarl", "TOTAL_ITERS": "40", "EVAL_INTERVAL": "20",
+           "SAVE_FINAL_CHECKPOINT": "false"}
 MARGIN = 0.8  # nats/char the final validation CE must be below the initial one (seen: 1.07 to 1.42)
 
 
@@ -65,6 +67,20 @@ def test_avatarl_student_learns(seed, referee, tmp_path, corpus_path):
     assert any("true_top_frac" in record and "reward_mean" in record for record in logged)
 
 
+def test_on_policy_avatarl_student_learns(referee, tmp_path, corpus_path):
+    """ACTION_SET=sampled: K = ceil(0.25 x 65) = 17 draws per position from the student, rewarded by the
+    ideal."""
+    run_dir = tmp_path / "student"
+    result = run_cli(["train"], tmp_path, **SMALL, **STUDENT, ACTION_SET="sampled",
+                     DATA_PATH=str(corpus_path), CHECKPOINT_DIR=str(run_dir), REFEREE_PATH=str(referee))
+    assert result.returncode == 0, result.stdout + result.stderr
+    curve = val_curve(run_dir)
+    print(f"sampled: student val CE {[round(v, 3) for v in curve]}")
+    assert curve[-1] < curve[0] - MARGIN, curve
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {record["action_set_size"] for record in logged if "action_set_size" in record} == {17.0}
+
+
 def test_missing_referee_is_a_config_error(tmp_path, corpus_path):
     missing = tmp_path / "nowhere" / "referee.pt"
     result = run_cli(["train"], tmp_path, **SMALL, **STUDENT, DATA_PATH=str(corpus_path),
@@ -75,7 +91,8 @@ def test_missing_referee_is_a_config_error(tmp_path, corpus_path):
 
 
 def other_corpus(path: Path) -> Path:
-    """Text with another alphabet (no lower-case a-d, no punctuation but ':'), yet the trainer's sample prompts."""
+    """Text with another alphabet (no lower-case a-d, no punctuation but ':'), yet the trainer's sample
+    prompts."""
     path.write_text("".join(f"First Citizen: ROMEO {i * 7919 % 10007}\n" for i in range(2000)))
     return path
 

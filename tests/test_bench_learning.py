@@ -27,8 +27,9 @@ from avatarl.data.sampler import eval_windows
 from avatarl.generate import Sample
 from tests.helpers import REPO
 
-TINY_BENCH = {"n_layer": 1, "n_head": 2, "n_emb": 32, "context_len": 16, "horizon": 4, "k_samples": 2, "batch": 16,
-              "micro_batch": 16, "warmup_iters": 2, "log_interval": 2, "eval_windows": 32, "device": "cpu"}
+TINY_BENCH = {"n_layer": 1, "n_head": 2, "n_emb": 32, "context_len": 16, "horizon": 4, "k_samples": 2,
+              "batch": 16, "micro_batch": 16, "warmup_iters": 2, "log_interval": 2, "eval_windows": 32,
+              "device": "cpu"}
 BUDGET_ITERS, REFEREE_ITERS, SEEDS = 6, 2, 2
 AUTOREGRESSIVE = ("grpo", "grpo_reward_off")
 
@@ -55,7 +56,8 @@ def test_count_model_lines_of_a_prepared_bpe_directory(prepared_shakespeare):
     windows = eval_windows(corpus.val, cfg.model.context_len, cfg.run.eval_windows)
     assert unit == "token" and corpus.tokenizer.size == 512
     assert baselines == count_model_baselines(reference_ids(corpus.train), windows, 512)
-    assert list(baselines) == ["uniform", "unigram", "bigram", "trigram", "4-gram"]  # sparse: any order at 512 ids
+    # sparse counts: any order at 512 ids
+    assert list(baselines) == ["uniform", "unigram", "bigram", "trigram", "4-gram"]
     assert baselines["bigram"]["acc"] > baselines["unigram"]["acc"] > baselines["uniform"]["acc"]
 
 
@@ -70,7 +72,8 @@ def bench(tmp_path_factory, corpus_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("avatarl.periodic.training_samples", lambda *args: [Sample("A", [1, 2, 3], "bcd")])
         patch.chdir(root)
-        code, report = learning_bench(base, root / "out", BUDGET_ITERS, REFEREE_ITERS, seeds=SEEDS, eval_points=2)
+        code, report = learning_bench(base, root / "out", BUDGET_ITERS, REFEREE_ITERS, seeds=SEEDS,
+                                      eval_points=2)
     assert code == 0
     write_outputs(report, root / "out", root / "copy" / "learning.json")
     return root, data, report
@@ -94,7 +97,8 @@ def test_every_method_and_seed_trains_at_the_same_budget(bench):
             assert tokens[0] == 0 and tokens == sorted(tokens) and len(tokens) >= 3
             assert [t for t, _ in run["acc_curve"]] == tokens
             assert {"tokens_to_beat_unigram", "tokens_to_beat_bigram"} <= set(run)
-            assert run["final_val_ce"] == run["curve"][-1][1] and run["final_val_acc"] == run["acc_curve"][-1][1]
+            assert run["final_val_ce"] == run["curve"][-1][1]
+            assert run["final_val_acc"] == run["acc_curve"][-1][1]
             # Tiny Shakespeare is ASCII: one byte per char, so bits per byte = nats per char / ln 2.
             assert run["final_val_bpb"] == pytest.approx(run["final_val_ce"] / math.log(2))
             assert 0 <= run["final_val_acc"] <= 1
@@ -149,7 +153,8 @@ def test_outputs_are_written(bench):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     table = markdown_table(report)
     supervised = report["methods"]["supervised"]["summary"]["final_val_acc"]
-    assert f"| supervised (not RL, the ceiling) | {BUDGET_ITERS * 16 * 17:,} | {supervised['mean']:.3f} (" in table
+    row = f"| supervised (not RL, the ceiling) | {BUDGET_ITERS * 16 * 17:,} | {supervised['mean']:.3f} ("
+    assert row in table
 
 
 def test_a_row_that_cannot_run_stops_the_bench_before_any_training(tmp_path, prepared_shakespeare):
@@ -159,7 +164,8 @@ def test_a_row_that_cannot_run_stops_the_bench_before_any_training(tmp_path, pre
     rows = ("AvataRL", "AvataRL, REALITY_WEIGHT=0 (referee only)")
     assert [line.split(": ")[0] for line in refused.value.problems] == list(rows)
     assert all("REFEREE_QUANTIZE=int8 needs CUDA" in line for line in refused.value.problems)
-    assert not (tmp_path / "out" / "runs").exists()  # the GRPO rows could run (any tokenizer), and nothing trained
+    # the GRPO rows could run (any tokenizer), and nothing trained
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_missing_matplotlib_fails_before_training(tmp_path, monkeypatch, capsys):
@@ -227,7 +233,8 @@ def test_a_schema_2_report_of_an_earlier_version_reads_as_schema_3(tmp_path, cap
     old = json.loads((REPO / "docs" / "learning_quick.json").read_text())
     assert old["schema"] == "avatarl.bench.learning/2"
     new = upgrade_report(old)
-    assert new["schema"] == SCHEMA and new["budget_tokens"] == old["budget_chars"] and "budget_chars" not in new
+    assert new["schema"] == SCHEMA and new["budget_tokens"] == old["budget_chars"]
+    assert "budget_chars" not in new
     text = json.dumps(new)
     assert '"chars_' not in text and '"budget_chars"' not in text
     run, old_run = new["methods"]["grpo"]["runs"][0], old["methods"]["grpo"]["runs"][0]
@@ -238,4 +245,5 @@ def test_a_schema_2_report_of_an_earlier_version_reads_as_schema_3(tmp_path, cap
                               merge=[str(REPO / "docs" / "learning_quick.json")])
     assert run_learning_bench(Config.of(device="cpu"), args) == 0
     assert json.loads((tmp_path / "merged" / "learning.json").read_text())["schema"] == SCHEMA
-    assert f"| {old['methods']['supervised']['label']} | {old_run['chars_seen']:,} |" in capsys.readouterr().out
+    row = f"| {old['methods']['supervised']['label']} | {old_run['chars_seen']:,} |"
+    assert row in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`avatarl bench throughput`: JSON schema, ratios computed from the measured times, the peer row, timing helpers."""
+"""`avatarl bench throughput`: JSON schema, ratios computed from the measured times, the peer row, timing
+helpers."""
 
 from __future__ import annotations
 
@@ -16,40 +17,35 @@ import torch
 
 from avatarl.algorithms.grpo import rollout
 from avatarl.bench import run_bench
-from avatarl.bench.throughput import (
-    Timing,
-    flop_counts,
-    format_table,
-    measure,
-    ratios_of,
-    rollout_recompute,
-    summarise,
-    time_interleaved,
-)
+from avatarl.bench.throughput import Timing, measure, rollout_recompute, time_interleaved
+from avatarl.bench.throughput_report import flop_counts, format_table, ratios_of, summarise
 from avatarl.config import Config
 from avatarl.model import GPT, GPTConfig
 from avatarl.progress import PEAK_BF16_TFLOPS, gpu_peak_tflops
 from tests.helpers import run_cli
 
 ROWS = ("supervised_step", "grpo_iteration", "rollout_kv_cache", "grpo_scoring", "rollout_recompute",
-        "grpo_full_rows", "avatarl_iteration", "peer_step")
+        "grpo_full_rows", "avatarl_iteration", "teacher_forced_iteration", "log_reward_iteration",
+        "peer_step")
 RATIOS = ("grpo_over_supervised", "kv_cache_speedup", "shared_prefix_speedup", "avatarl_over_supervised",
-          "supervised_over_peer")
+          "supervised_over_peer", "teacher_forced_per_token_over_supervised",
+          "log_reward_per_token_over_supervised")
 
 
 def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Path, corpus_path: Path):
     out = tmp_path / "bench.json"
     done = run_cli(["bench", "throughput", "--quick", "--iters", "3", "--json", str(out), "--n-layer", "1",
-                    "--n-head", "2", "--n-emb", "32", "--micro-batch", "4", "--batch", "8", "--k-samples", "3",
-                    "--horizon", "5", "--context-len", "12", "--device", "cpu", "--data-path", str(corpus_path)],
+                    "--n-head", "2", "--n-emb", "32", "--micro-batch", "4", "--batch", "8",
+                    "--k-samples", "3", "--horizon", "5", "--context-len", "12", "--device", "cpu",
+                    "--data-path", str(corpus_path)],
                    cwd=tmp_path, timeout=120, USE_WANDB="false")
     assert done.returncode == 0, done.stderr
     table = done.stdout.splitlines()
-    assert [line.split()[0] for line in table[-5:]] == list(RATIOS)  # the five ratios come last in the table
+    assert [line.split()[0] for line in table[-7:]] == list(RATIOS)  # the seven ratios come last in the table
     assert any(line.startswith("peer step (HF GPT-2") for line in table)
     report = json.loads(out.read_text())
 
-    assert report["schema"] == "avatarl.bench.throughput/1" and report["finite"] is True
+    assert report["schema"] == "avatarl.bench.throughput/2" and report["finite"] is True
     cfg = report["config"]
     assert (cfg["n_layer"], cfg["n_emb"], cfg["micro_batch"], cfg["k_samples"], cfg["horizon"],
             cfg["context_len"], cfg["iters"]) == (1, 32, 4, 3, 5, 12, 3)
@@ -67,11 +63,21 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
     peer = report["peer"]  # transformers is installed in the dev environment: the row ran
     assert peer["model"] == "transformers.GPT2LMHeadModel" and peer["attention"] == "sdpa"
     assert peer["params"] > 0 and peer["transformers"]
-    assert ratios["grpo_over_supervised"] == pytest.approx(t["grpo_iteration"] / t["supervised_step"], rel=1e-12)
-    assert ratios["kv_cache_speedup"] == pytest.approx(t["rollout_recompute"] / t["rollout_kv_cache"], rel=1e-12)
+    assert ratios["grpo_over_supervised"] == pytest.approx(t["grpo_iteration"] / t["supervised_step"],
+                                                           rel=1e-12)
+    assert ratios["kv_cache_speedup"] == pytest.approx(t["rollout_recompute"] / t["rollout_kv_cache"],
+                                                       rel=1e-12)
     assert ratios["avatarl_over_supervised"] == pytest.approx(t["avatarl_iteration"] / t["supervised_step"],
                                                               rel=1e-12)
-    assert ratios["shared_prefix_speedup"] == pytest.approx(t["grpo_full_rows"] / t["grpo_iteration"], rel=1e-12)
+    assert ratios["shared_prefix_speedup"] == pytest.approx(t["grpo_full_rows"] / t["grpo_iteration"],
+                                                            rel=1e-12)
+    per_supervised_token = t["supervised_step"] / (4 * 3 * (12 + 5))  # B x K x (C + H) tokens
+    for row in ("teacher_forced", "log_reward"):  # B x C positions per teacher-forced step
+        assert ratios[f"{row}_per_token_over_supervised"] == pytest.approx(
+            t[f"{row}_iteration"] / (4 * 12) / per_supervised_token, rel=1e-12)
+    vocab = len(set(corpus_path.read_text()))
+    assert report["teacher_forced_k"] == {"teacher_forced_iteration": 128,
+                                          "log_reward_iteration": math.ceil(vocab / 4)}
     for row in timings.values():  # on a CPU, the process CPU time of the same calls, and ratios from it
         assert len(row["cpu_times_s"]) == 3 and row["cpu_median_s"] == statistics.median(row["cpu_times_s"])
     cpu = {name: row["cpu_median_s"] for name, row in timings.items()}
@@ -82,7 +88,7 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
     B, C, K, H = 4, 12, 3, 5
     throughput = report["throughput"]
     assert throughput["grpo_contexts_per_s"] == pytest.approx(B / t["grpo_iteration"])
-    assert throughput["grpo_sampled_chars_per_s"] == pytest.approx(B * K * H / t["grpo_iteration"])
+    assert throughput["grpo_sampled_tokens_per_s"] == pytest.approx(B * K * H / t["grpo_iteration"])
     assert throughput["supervised_tokens_per_s"] == pytest.approx(B * K * (C + H) / t["supervised_step"])
     assert throughput["peer_tokens_per_s"] == pytest.approx(B * K * (C + H) / t["peer_step"])
     split = report["grpo_split_s"]
@@ -91,19 +97,22 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
 
 
 def tiny_bench_config(corpus_path: Path) -> Config:
-    return Config.of(n_layer=1, n_head=2, n_emb=32, micro_batch=2, batch=2, k_samples=2, horizon=3, context_len=6,
-                  device="cpu", data_path=str(corpus_path), use_wandb=False)
+    return Config.of(n_layer=1, n_head=2, n_emb=32, micro_batch=2, batch=2, k_samples=2, horizon=3,
+                     context_len=6, device="cpu", data_path=str(corpus_path), use_wandb=False)
 
 
-def test_peer_row_is_skipped_with_a_note_without_transformers(monkeypatch: pytest.MonkeyPatch, corpus_path: Path):
+def test_peer_row_is_skipped_with_a_note_without_transformers(monkeypatch: pytest.MonkeyPatch,
+                                                              corpus_path: Path):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     cfg, device = tiny_bench_config(corpus_path), torch.device("cpu")
     result = measure(cfg, device, warmup=1, iters=2)
     assert set(result["timings"]) == set(ROWS) - {"peer_step"} and result["finite"]
     assert "transformers is not importable" in result["peer"]["skipped"]
     report = summarise(cfg, device, result, warmup=1, iters=2)
-    assert "supervised_over_peer" not in report["ratios"] and "supervised_over_peer" not in report["cpu_time_ratios"]
-    assert list(report["ratios"]) == list(RATIOS[:-1]) and "peer_tokens_per_s" not in report["throughput"]
+    assert "supervised_over_peer" not in report["ratios"]
+    assert "supervised_over_peer" not in report["cpu_time_ratios"]
+    assert list(report["ratios"]) == [name for name in RATIOS if name != "supervised_over_peer"]
+    assert "peer_tokens_per_s" not in report["throughput"]
     table = format_table(report)
     assert "peer step skipped: transformers is not importable" in table and "peer step (HF" not in table
     json.dumps(report)  # still serialisable
@@ -134,7 +143,8 @@ def test_time_interleaved_warms_each_call_then_takes_turns():
 
 def test_recompute_rollout_draws_the_same_samples_as_the_kv_cached_one():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_emb=16, use_flash_attn=False)).eval()
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_emb=16,
+                          use_flash_attn=False)).eval()
     with torch.no_grad():  # sharper than the 0.02 init, so different draws would show
         for p in model.parameters():
             p.mul_(20.0) if p.dim() == 2 else None
@@ -166,13 +176,16 @@ def test_every_gpu_type_setting_has_a_peak():
 
 def test_flop_counts_hand_values():
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
-    # N = wte 5*8 (tied head) + norms 8+8+8 + qkv 8*24 + proj 8*8 + fc 8*32 + proj 32*8 = 40+24+192+64+256+256 = 832
+    # N = wte 5*8 (tied head) + norms 8+8+8 + qkv 8*24 + proj 8*8 + fc 8*32 + proj 32*8
+    #   = 40+24+192+64+256+256 = 832
     assert model.num_params() == 832
-    cfg = Config.of(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
+    cfg = Config.of(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2,
+                    k_samples=2)
     flops = flop_counts(cfg, model, model)
     # F(T) = 6*832 + 12*1*8*T = 4992 + 96 T.  B=2, C=3, K=2, H=2, S = C+H-1 = 4
     assert flops["supervised_step"] == (4992 + 96 * 5) * 2 * 2 * 5  # F(5) x BK(C+H) = 5472 x 20 = 109440
-    # rollout and update both cover N = B(C + K(H-1)) = 10 tokens: forward F(4)/3 = 1792 and update F(4) = 5376 each
+    # rollout and update both cover N = B(C + K(H-1)) = 10 tokens: forward F(4)/3 = 1792 and update
+    # F(4) = 5376 each
     assert flops["grpo_iteration"] == pytest.approx(1792 * 10 + 5376 * 10)
     assert flops["avatarl_iteration"] == pytest.approx(4 / 3 * (4992 + 96 * 3) * 2 * 3)  # F(3) 4/3 BC = 42240
 
@@ -181,10 +194,13 @@ def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytes
     # the CUDA branch of the report, fed made-up times: its numbers must follow from them
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_emb=8, use_flash_attn=False))
-    cfg = Config.of(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2, k_samples=2)
-    times = {"supervised_step": 2e-9, "grpo_iteration": 4e-9, "rollout_kv_cache": 1e-9, "grpo_scoring": 5e-10,
-             "rollout_recompute": 3e-9, "grpo_full_rows": 8e-9, "avatarl_iteration": 1e-9}
-    result = {"timings": {name: Timing([t, 2 * t, t / 2], peak_memory_mib=100.0) for name, t in times.items()},
+    cfg = Config.of(n_layer=1, n_head=2, n_emb=8, micro_batch=2, batch=2, context_len=3, horizon=2,
+                    k_samples=2)
+    times = {"supervised_step": 2e-9, "grpo_iteration": 4e-9, "rollout_kv_cache": 1e-9,
+             "grpo_scoring": 5e-10, "rollout_recompute": 3e-9, "grpo_full_rows": 8e-9,
+             "avatarl_iteration": 1e-9}
+    timings = {name: Timing([t, 2 * t, t / 2], peak_memory_mib=100.0) for name, t in times.items()}
+    result = {"timings": timings,
               "finite": True, "params": 832, "attention": "sdpa", "model": model, "referee": model,
               "cuda_graphs": True}
     report = summarise(cfg, torch.device("cuda"), result, warmup=1, iters=3)
@@ -198,7 +214,8 @@ def test_gpu_report_mfu_is_flops_over_measured_time_over_peak(monkeypatch: pytes
     assert report["ratios"]["kv_cache_speedup"] == pytest.approx(3.0)
     assert report["ratios"]["shared_prefix_speedup"] == pytest.approx(2.0)
     table = format_table(report)
-    assert "H100" in table and "MFU" in table and "peak memory 100 MiB" in table and "cuda_graphs=True" in table
+    assert "H100" in table and "MFU" in table
+    assert "peak memory 100 MiB" in table and "cuda_graphs=True" in table
 
 
 def test_bench_dispatches_learning_lazily(monkeypatch: pytest.MonkeyPatch):
@@ -217,6 +234,7 @@ def test_cuda_report_has_mfu_and_peak_memory(corpus_path: Path):
     report = summarise(cfg, device, measure(cfg, device, warmup=2, iters=3), warmup=2, iters=3)
     gpu = report["gpu"]
     assert report["finite"] and 0 < report["ratios"]["mfu"] < 1
-    assert report["ratios"]["mfu"] == pytest.approx(gpu["achieved_tflops"]["grpo_iteration"] / gpu["peak_bf16_tflops"])
+    achieved = gpu["achieved_tflops"]["grpo_iteration"]
+    assert report["ratios"]["mfu"] == pytest.approx(achieved / gpu["peak_bf16_tflops"])
     assert all(value > 0 for value in gpu["peak_memory_mib"].values())
     assert math.isfinite(report["throughput"]["grpo_contexts_per_s"])

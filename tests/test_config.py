@@ -88,7 +88,8 @@ def test_booleans(text: str, expected: bool):
     ({"TEMPERATURE": "-1"}, "TEMPERATURE=-1.0 is out of range: it must be greater than 0"),
     ({"BATCH": "100", "MICRO_BATCH": "64"}, "BATCH=100 is not a multiple of MICRO_BATCH=64"),
     ({"N_EMB": "100", "N_HEAD": "8"}, "N_EMB=100 is not divisible by N_HEAD=8"),
-    ({"LR_DECAY_TYPE": "step"}, "LR_DECAY_TYPE='step' (env) is not allowed: choose one of cosine, linear, exponential"),
+    ({"LR_DECAY_TYPE": "step"},
+     "LR_DECAY_TYPE='step' (env) is not allowed: choose one of cosine, linear, exponential"),
     ({"USE_AMP": "maybe"}, "expected a boolean"),
 ])
 def test_each_bad_value_is_one_clear_line(environ: dict, fragment: str, tmp_path: Path):
@@ -102,24 +103,27 @@ def test_a_near_miss_of_a_setting_in_dotenv_is_refused_with_the_setting_meant(tm
     dotenv.write_text("LEARNING_RATE=1\nCONTEXT_LENGTH=12\nWANDB_API_KEY=abc\nN_LAYERS=2\nlr=0.1\n")
     with pytest.raises(ConfigError) as caught:
         load_config(env_file=dotenv, environ={})
-    assert caught.value.problems == [f"{dotenv}: {typo} is not a setting. Did you mean {meant}?" for typo, meant in
-                                     [("LEARNING_RATE", "LR"), ("CONTEXT_LENGTH", "CONTEXT_LEN"),
-                                      ("N_LAYERS", "N_LAYER"), ("lr", "LR")]]
+    typos = [("LEARNING_RATE", "LR"), ("CONTEXT_LENGTH", "CONTEXT_LEN"), ("N_LAYERS", "N_LAYER"),
+             ("lr", "LR")]
+    assert caught.value.problems == [f"{dotenv}: {typo} is not a setting. Did you mean {meant}?"
+                                     for typo, meant in typos]
 
 
 # Variables of other programs that a .env holds: none is taken for a misspelt setting.
 ORDINARY = ("WANDB_ENTITY", "WANDB_DIR", "WANDB_TAGS", "WANDB_NOTES", "WANDB_RUN_GROUP", "WANDB_BASE_URL",
-            "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TIKTOKEN_CACHE_DIR", "HF_HUB_OFFLINE",
-            "HF_DATASETS_CACHE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "TOKENIZERS_PARALLELISM",
-            "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "TORCHINDUCTOR_CACHE_DIR", "NCCL_P2P_DISABLE", "MASTER_ADDR",
-            "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "TOP_P", "DEVICE_ID", "EVAL_ITERS", "CACHE_DIR",
-            "TP_SOCKET_IFNAME", "PYTHONUNBUFFERED", "HTTPS_PROXY", "NO_PROXY", "TZ", "LANG")
+            "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TIKTOKEN_CACHE_DIR",
+            "HF_HUB_OFFLINE", "HF_DATASETS_CACHE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE",
+            "TOKENIZERS_PARALLELISM", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "TORCHINDUCTOR_CACHE_DIR",
+            "NCCL_P2P_DISABLE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "TOP_P",
+            "DEVICE_ID", "EVAL_ITERS", "CACHE_DIR", "TP_SOCKET_IFNAME", "PYTHONUNBUFFERED", "HTTPS_PROXY",
+            "NO_PROXY", "TZ", "LANG")
 
 
 def test_variables_that_are_no_settings_are_allowed_in_dotenv_and_reach_the_process(tmp_path: Path):
     assert [name for name in ORDINARY if near_miss(name)] == []
     dotenv = tmp_path / ".env"
-    dotenv.write_text("".join(f"{name}=from-dotenv\n" for name in ORDINARY) + "N_LAYER=3\nWANDB_MODE=offline\n")
+    lines = "".join(f"{name}=from-dotenv\n" for name in ORDINARY)
+    dotenv.write_text(lines + "N_LAYER=3\nWANDB_MODE=offline\n")
     environ = {"CUDA_VISIBLE_DEVICES": "1", "PATH": "/bin"}
     cfg, _ = load_config(env_file=dotenv, environ=environ)
     assert cfg.model.n_layer == 3
@@ -290,19 +294,23 @@ def test_secrets_are_named_or_end_in_a_secret_suffix_and_no_setting_is_one():
     assert [name for name in config_fields() if is_secret(name)] == []
     secret = ("WANDB_API_KEY", "HF_TOKEN", "MODAL_TOKEN_ID", "OPENAI_API_KEY", "GITHUB_TOKEN", "DB_PASSWORD",
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "hf_token", "TOKEN")
-    plain = ("TOKENIZER", "MODAL_WANDB_SECRET", "MAX_NEW_TOKENS", "KEYBOARD", "SECRETS_DIR", "TOKENIZERS_PARALLELISM")
-    assert [name for name in secret if not is_secret(name)] == [] and [name for name in plain if is_secret(name)] == []
+    plain = ("TOKENIZER", "MODAL_WANDB_SECRET", "MAX_NEW_TOKENS", "KEYBOARD", "SECRETS_DIR",
+             "TOKENIZERS_PARALLELISM")
+    assert [name for name in secret if not is_secret(name)] == []
+    assert [name for name in plain if is_secret(name)] == []
 
 
 def test_every_preset_is_valid_and_sits_below_dotenv_flags_and_env(tmp_path: Path):
-    assert preset_names() == ["bench-quick", "cpu-small", "gpt2-small", "grpo-teacher-forced", "tiny"]
+    assert preset_names() == ["bench-quick", "cpu-small", "gpt2-small", "grpo-log-reward",
+                              "grpo-teacher-forced", "tiny"]
     for name in preset_names():
         cfg, sources = load_config({}, None, environ={}, preset=name)
         assert {k for k, v in sources.items() if v == "preset"} == set(preset_settings(name)), name
         assert preset_values(name) == {k.lower(): cfg.to_dict()[k.lower()] for k in preset_settings(name)}
     dotenv = tmp_path / "run.env"
     dotenv.write_text("N_EMB=256\nN_HEAD=2\n")
-    cfg, sources = load_config({"N_LAYER": "3", "N_EMB": "64"}, dotenv, environ={"LR": "0.5"}, preset="cpu-small")
+    cfg, sources = load_config({"N_LAYER": "3", "N_EMB": "64"}, dotenv, environ={"LR": "0.5"},
+                               preset="cpu-small")
     assert (cfg.model.n_layer, sources["N_LAYER"]) == (3, "cli")          # flag over preset
     assert (cfg.model.n_emb, sources["N_EMB"]) == (64, "cli")             # flag over .env and preset
     assert (cfg.model.n_head, sources["N_HEAD"]) == (2, ".env")           # .env over preset
@@ -313,7 +321,8 @@ def test_every_preset_is_valid_and_sits_below_dotenv_flags_and_env(tmp_path: Pat
 def test_preset_flag_reaches_the_cli_and_an_unknown_one_is_refused(tmp_path: Path):
     shown = run_cli(["config", "--preset", "cpu-small"], tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert any(line.startswith("N_EMB=128") and line.endswith("(preset)") for line in shown.stdout.splitlines())
+    assert any(line.startswith("N_EMB=128") and line.endswith("(preset)")
+               for line in shown.stdout.splitlines())
     refused = run_cli(["config", "--preset", "huge"], tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "invalid choice: 'huge'" in refused.stderr and "cpu-small" in refused.stderr

@@ -70,14 +70,15 @@ def test_decoder_copies_each_prefilled_row_to_its_samples():
         model(contexts(3, 32), prefilled)
         decoder = GraphedDecoding(model, capture=False).prepare(prefilled, 4)
     for row in range(12):
-        torch.testing.assert_close(decoder.cache.k[:, row, :32], prefilled.k[:, row // 4, :32], rtol=0, atol=0)
-        torch.testing.assert_close(decoder.cache.v[:, row, :32], prefilled.v[:, row // 4, :32], rtol=0, atol=0)
+        for cached, source in ((decoder.cache.k, prefilled.k), (decoder.cache.v, prefilled.v)):
+            torch.testing.assert_close(cached[:, row, :32], source[:, row // 4, :32], rtol=0, atol=0)
 
 
 def test_training_with_cuda_graphs_on_a_cpu_says_it_decodes_eagerly(tiny_env, tmp_path):
     result = run_cli(["train"], tmp_path, **tiny_env, USE_CUDA_GRAPHS="true")
     assert result.returncode == 0, result.stderr
-    assert "USE_CUDA_GRAPHS: rollout decode steps eager (CUDA graphs need CUDA)" in result.stdout + result.stderr
+    expected = "USE_CUDA_GRAPHS: rollout decode steps eager (CUDA graphs need CUDA)"
+    assert expected in result.stdout + result.stderr
 
 
 @pytest.mark.gpu

@@ -25,7 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 CONTINUATION = "\\"
-# torchrun with clean stops (avatarl/launchers/torchrun.py): the multi-process services exit 0 after `docker stop`.
+# torchrun with clean stops (avatarl/launchers/torchrun.py): the multi-process services exit 0 after
+# `docker stop`.
 LAUNCH = ["avatarl", "launch", "--standalone"]
 TRAINING_SERVICES = ("train", "train-4gpu", "train-gpus", "train-cpu", "train-cpu-2proc", "train-multinode")
 GPU_SERVICES = ("train", "train-4gpu", "train-gpus", "train-multinode")
@@ -58,7 +59,8 @@ def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
         if not stripped.endswith(CONTINUATION):
             logical.append(current)
             current = ""
-    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text else "") for text in logical]
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1] if " " in text else "")
+            for text in logical]
 
 
 def arg_defaults() -> dict[str, str]:
@@ -102,7 +104,8 @@ def test_pinned_flash_attn_wheel_matches_pinned_torch_cuda_python():
     assert flash_wheel.mismatches(pins["FLASH_ATTN_WHEEL"], expected) == []
     assert flash_wheel.parse_wheel_name(pins["FLASH_ATTN_WHEEL"])["version"] == pins["FLASH_ATTN_VERSION"]
     torch_minor = expected["torch"]
-    assert torch_minor in PYPI_TORCH_CUDA, f"add the CUDA of torch {torch_minor}'s PyPI wheel to PYPI_TORCH_CUDA"
+    assert torch_minor in PYPI_TORCH_CUDA, \
+        f"add the CUDA of torch {torch_minor}'s PyPI wheel to PYPI_TORCH_CUDA"
     assert PYPI_TORCH_CUDA[torch_minor].split(".")[0] == pins["CUDA_VERSION"].split(".")[0]
     assert UBUNTU_PYTHON[pins["UBUNTU_VERSION"]] == pins["PYTHON_VERSION"]
 
@@ -122,7 +125,8 @@ def test_wheel_checker_names_each_mismatch():
     wrong = "flash_attn-2.8.3+cu11torch2.7cxx11abiFALSE-cp311-cp311-linux_x86_64.whl"
     problems = flash_wheel.mismatches(wrong, expected)
     assert [line.split(":")[0] for line in problems] == ["cuda", "torch", "abi", "python"]
-    assert flash_wheel.pip_torch_uses_cxx11_abi("2.6.0") is False and flash_wheel.pip_torch_uses_cxx11_abi("2.7.1")
+    assert flash_wheel.pip_torch_uses_cxx11_abi("2.6.0") is False
+    assert flash_wheel.pip_torch_uses_cxx11_abi("2.7.1")
     with pytest.raises(ValueError, match="not a flash-attn release wheel"):
         flash_wheel.parse_wheel_name("flash_attn-2.8.3-cp312-cp312-linux_x86_64.whl")
 
@@ -135,7 +139,8 @@ def test_runtime_stage_user_entrypoint_health_env_labels():
     assert args_of["USER"] == ["${APP_UID}"] and arg_defaults()["APP_UID"] == "1000"
     assert args_of["CMD"] == ['["avatarl", "train"]']
     assert args_of["ENTRYPOINT"] == ['["/usr/local/bin/avatarl-entrypoint"]']
-    assert len(args_of["HEALTHCHECK"]) == 1 and args_of["HEALTHCHECK"][0].endswith('CMD ["avatarl", "health"]')
+    assert len(args_of["HEALTHCHECK"]) == 1
+    assert args_of["HEALTHCHECK"][0].endswith('CMD ["avatarl", "health"]')
     env = " ".join(args_of["ENV"])
     for setting in ("PYTHONUNBUFFERED=1", "CHECKPOINT_DIR=/checkpoints", "DATA_CACHE_DIR=/cache/avatarl",
                     "HF_HOME=/cache/hf", "CUDA_DEVICE_ORDER=PCI_BUS_ID"):
@@ -251,14 +256,14 @@ def ignore_patterns() -> list[str]:
 
 @pytest.mark.parametrize("path", [".env", ".env.local", "checkpoints/ckpt_00000100.pt", "data/corpus.txt",
                                   "wandb/run-1/files/config.yaml", ".git/HEAD", ".venv/bin/python",
-                                  "avatarl/__pycache__/cli.cpython-311.pyc", "avatarl/.env", "tests/test_cli.py",
-                                  "bench-out/results.json", ".cache/hf/model.bin"])
+                                  "avatarl/__pycache__/cli.cpython-311.pyc", "avatarl/.env",
+                                  "tests/test_cli.py", "bench-out/results.json", ".cache/hf/model.bin"])
 def test_build_context_keeps_out(path: str, ignore_patterns: list[str]):
     assert dockerignore_excludes(path, ignore_patterns)
 
 
-@pytest.mark.parametrize("path", ["avatarl/cli.py", "avatarl/algorithms/grpo.py", "pyproject.toml", "README.md",
-                                  "docker/entrypoint.sh", "docker/flash_wheel.py",
+@pytest.mark.parametrize("path", ["avatarl/cli.py", "avatarl/algorithms/grpo.py", "pyproject.toml",
+                                  "README.md", "docker/entrypoint.sh", "docker/flash_wheel.py",
                                   ".wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"])
 def test_build_context_lets_in(path: str, ignore_patterns: list[str]):
     assert not dockerignore_excludes(path, ignore_patterns)
@@ -271,7 +276,8 @@ def test_every_copy_source_is_in_the_build_context(ignore_patterns: list[str]):
             continue
         for source in shlex.split(args)[:-1]:
             path = examples.get(source, source)
-            assert not dockerignore_excludes(path, ignore_patterns), f"COPY {source}: excluded by .dockerignore"
+            assert not dockerignore_excludes(path, ignore_patterns), \
+                f"COPY {source}: excluded by .dockerignore"
 
 
 # ---------------------------------------------------------------- compose.yaml
@@ -338,12 +344,14 @@ def test_compose_services_with_env_example(tmp_path: Path):
     assert services["train"]["command"] == ["avatarl", "train"]
     for name in ("train-cpu", "train-cpu-2proc", "sample", "prepare"):
         assert gpu_devices(services[name]) == [], name
-    assert services["train-cpu"]["profiles"] == ["cpu"] and services["train-cpu"]["environment"]["DEVICE"] == "cpu"
+    assert services["train-cpu"]["profiles"] == ["cpu"]
+    assert services["train-cpu"]["environment"]["DEVICE"] == "cpu"
     assert services["train-cpu-2proc"]["command"] == LAUNCH + ["--nproc-per-node=2", "-m", "avatarl", "train"]
     assert services["sample"]["entrypoint"][-2:] == ["avatarl", "sample"]
     prepare = services["prepare"]
     assert prepare["profiles"] == ["prepare"] and prepare["restart"] == "no"
-    assert prepare["healthcheck"] == {"disable": True}, "the image's healthcheck watches a trainer's heartbeat"
+    assert prepare["healthcheck"] == {"disable": True}, \
+        "the image's healthcheck watches a trainer's heartbeat"
     assert prepare["entrypoint"] == ["/usr/local/bin/avatarl-entrypoint", "avatarl", "prepare"]
     assert prepare["command"] == ["--help"]
 
@@ -465,7 +473,8 @@ def test_compose_multinode_takes_the_topology_and_nccl_variables_from_dotenv(tmp
     assert service["profiles"] == ["multi-node"] and service["network_mode"] == "host"
     assert service["command"] == ["avatarl", "launch", "-m", "avatarl", "train"], "no --standalone"
     env = service["environment"]
-    assert (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"], env["N_GPUS"]) == ("2", "1", "10.0.0.1:29400", "4")
+    rendezvous = (env["NNODES"], env["NODE_RANK"], env["RDZV_ENDPOINT"], env["N_GPUS"])
+    assert rendezvous == ("2", "1", "10.0.0.1:29400", "4")
     assert env["NCCL_SOCKET_IFNAME"] == "eth1" and env["GLOO_SOCKET_IFNAME"] is None, "unset stays unset"
     assert env["RDZV_ID"] is None, "the program's default"
     cfg = Config.of(nnodes=env["NNODES"], node_rank=int(env["NODE_RANK"]), rdzv_endpoint=env["RDZV_ENDPOINT"],
@@ -517,7 +526,8 @@ def test_k8s_single_gpu_job():
     from avatarl import exit_codes
 
     fail_fast = [rule["onExitCodes"] for rule in rules if rule["action"] == "FailJob"]
-    assert fail_fast == [{"containerName": "trainer", "operator": "In", "values": list(exit_codes.NOT_RETRYABLE)}]
+    assert fail_fast == [{"containerName": "trainer", "operator": "In",
+                          "values": list(exit_codes.NOT_RETRYABLE)}]
 
 
 def test_k8s_pytorchjob_is_elastic_with_plain_torchrun_and_shared_storage():
@@ -535,7 +545,8 @@ def test_k8s_pytorchjob_is_elastic_with_plain_torchrun_and_shared_storage():
     assert elastic["rdzvBackend"] == "c10d" and elastic["maxRestarts"] >= 1
     assert elastic["minReplicas"] == elastic["maxReplicas"] == replicas["Worker"]["replicas"] == 2, \
         "a fixed world size: a checkpoint resumes only into the world that wrote it"
-    assert replicas["Worker"]["restartPolicy"] == "OnFailure", "an evicted or failed pod comes back and rejoins"
+    assert replicas["Worker"]["restartPolicy"] == "OnFailure", \
+        "an evicted or failed pod comes back and rejoins"
     container = check_pod(replicas["Worker"]["template"]["spec"], {claim["metadata"]["name"]}, gpus=4)
     assert container["name"] == "pytorch"
     # torchrun takes nnodes, the rendezvous and max restarts from the operator's PET_* variables.
@@ -543,7 +554,8 @@ def test_k8s_pytorchjob_is_elastic_with_plain_torchrun_and_shared_storage():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert {k: env.get(k) for k in FRESH_STORE_EACH_ROUND} == FRESH_STORE_EACH_ROUND
     assert env["MAX_RESTARTS"] == str(elastic["maxRestarts"])
-    Config.of(max_restarts=int(env["MAX_RESTARTS"]), dist_timeout_s=float(env["DIST_TIMEOUT_S"]))  # valid settings
+    # valid settings
+    Config.of(max_restarts=int(env["MAX_RESTARTS"]), dist_timeout_s=float(env["DIST_TIMEOUT_S"]))
 
 
 def data_claim() -> str:
@@ -608,7 +620,8 @@ def test_k8s_prepare_job_runs_avatarl_prepare_on_cpus_into_the_data_claim():
     parsed = build_parser().parse_args(container["args"][1:])
     assert parsed.output.startswith("/data/")
     resources = container["resources"]
-    assert "nvidia.com/gpu" not in resources.get("limits", {}) and "nvidia.com/gpu" not in resources["requests"]
+    assert "nvidia.com/gpu" not in resources.get("limits", {})
+    assert "nvidia.com/gpu" not in resources["requests"]
     assert int(resources["requests"]["cpu"]) == parsed.num_proc, "--num-proc follows the CPU request"
     assert "livenessProbe" not in container and "startupProbe" not in container, "prepare writes no heartbeat"
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -622,15 +635,17 @@ def test_k8s_prepare_job_runs_avatarl_prepare_on_cpus_into_the_data_claim():
     rules = job["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
     fail_fast = [rule["onExitCodes"] for rule in rules if rule["action"] == "FailJob"]
-    assert fail_fast == [{"containerName": "prepare", "operator": "In", "values": list(exit_codes.NOT_RETRYABLE)}]
+    assert fail_fast == [{"containerName": "prepare", "operator": "In",
+                          "values": list(exit_codes.NOT_RETRYABLE)}]
 
 
 # ---------------------------------------------------------------- docs/data.md
 
 
 def documented_commands(text: str) -> list[list[str]]:
-    """The argument lists of `avatarl prepare` and `avatarl tokenizer train` in the page's code, wherever the
-    command starts (avatarl ..., docker compose run --rm prepare ..., python -m avatarl.launchers.modal_prepare)."""
+    """The argument lists of `avatarl prepare` and `avatarl tokenizer train` in the page's code, wherever
+    the command starts (avatarl ..., docker compose run --rm prepare ..., python -m
+    avatarl.launchers.modal_prepare)."""
     code = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL))
     commands = []
     for line in code.replace("\\\n", " ").splitlines():

@@ -89,7 +89,8 @@ def test_count_model_baselines_by_hand():
     assert got["uniform"] == {"acc": 0.5, "ce": pytest.approx(math.log(2))}
     assert got["bigram"]["acc"] == 1.0 and got["bigram"]["ce"] < 0.01  # the bigram knows what follows
     assert got["unigram"]["acc"] == 0.5 and got["unigram"]["ce"] == pytest.approx(math.log(2))
-    skewed = count_model_baselines(torch.tensor([0, 0, 1]), torch.tensor([[0, 1, 1]]), vocab_size=2, orders=(1,))
+    skewed = count_model_baselines(torch.tensor([0, 0, 1]), torch.tensor([[0, 1, 1]]), vocab_size=2,
+                                   orders=(1,))
     p1 = (1 + 0.1) / (3 + 0.2)  # add-alpha (0.1) unigram of the one 1 among three training tokens
     assert skewed["unigram"] == {"acc": 0.0, "ce": pytest.approx(-math.log(p1))}
 

@@ -10,13 +10,16 @@ import torch.nn.functional as F
 from avatarl.algorithms.entropy import entropy_and_kl, entropy_of_log_probs, kl_divergence
 from avatarl.algorithms.grpo import (
     AdaptiveKLController,
+    Rollout,
     group_advantages,
     grpo_loss,
     grpo_micro_step,
     kl_warmup,
     match_rewards,
     ppo_clip_loss,
+    prefix_credit,
     rollout,
+    score_rollout,
 )
 from avatarl.algorithms.reference import NgramReference
 from avatarl.bench.throughput import FullRowsStudent
@@ -94,7 +97,8 @@ def loop_rewards_and_advantages(samples, truth, ref_prob, partial_credit, min_st
         for h in range(H):
             group = []
             for k in range(K):
-                r = (1.0 if samples[b, k, h] == truth[b, h] else 0.0) + partial_credit * float(ref_prob[b, k, h])
+                matched = 1.0 if samples[b, k, h] == truth[b, h] else 0.0
+                r = matched + partial_credit * float(ref_prob[b, k, h])
                 rewards[b, k, h] = r
                 group.append(r)
             mean = sum(group) / K
@@ -283,7 +287,8 @@ class ModelReference:
 
 
 def micro_step_case(cfg: Config) -> tuple:
-    """(student, old policy = its copy, a module-backed reference, contexts [3, C], truths [3, H], generator)."""
+    """(student, old policy = its copy, a module-backed reference, contexts [3, C], truths [3, H],
+    generator)."""
     policy, ref_model = tiny_gpt(0), tiny_gpt(5)
     gen = torch.Generator().manual_seed(0)
     ctx = torch.randint(0, V, (3, cfg.model.context_len), generator=gen)
@@ -295,15 +300,16 @@ def test_micro_step_backward_reaches_only_the_student():
     cfg = small_cfg()
     policy, old_policy, reference, ctx, truth, gen = micro_step_case(cfg)
     ref_model = reference.model
-    loss, metrics = grpo_micro_step(policy, old_policy, reference, ctx, truth, cfg.grpo, kl_coef=0.1, generator=gen)
+    loss, metrics = grpo_micro_step(policy, old_policy, reference, ctx, truth, cfg.grpo, kl_coef=0.1,
+                                    generator=gen)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in policy.parameters())
     assert sum(float(p.grad.abs().sum()) for p in policy.parameters()) > 0
     assert all(p.grad is None for p in old_policy.parameters())
     assert all(p.grad is None for p in ref_model.parameters())
-    assert set(metrics) == {"reward_mean", "reward_std", "exact_match", "reward_true_share", "policy_loss", "kl",
-                            "entropy", "ratio_mean", "ratio_max", "clip_frac"}
+    assert set(metrics) == {"reward_mean", "reward_std", "exact_match", "reward_true_share", "policy_loss",
+                            "kl", "entropy", "ratio_mean", "ratio_max", "clip_frac"}
     assert 0.0 <= float(metrics["reward_true_share"]) <= 1.0
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
     # student == old policy: the ratio is 1 up to cached-vs-full float error, so nothing is clipped
@@ -335,10 +341,75 @@ class ConstantCredit:
 def test_micro_step_uses_the_credit_reference_and_ngram_kl():
     cfg = small_cfg(partial_credit=2.0)
     policy = tiny_gpt(0)
-    ngram = NgramReference(2, V, torch.randint(0, V, (500,), generator=torch.Generator().manual_seed(1)), "cpu")
+    counted = torch.randint(0, V, (500,), generator=torch.Generator().manual_seed(1))
+    ngram = NgramReference(2, V, counted, "cpu")
     ctx = torch.randint(0, V, (2, cfg.model.context_len))
     truth = torch.randint(0, V, (2, cfg.grpo.horizon))
     _, m = grpo_micro_step(policy, copy.deepcopy(policy), ngram, ctx, truth, cfg.grpo, kl_coef=0.0,
                            generator=torch.Generator().manual_seed(2), credit_reference=ConstantCredit())
     torch.testing.assert_close(m["reward_mean"], m["exact_match"] + 2.0 * 0.25)
     assert float(m["kl"]) > 0 and float(m["entropy"]) > 0
+
+
+# --- CREDIT=prefix: a token earns reward only while its sample's prefix is the true one
+
+def test_prefix_credit_stops_after_the_first_miss():
+    hits = torch.tensor([[[1., 1., 0., 1.],    # misses at 2: positions 0-2 count, 3 does not
+                          [0., 1., 1., 1.],    # misses at 0: only position 0 counts
+                          [1., 1., 1., 1.]]])  # never misses: all count
+    expected = torch.tensor([[[1., 1., 1., 0.], [1., 0., 0., 0.], [1., 1., 1., 1.]]])
+    assert torch.equal(prefix_credit(hits), expected)
+
+
+def test_masked_group_advantages_compare_only_the_credited_samples():
+    rewards = torch.tensor([[[1.0], [0.0], [0.0], [5.0]]])  # [B=1, K=4, H=1]
+    mask = torch.tensor([[[1.0], [1.0], [1.0], [0.0]]])     # the 5.0 is not credited
+    adv = group_advantages(rewards, 0.1, mask)
+    # group {1, 0, 0}: mean 1/3, population std sqrt(2)/3
+    std = math.sqrt(2) / 3
+    expected = torch.tensor([[[(2 / 3) / std], [-(1 / 3) / std], [-(1 / 3) / std], [0.0]]])
+    torch.testing.assert_close(adv, expected)
+    # a group of one has nothing to be compared with; an all-ones mask is the unmasked formula
+    single = torch.tensor([[[1.0], [0.0], [0.0], [0.0]]])
+    assert torch.equal(group_advantages(rewards, 0.1, single), torch.zeros_like(rewards))
+    torch.testing.assert_close(group_advantages(rewards, 0.1, torch.ones_like(rewards)),
+                               group_advantages(rewards, 0.1))
+
+
+class UniformReference:
+    def log_probs_from(self, history, first):
+        return torch.full((history.size(0), history.size(1) - first, V), -math.log(V))
+
+
+def test_score_rollout_with_prefix_credit_pays_only_the_true_prefix():
+    cfg = small_cfg(horizon=3, k_samples=3, partial_credit=0.0, credit="prefix")
+    truth = torch.tensor([[4, 5, 6]])
+    samples = torch.tensor([[[4, 5, 6],    # all true: paid 1, 1, 1
+                             [4, 0, 6],    # misses at 1: paid 1, 0, and position 2 is not credited
+                             [0, 5, 6]]])  # misses at 0: paid 0, then nothing credited
+    ro = Rollout(samples, torch.zeros(samples.shape))
+    scored = score_rollout(ro, torch.zeros(1, cfg.model.context_len, dtype=torch.long), truth,
+                           UniformReference(), cfg.grpo)
+    assert torch.equal(scored.credited, torch.tensor([[[1., 1., 1.], [1., 1., 0.], [1., 0., 0.]]]))
+    assert torch.equal(scored.rewards, torch.tensor([[[1., 1., 1.], [1., 0., 0.], [0., 0., 0.]]]))
+    # position 0: group {1, 1, 0}, mean 2/3, std sqrt(2)/3; position 1: group {1, 0}, mean 1/2, std 1/2;
+    # position 2: a group of one (sample 0), advantage 0
+    s0 = math.sqrt(2) / 3
+    expected = torch.tensor([[[(1 / 3) / s0, 1.0, 0.0], [(1 / 3) / s0, -1.0, 0.0],
+                              [-(2 / 3) / s0, 0.0, 0.0]]])
+    torch.testing.assert_close(scored.advantages, expected)
+    seed = small_cfg(horizon=3, k_samples=3, partial_credit=0.0).grpo  # CREDIT=all
+    seed_credit = score_rollout(ro, torch.zeros(1, cfg.model.context_len, dtype=torch.long), truth,
+                                UniformReference(), seed)
+    assert seed_credit.credited is None
+    assert float(seed_credit.rewards[0, 2].sum()) == 2.0  # after the miss, 5 and 6 are still paid
+
+
+def test_micro_step_with_prefix_credit_logs_the_credited_share():
+    cfg = small_cfg(credit="prefix")
+    policy, old_policy, reference, ctx, truth, gen = micro_step_case(cfg)
+    loss, metrics = grpo_micro_step(policy, old_policy, reference, ctx, truth, cfg.grpo, kl_coef=0.1,
+                                    generator=gen)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert 1.0 / cfg.grpo.horizon <= float(metrics["credited"]) <= 1.0  # position 0 always counts

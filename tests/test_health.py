@@ -17,7 +17,7 @@ def test_distinct_n_counts_unique_over_all_ngrams():
 
 def test_distinct_n_pools_sequences_without_spanning_them():
     assert distinct_n(["ab", "ab"], 2) == 1 / 2                  # the same continuation twice repeats
-    assert distinct_n(["ab", "cd"], 2) == 1.0                    # "bc" would be a gram only across the boundary
+    assert distinct_n(["ab", "cd"], 2) == 1.0                    # "bc" would span the boundary
     assert distinct_n(["ab", "cd"], 3) == 1.0                    # no trigram at all: nothing repeats
     assert distinct_n([[1, 2, 1, 2]], 2) == 2 / 3                # token ids work like chars
 
@@ -85,9 +85,10 @@ class RecordingLogger:
 def fake_run(threshold: float):
     from types import SimpleNamespace
 
-    return SimpleNamespace(raw_model=None, corpus=SimpleNamespace(tokenizer=None), cfg=SimpleNamespace(
-        run=SimpleNamespace(seed=0, sample_interval=10, degeneracy_warn=threshold)), info=SimpleNamespace(device="cpu", is_main=True),
-        state=SimpleNamespace(iteration=10, tokens_seen=3200))
+    settings = SimpleNamespace(run=SimpleNamespace(seed=0, sample_interval=10, degeneracy_warn=threshold))
+    return SimpleNamespace(raw_model=None, corpus=SimpleNamespace(tokenizer=None), cfg=settings,
+                           info=SimpleNamespace(device="cpu", is_main=True),
+                           state=SimpleNamespace(iteration=10, tokens_seen=3200))
 
 
 @pytest.mark.parametrize("continuation, warns", [("eeeeeeeeeeeeeeeeeeee", True), ("Before we go", False)])

@@ -79,3 +79,47 @@ def test_independent_draws_divide_by_the_group_mean():
 def test_k_follows_the_vocabulary_when_a_fraction_is_set(vocab, k_samples, k_fraction, want):
     assert draws_for(vocab, k_samples, k_fraction) == want == min(vocab, want)
     assert want == (math.ceil(k_fraction * vocab) if k_fraction else k_samples)
+
+
+class FixedLogits(torch.nn.Module):
+    """A policy whose logits at every position are one learnable row per input token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, idx):
+        return self.table[idx]
+
+
+def test_the_teacher_forced_step_with_every_id_drawn_takes_the_likelihood_gradient():
+    from avatarl.algorithms.teacher_forced import teacher_forced_micro_step
+    from avatarl.config_sections import GRPOSettings
+
+    vocab, window = 6, torch.tensor([[0, 3, 5, 1, 2, 4, 4, 0]])
+    settings = GRPOSettings(rollouts="teacher_forced", sampling="without_replacement", advantage="log_reward",
+                            temperature=1.0, entropy_coef=0.0, beta_kl=0.0, partial_credit=0.0)
+    policy = FixedLogits(vocab)
+    loss, metrics = teacher_forced_micro_step(policy, None, window, settings, 0.0, k=vocab)
+    (got,) = torch.autograd.grad(loss, policy.table)
+    ce = F.cross_entropy(policy(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+    (want,) = torch.autograd.grad(ce, policy.table)
+    assert float(metrics["truth_drawn"]) == 1.0
+    assert torch.allclose(got, want, atol=1e-6)
+    off = GRPOSettings(**{**settings.__dict__, "exact_match_reward": 0.0})
+    loss_off, metrics_off = teacher_forced_micro_step(policy, None, window, off, 0.0, k=2)
+    assert float(metrics_off["reward_mean"]) == 0.0 and float(metrics_off["truth_drawn"]) <= 1.0
+    (pushed,) = torch.autograd.grad(loss_off, policy.table)
+    # the reward-off ablation still moves the policy: away from its draws
+    assert float(pushed.abs().sum()) > 0
+
+
+def test_train_local_trains_the_log_reward_method_with_and_without_a_gpu():
+    from avatarl.config_sources import preset_settings
+    from tests.helpers import REPO
+
+    method = preset_settings("grpo-log-reward")
+    cpu_small = preset_settings("cpu-small")
+    assert {name: cpu_small.get(name) for name in method} == method
+    recipe = (REPO / "Makefile").read_text().split("train-local:")[1].split("\n\n")[0]
+    assert "--preset grpo-log-reward" in recipe and "--preset cpu-small" in recipe

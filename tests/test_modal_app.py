@@ -1,4 +1,5 @@
-"""The Modal launcher, offline: the plan from settings, the app it defines, and the in-container supervisor."""
+"""The Modal launcher, offline: the plan from settings, the app it defines, and the in-container
+supervisor."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def test_bad_settings_are_refused_with_the_fix(settings: dict[str, str], fragmen
 def test_remote_settings_carry_no_secrets_or_host_paths():
     plan = plan_modal_run({"N_LAYER": "4", "LR": "0.001", "WANDB_API_KEY": "wk-123", "HF_TOKEN": "hf-456",
                            "CHECKPOINT_DIR": "/home/me/ckpt", "DATA_CACHE_DIR": "/home/me/.cache",
-                           "CHECKPOINT_HOST_DIR": "/srv/ckpt", "TRAINING_MODE": "modal", "WANDB_MODE": "offline",
-                           "PATH": "/usr/bin"})
+                           "CHECKPOINT_HOST_DIR": "/srv/ckpt", "TRAINING_MODE": "modal",
+                           "WANDB_MODE": "offline", "PATH": "/usr/bin"})
     remote = plan.remote_settings
     assert remote["N_LAYER"] == "4" and remote["LR"] == "0.001" and remote["WANDB_MODE"] == "offline"
     assert remote["CHECKPOINT_DIR"] == "/checkpoints" and remote["DATA_CACHE_DIR"] == "/data/cache"
@@ -93,11 +94,13 @@ def test_local_corpus_is_uploaded_to_the_data_volume(tmp_path: Path):
 def test_collect_settings_precedence_env_over_cli_over_dotenv_over_preset(tmp_path: Path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("N_LAYER=3\nGPU_TYPE=L4\nMODAL_DATA_VOLUME=corpora\nN_EMB=96\nWANDB_MODE=\n")
-    got = collect_settings(dotenv, cli={"N_LAYER": "2", "LR": "0.01"}, environ={"GPU_TYPE": "H100", "HOME": "/x"},
-                           preset="cpu-small")
-    cpu_small = {k: v for k, v in preset_settings("cpu-small").items() if k not in ("N_LAYER", "N_EMB", "LR")}
-    assert got == {**cpu_small, "N_LAYER": "2", "GPU_TYPE": "H100", "MODAL_DATA_VOLUME": "corpora", "LR": "0.01",
-                   "N_EMB": "96"}, "the process environment's HOME is no setting; an empty WANDB_MODE is unset"
+    got = collect_settings(dotenv, cli={"N_LAYER": "2", "LR": "0.01"},
+                           environ={"GPU_TYPE": "H100", "HOME": "/x"}, preset="cpu-small")
+    cpu_small = {k: v for k, v in preset_settings("cpu-small").items()
+                 if k not in ("N_LAYER", "N_EMB", "LR")}
+    assert got == {**cpu_small, "N_LAYER": "2", "GPU_TYPE": "H100", "MODAL_DATA_VOLUME": "corpora",
+                   "LR": "0.01", "N_EMB": "96"}, \
+        "the process environment's HOME is no setting; an empty WANDB_MODE is unset"
 
 
 def test_in_modal_container():
@@ -108,8 +111,10 @@ def test_in_modal_container():
 
 def test_trainer_command():
     assert trainer_command(1) == ["avatarl", "train"]
-    assert trainer_command(4) == ["avatarl", "launch", "--standalone", "--nproc-per-node=4", "-m", "avatarl", "train"]
-    assert trainer_command(8, nodes=2) == ["avatarl", "launch", "-m", "avatarl", "train"]  # NNODES... from settings
+    assert trainer_command(4) == ["avatarl", "launch", "--standalone", "--nproc-per-node=4", "-m", "avatarl",
+                                  "train"]
+    # NNODES... come from the settings
+    assert trainer_command(8, nodes=2) == ["avatarl", "launch", "-m", "avatarl", "train"]
 
 
 def test_a_cluster_needs_whole_hosts_and_tells_the_containers_how_many():
@@ -133,15 +138,16 @@ def test_each_container_of_a_cluster_is_one_node_of_a_rendezvous_on_container_0(
     from avatarl.launchers.torchrun import rendezvous_args
 
     ipv4 = modal_app.cluster_settings(2, 1, ["10.1.0.5", "10.1.0.6"], ["fd00::5", "fd00::6"])
-    assert ipv4 == {"NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "10.1.0.5:29400", "NODE_ADDR": "10.1.0.6",
-                    SNAPSHOT_SHARED_ENV: "1"}
+    assert ipv4 == {"NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "10.1.0.5:29400",
+                    "NODE_ADDR": "10.1.0.6", SNAPSHOT_SHARED_ENV: "1"}
     ipv6 = modal_app.cluster_settings(2, 0, [], ["fd00::5", "fd00::6"])
     assert (ipv6["RDZV_ENDPOINT"], ipv6["NODE_ADDR"]) == ("[fd00::5]:29400", "fd00::5")
     for node in (ipv4, ipv6):  # valid settings, and the launcher's c10d rendezvous follows them
-        cfg = Config.of(nnodes=node["NNODES"], node_rank=int(node["NODE_RANK"]), rdzv_endpoint=node["RDZV_ENDPOINT"],
-                     node_addr=node["NODE_ADDR"], n_gpus=8)
+        cfg = Config.of(nnodes=node["NNODES"], node_rank=int(node["NODE_RANK"]),
+                        rdzv_endpoint=node["RDZV_ENDPOINT"], node_addr=node["NODE_ADDR"], n_gpus=8)
         args = rendezvous_args(cfg, ["-m", "avatarl", "train"])
-        assert f"--rdzv-endpoint={node['RDZV_ENDPOINT']}" in args and f"--local-addr={node['NODE_ADDR']}" in args
+        assert f"--rdzv-endpoint={node['RDZV_ENDPOINT']}" in args
+        assert f"--local-addr={node['NODE_ADDR']}" in args
 
 
 def test_committer_commits_once_per_new_checkpoint(tmp_path: Path):
@@ -194,8 +200,8 @@ def test_supervise_forwards_sigterm_and_reports_it(tmp_path: Path):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_when_ready, daemon=True).start()
-    code, signalled = supervise([sys.executable, "-c", CHILD, str(ready)], os.environ, lambda: polls.append(1),
-                                interval=0.01)
+    code, signalled = supervise([sys.executable, "-c", CHILD, str(ready)], os.environ,
+                                lambda: polls.append(1), interval=0.01)
     assert (code, signalled) == (0, True)
     assert polls, "the poller never ran"
     assert signal.getsignal(signal.SIGTERM) is before, "the previous SIGTERM handler was not restored"
@@ -219,7 +225,8 @@ def recorded_modal(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
             calls.setdefault(key, []).append((args[0 if static else 1:], kwargs))
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(owner, name, staticmethod(wrapper) if static and isinstance(owner, type) else wrapper)
+        bound = staticmethod(wrapper) if static and isinstance(owner, type) else wrapper
+        monkeypatch.setattr(owner, name, bound)
 
     record(modal.Image, "from_dockerfile", "image")
     record(modal.Volume, "from_name", "volume")
@@ -256,7 +263,8 @@ def test_app_uses_the_dockerfile_gpu_volumes_secrets_retries(recorded_modal: dic
 def test_a_cluster_is_a_clustered_function_with_rdma(recorded_modal: dict[str, list]):
     import modal
 
-    app, function = modal_app.build_app(plan_modal_run({"GPU_TYPE": "H100", "N_GPUS": "8", "MODAL_NODES": "2"}))
+    plan = plan_modal_run({"GPU_TYPE": "H100", "N_GPUS": "8", "MODAL_NODES": "2"})
+    app, function = modal_app.build_app(plan)
     assert isinstance(function, modal.Function)
     assert recorded_modal["clustered"] == [((), {"size": 2, "rdma": True})]
     (_, options), = recorded_modal["function"]
@@ -290,8 +298,8 @@ PREPARE_OWT = ["--hf-dataset", "Skylion007/openwebtext", "--tokenizer", "gpt2", 
 def test_prepare_app_is_cpu_only_with_the_image_and_the_data_volume(recorded_modal: dict[str, list]):
     import modal
 
-    plan = modal_prepare.plan_modal_prepare({"MODAL_DATA_VOLUME": "corpora", "HF_TOKEN": "hf-456"}, PREPARE_OWT,
-                                            cpu=8, memory_gb=16, timeout_hours=2)
+    plan = modal_prepare.plan_modal_prepare({"MODAL_DATA_VOLUME": "corpora", "HF_TOKEN": "hf-456"},
+                                            PREPARE_OWT, cpu=8, memory_gb=16, timeout_hours=2)
     assert plan.args == (*PREPARE_OWT, "--num-proc", "8")  # not the container's os.cpu_count() (the host's)
     assert "hf-456" not in repr(plan)
     app, function = modal_prepare.build_prepare_app(plan)
@@ -306,14 +314,16 @@ def test_prepare_app_is_cpu_only_with_the_image_and_the_data_volume(recorded_mod
     assert options.get("gpu") is None
     assert (options["cpu"], options["memory"], options["timeout"]) == (8, 16 * 1024, 2 * 3600)
     assert set(options["volumes"]) == {"/data"} and len(options["secrets"]) == 1
-    assert isinstance(options["retries"], modal.Retries) and options["retries"].max_retries == modal_prepare.RETRIES
+    assert isinstance(options["retries"], modal.Retries)
+    assert options["retries"].max_retries == modal_prepare.RETRIES
     assert options["image"] is not None and options["include_source"] is False
 
 
 def test_prepare_plan_defaults_and_an_explicit_num_proc():
     plan = modal_prepare.plan_modal_prepare({}, ["/data/corpus", "--output=/data/prepared", "--num-proc=3"])
     assert plan.args == ("/data/corpus", "--output=/data/prepared", "--num-proc=3")
-    assert (plan.cpu, plan.timeout_s, plan.data_volume) == (modal_prepare.DEFAULT_CPU, 24 * 3600, "avatarl-data")
+    assert (plan.cpu, plan.timeout_s, plan.data_volume) == (modal_prepare.DEFAULT_CPU, 24 * 3600,
+                                                            "avatarl-data")
     assert plan.local_secrets == {} and plan.named_secret == ""
     assert modal_prepare.plan_modal_prepare({"MODAL_TIMEOUT_HOURS": "3"}, PREPARE_OWT).timeout_s == 3 * 3600
 
@@ -322,9 +332,11 @@ def test_prepare_plan_defaults_and_an_explicit_num_proc():
     (["--hf-dataset", "x", "--output", "/tmp/out"], "--output /tmp/out: write under /data/"),
     (["--hf-dataset", "x", "--output", "/data"], "--output /data: write under /data/"),
     (["./poems.txt", "--output", "/data/o"], "./poems.txt: not in the data volume; upload it first"),
-    (["/data/c", "--output", "/data/o", "--tokenizer", "/home/me/tok"], "/home/me/tok: not in the data volume"),
+    (["/data/c", "--output", "/data/o", "--tokenizer", "/home/me/tok"],
+     "/home/me/tok: not in the data volume"),
     (["--hf-dataset", "/srv/ds", "--output", "/data/o"], "/srv/ds: not in the data volume"),
-    (["/data/c", "--output", "/data/o", "--env-file", "/tmp/.env"], "--env-file names a file on this machine"),
+    (["/data/c", "--output", "/data/o", "--env-file", "/tmp/.env"],
+     "--env-file names a file on this machine"),
     (["--hf-dataset", "x"], "arguments of `avatarl prepare` above are not valid"),
     (["--hf-dataset", "x", "--output", "/data/o", "--bogus"], "not valid"),
 ])
@@ -401,14 +413,16 @@ def test_prepare_in_container_retries_only_what_a_rerun_can_fix(fake_container: 
     assert FakeVolume.commits == ["corpora"], "the volume is committed after a failure too (the downloads)"
 
 
-def test_prepare_main_splits_its_options_from_avatarl_prepares(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_prepare_main_splits_its_options_from_avatarl_prepares(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]):
     dotenv = tmp_path / ".env"
     dotenv.write_text("MODAL_DATA_VOLUME=corpora\nN_LAYER=3\n")
     calls = []
     monkeypatch.setattr(modal_prepare, "run_modal_prepare", lambda *a: calls.append(a) or 0)
     assert modal_prepare.main(["--cpu", "4", "--env-file", str(dotenv), *PREPARE_OWT, "--streaming"]) == 0
-    assert modal_prepare.main(["--timeout-hours=2", "--", "/data/c", "--output", "/data/o", "--cpu", "9"]) == 0
+    after_dashes = ["--timeout-hours=2", "--", "/data/c", "--output", "/data/o", "--cpu", "9"]
+    assert modal_prepare.main(after_dashes) == 0
     (settings, args, cpu, memory, hours), second = calls
     assert settings["MODAL_DATA_VOLUME"] == "corpora" and (cpu, memory, hours) == (4.0, 32.0, None)
     assert args == [*PREPARE_OWT, "--streaming"]
@@ -430,13 +444,14 @@ def test_prepare_module_runs_as_a_script_and_without_modal():
     assert out.returncode == 2 and "pip install 'avatarl[modal]'" in out.stderr
 
 
-def test_a_cluster_container_learns_its_node_from_modal_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def test_a_cluster_container_learns_its_node_from_modal_cluster(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path):
     modal = pytest.importorskip("modal")
     import modal._cluster as cluster_state  # what Modal sets at the start of a clustered container
 
     monkeypatch.setattr(cluster_state, "current_cluster_context", cluster_state.ClusterContext(
-        rank=1, cluster_id="cu-test", container_ips=["fd00::5", "fd00::6"], container_ipv4_ips=["10.1.0.5", "10.1.0.6"],
-        fabric_ids=[]))
+        rank=1, cluster_id="cu-test", container_ips=["fd00::5", "fd00::6"],
+        container_ipv4_ips=["10.1.0.5", "10.1.0.6"], fabric_ids=[]))
     monkeypatch.setattr(modal.Volume, "from_name", FakeVolume.from_name)
     monkeypatch.setattr(FakeVolume, "commits", [])
     runs: list[tuple[list[str], dict[str, str]]] = []
@@ -455,7 +470,7 @@ def test_a_cluster_container_learns_its_node_from_modal_cluster(monkeypatch: pyt
     assert FakeVolume.commits == ["checkpoints", "data"]
 
 
-# ---------------------------------------------------------------- the image: AVATARL_IMAGE or docker/Dockerfile
+# ------------------------------------------------------ the image: AVATARL_IMAGE or docker/Dockerfile
 
 
 class FakeImage:
@@ -564,7 +579,8 @@ def test_other_dotenv_variables_reach_the_container_and_their_secrets_travel_as_
                       "TIKTOKEN_CACHE_DIR=/home/me/tiktoken\nWANDB_MODE=\nTOKENIZER=gpt2\nMODAL_WANDB_SECRET=wb\n")
     plan = plan_modal_run(collect_settings(dotenv, environ={"WANDB_API_KEY": "wk-1", "PATH": "/usr/bin"}))
     remote = plan.remote_settings
-    assert (remote["WANDB_ENTITY"], remote["OMP_NUM_THREADS"], remote["TOKENIZER"]) == ("my-team", "4", "gpt2")
+    carried = (remote["WANDB_ENTITY"], remote["OMP_NUM_THREADS"], remote["TOKENIZER"])
+    assert carried == ("my-team", "4", "gpt2")
     assert not {"CUDA_VISIBLE_DEVICES", "TIKTOKEN_CACHE_DIR", "WANDB_MODE", "PATH", "OPENAI_API_KEY",
                 "WANDB_API_KEY", "MODAL_WANDB_SECRET"} & set(remote), "host paths, empty values, secrets"
     assert plan.local_secrets == {"OPENAI_API_KEY": "sk-1", "WANDB_API_KEY": "wk-1"}

@@ -72,7 +72,8 @@ def test_rotary_is_the_rotation_of_each_pair_of_halves():
     angle = torch.outer(torch.arange(T, dtype=torch.float32), theta)[:, None, :]  # [T, 1, D/2]
     x1, x2 = x.chunk(2, dim=-1)
     expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()), dim=-1)
-    tables = GPT(GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=H, n_emb=H * D, use_flash_attn=False))
+    tables = GPT(GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=H, n_emb=H * D,
+                           use_flash_attn=False))
     cos, sin = tables.cos, tables.sin
     assert cos.shape == sin.shape == (T, H, D) and cos.dtype == torch.float32
     assert torch.equal(apply_rotary(x, cos, sin), expected)
@@ -94,8 +95,10 @@ def test_rotary_runs_in_the_compute_dtype_under_autocast(model: GPT, monkeypatch
     monkeypatch.setattr(model_module, "apply_rotary", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(tokens(2, 8))
-    # q and k come out of the bf16 matmul and are rotated in bf16 with float32 tables cast to it: no round trip
-    assert len(seen) == 2 * 2 and all(dtypes == (torch.bfloat16, torch.float32, torch.bfloat16) for dtypes in seen)
+    # q and k come out of the bf16 matmul and are rotated in bf16 with float32 tables cast to it: no
+    # round trip
+    rotated_in_bf16 = (torch.bfloat16, torch.float32, torch.bfloat16)
+    assert len(seen) == 2 * 2 and all(dtypes == rotated_in_bf16 for dtypes in seen)
 
 
 def test_rmsnorm_matches_the_formula_forward_and_backward(monkeypatch: pytest.MonkeyPatch):
@@ -168,8 +171,10 @@ def test_kv_cache_reset_and_overflow(model: GPT):
         model(tokens(1, 41))  # longer than block_size: no rotary table for it
 
 
-def shared_prefix_case(model: GPT, n_prefix: int = 3, group: int = 4, prefix_len: int = 32, cont_len: int = 7):
-    """(prefix [P, prefix_len], continuations [P*group, cont_len], full rows [P*group, prefix_len + cont_len])."""
+def shared_prefix_case(model: GPT, n_prefix: int = 3, group: int = 4, prefix_len: int = 32,
+                       cont_len: int = 7):
+    """(prefix [P, prefix_len], continuations [P*group, cont_len], full rows
+    [P*group, prefix_len + cont_len])."""
     prefix, cont = tokens(n_prefix, prefix_len, seed=2), tokens(n_prefix * group, cont_len, seed=3)
     return prefix, cont, torch.cat((prefix.repeat_interleave(group, dim=0), cont), dim=1)
 
@@ -184,7 +189,8 @@ def test_shared_prefix_forward_matches_full_rows(model: GPT, cont_len: int):
 
 def test_shared_prefix_gradients_match_full_rows():
     torch.manual_seed(0)
-    model = GPT(small_config(n_emb=64))  # trainable, fp32: gradients of every weight, prefix ones summed over K
+    # trainable, fp32: gradients of every weight, prefix ones summed over K
+    model = GPT(small_config(n_emb=64))
     prefix, cont, full = shared_prefix_case(model)
     weights = torch.randn(12, 8, 65, generator=torch.Generator().manual_seed(4))
     params = list(model.parameters())
@@ -199,7 +205,8 @@ def test_shared_prefix_forward_compiles_without_graph_breaks(model: GPT):
     # fails on any graph break; aot_eager traces like inductor without generating C++ (seconds, not minutes)
     prefix, cont, _ = shared_prefix_case(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(cont, prefix=prefix), model(cont, prefix=prefix), rtol=0, atol=ATOL_FP32)
+    torch.testing.assert_close(compiled(cont, prefix=prefix), model(cont, prefix=prefix), rtol=0,
+                               atol=ATOL_FP32)
 
 
 def test_shared_prefix_rejects_rows_that_do_not_group(model: GPT):

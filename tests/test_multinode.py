@@ -52,7 +52,8 @@ from tests.helpers import (
 TRAIN_ARGS = ["-m", "avatarl", "train"]
 ONE_NODE = [*LAUNCH, "--standalone", "--nproc-per-node=2", *TRAIN_ARGS]
 NODE = [*LAUNCH, *TRAIN_ARGS]  # the rendezvous comes from NNODES, RDZV_ENDPOINT, ...
-DISTRIBUTED = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "node_addr", "max_restarts", "dist_timeout_s")
+DISTRIBUTED = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "node_addr", "max_restarts",
+               "dist_timeout_s")
 # Cut inside a log and an old-policy interval with an unsaturated KL controller, as tests/helpers.py
 # check_equivalence does: a resume must restore every rank's partial sums to stay bit-identical.
 EIGHT = dict(TOTAL_ITERS=8, CHECKPOINT_INTERVAL=4, LOG_INTERVAL=3, EVAL_INTERVAL=4, OLD_POLICY_INTERVAL=3,
@@ -112,7 +113,8 @@ def test_two_nodes_train_one_world_bit_identical_to_one_node(tmp_path, corpus_pa
 
 @pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_resumes_and_matches(tmp_path, corpus_path, one_node):
-    elastic_env = settings(tmp_path, corpus_path, "elastic", **EIGHT, MAX_RESTARTS=2, AVATARL_TEST_SLOW_WRITE=0.5)
+    elastic_env = settings(tmp_path, corpus_path, "elastic", **EIGHT, MAX_RESTARTS=2,
+                           AVATARL_TEST_SLOW_WRITE=0.5)
     nodes = start_nodes(elastic_env, tmp_path, "elastic", node=(*LAUNCH, *FAULTY))
     run_dir = Path(elastic_env["CHECKPOINT_DIR"])
     wait_for(lambda: (run_dir / "ckpt_00000004.pt").is_file(), nodes[0], what="checkpoint 4")
@@ -131,7 +133,8 @@ def test_elastic_restart_after_a_killed_worker_resumes_and_matches(tmp_path, cor
 @pytest.mark.slow
 def test_a_lost_node_stops_the_other_with_its_name_and_a_rerun_resumes(tmp_path, corpus_path):
     timeout_s = 20
-    env = settings(tmp_path, corpus_path, "lost", **{**LONG, "CHECKPOINT_INTERVAL": 4}, DIST_TIMEOUT_S=timeout_s)
+    env = settings(tmp_path, corpus_path, "lost", **{**LONG, "CHECKPOINT_INTERVAL": 4},
+                   DIST_TIMEOUT_S=timeout_s)
     run_dir = Path(env["CHECKPOINT_DIR"])
     nodes = start_nodes(env, tmp_path, "lost")
     wait_for(lambda: find_resume_checkpoint(run_dir) and training(run_dir, past=5)(), nodes[0],
@@ -143,7 +146,8 @@ def test_a_lost_node_stops_the_other_with_its_name_and_a_rerun_resumes(tmp_path,
     survivor = nodes[0].stderr
     assert code != 0, survivor
     assert detected_s < timeout_s + 15
-    message = re.search(r"error: rank \d lost its peers: rank \d = node \d \(.*?pid (\d+)\) did not answer.*", survivor)
+    message = re.search(r"error: rank \d lost its peers: rank \d = node \d \(.*?pid (\d+)\) "
+                        r"did not answer.*", survivor)
     assert message and int(message.group(1)) == killed[-1], survivor
     print(f"\n[multinode] lost node 1: node 0 exits {code} after {detected_s:.1f}s: {message.group(0)}")
 
@@ -193,9 +197,12 @@ def test_nodes_with_one_host_name_and_one_pid_form_a_world_only_with_node_addr(t
     assert "--local-addr=127.0.0.2" in output(apart) and "world size 2" in output(apart)
 
 
-def test_the_shared_directory_check_trusts_a_launcher_that_mounts_one_snapshot_everywhere(tmp_path, monkeypatch):
-    two_nodes = DistInfo(0, 0, 2, torch.device("cpu"), ("node 0 (a, pid 1)", "node 1 (b, pid 2)"), nodes=2)
-    monkeypatch.setenv(SNAPSHOT_SHARED_ENV, "1")  # Modal: a volume committed by rank 0, read at the next start
+def test_the_shared_directory_check_trusts_a_launcher_that_mounts_one_snapshot_everywhere(tmp_path,
+                                                                                          monkeypatch):
+    two_nodes = DistInfo(0, 0, 2, torch.device("cpu"), ("node 0 (a, pid 1)", "node 1 (b, pid 2)"),
+                         nodes=2)
+    # Modal: a volume committed by rank 0, read at the next start
+    monkeypatch.setenv(SNAPSHOT_SHARED_ENV, "1")
     check_shared_directory(tmp_path, two_nodes)  # without a process group: it would fail if it checked
     assert not list(tmp_path.iterdir())
     monkeypatch.delenv(SNAPSHOT_SHARED_ENV)
@@ -247,16 +254,17 @@ def test_a_token_rank_0_cannot_write_stops_every_rank_with_the_same_line(tmp_pat
         with pytest.raises(ConfigError) as caught:
             check_shared_directory(unmounted, two_nodes(rank))
         seen.append(caught.value.problems)
-    assert seen[0] == seen[1] == [f"CHECKPOINT_DIR={unmounted}: rank 0 cannot write .shared-by-all-nodes there "
-                                  "(No such file or directory); make the shared directory writable by the "
-                                  "trainer's user on node 0."]
+    assert seen[0] == seen[1] == [f"CHECKPOINT_DIR={unmounted}: rank 0 cannot write .shared-by-all-nodes "
+                                  "there (No such file or directory); make the shared directory writable by "
+                                  "the trainer's user on node 0."]
 
 
 def test_a_rank_that_cannot_read_the_chosen_checkpoint_is_named_on_every_rank(monkeypatch):
     monkeypatch.setattr(D, "gather_to_all", lambda problem: [None, "No such file or directory"])
     for rank in (0, 1):
         with pytest.raises(ConfigError) as caught:
-            require_on_every_rank(None if rank == 0 else "No such file or directory", two_nodes(rank), "RESUME")
+            problem = None if rank == 0 else "No such file or directory"
+            require_on_every_rank(problem, two_nodes(rank), "RESUME")
         assert caught.value.problems == ["RESUME: rank 1 = node 1 (b, pid 2): No such file or directory"]
     monkeypatch.setattr(D, "gather_to_all", lambda problem: [None, None])
     require_on_every_rank(None, two_nodes(0), "RESUME")
@@ -295,7 +303,8 @@ def test_two_ranks_resume_the_checkpoint_rank_0_chose_or_stop_together(tmp_path)
     save_checkpoint(views[1], 4, {"iteration": 4}, keep=5)  # rank 1 alone would resume from iteration 4
     script = tmp_path / "agree.py"
     script.write_text(AGREE_ON_RESUME)
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", PYTHONPATH=str(REPO))
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+                    PYTHONPATH=str(REPO))
     ranks = [subprocess.Popen([sys.executable, str(script), *map(str, views)], cwd=tmp_path, text=True,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for r in (0, 1)]
@@ -306,8 +315,9 @@ def test_two_ranks_resume_the_checkpoint_rank_0_chose_or_stop_together(tmp_path)
         assert f"chosen {newest}\n" in text, text  # not rank 1's own newest, ckpt_00000004.pt
         refusal = re.search(r"refused (.*)", text)
         assert refusal, text
-        assert refusal.group(1).startswith(f"RESUME: cannot read the checkpoint {view / newest.name} that rank 0 "
-                                           "chose (every rank must see CHECKPOINT_DIR as rank 0 does): rank 1 = ")
+        assert refusal.group(1).startswith(f"RESUME: cannot read the checkpoint {view / newest.name} "
+                                           "that rank 0 chose (every rank must see CHECKPOINT_DIR as rank 0 "
+                                           "does): rank 1 = ")
         assert "rank 0 =" not in refusal.group(1) and "No such file" in refusal.group(1)
 
 
@@ -317,17 +327,19 @@ def test_rendezvous_options_come_from_the_settings():
     assert rendezvous_args(cfg, TRAIN_ARGS) == [
         "--nproc-per-node=8", "--max-restarts=3", "--nnodes=2:4", "--rdzv-backend=c10d",
         "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=job7", "--rdzv-conf=is_host=0,join_timeout=91"]
-    assert "--rdzv-conf=is_host=1,join_timeout=91" in rendezvous_args(Config.of(**{**cfg.to_dict(), "node_rank": 0}),
-                                                                      TRAIN_ARGS)
+    node_zero = Config.of(**{**cfg.to_dict(), "node_rank": 0})
+    assert "--rdzv-conf=is_host=1,join_timeout=91" in rendezvous_args(node_zero, TRAIN_ARGS)
     # What the command line sets wins; --standalone or a rendezvous of one's own keeps torchrun's.
-    assert rendezvous_args(cfg, ["--standalone", "--nproc_per_node", "2", *TRAIN_ARGS]) == ["--max-restarts=3"]
+    standalone = ["--standalone", "--nproc_per_node", "2", *TRAIN_ARGS]
+    assert rendezvous_args(cfg, standalone) == ["--max-restarts=3"]
     assert rendezvous_args(Config(), TRAIN_ARGS) == ["--nproc-per-node=1", "--max-restarts=0"]
     # Two nodes in one host's network can share a host name and (one PID namespace each) a process id,
     # torchrun's whole node identity: NODE_ADDR tells them apart.
-    node_addr = rendezvous_args(Config.of(**{**cfg.to_dict(), "node_addr": "10.0.0.2"}), TRAIN_ARGS)
+    with_addr = Config.of(**{**cfg.to_dict(), "node_addr": "10.0.0.2"})
+    node_addr = rendezvous_args(with_addr, TRAIN_ARGS)
     assert node_addr[:-1] == rendezvous_args(cfg, TRAIN_ARGS) and node_addr[-1] == "--local-addr=10.0.0.2"
-    assert "--local-addr=10.0.0.2" not in rendezvous_args(Config.of(**{**cfg.to_dict(), "node_addr": "10.0.0.2"}),
-                                                          ["--local_addr", "10.0.0.9", *TRAIN_ARGS])
+    own_addr = ["--local_addr", "10.0.0.9", *TRAIN_ARGS]
+    assert "--local-addr=10.0.0.2" not in rendezvous_args(with_addr, own_addr)
     for address in ("10.0.0.2", "fd00::2", "node-2.cluster.local"):
         assert Config.of(node_addr=address).distributed.node_addr == address
     assert given(["--max_restarts=1", *TRAIN_ARGS], "--max-restarts")
@@ -354,5 +366,5 @@ def test_bad_node_settings_are_one_line_each(settings_, problem):
 def test_launch_refuses_bad_settings_before_starting_torchrun(tmp_path):
     done = run_cli(["launch", *TRAIN_ARGS], tmp_path, timeout=60, NNODES="2")
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: RDZV_ENDPOINT is empty but NNODES=2: several nodes need "
-                                                "node 0's host:port, the same on every node."]
+    assert done.stderr.strip().splitlines() == ["error: RDZV_ENDPOINT is empty but NNODES=2: several nodes "
+                                                "need node 0's host:port, the same on every node."]

@@ -20,8 +20,8 @@ pytest.importorskip("matplotlib")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Every evaluation logs val_ce/val_bpb, val_acc and val_ce_calibrated; GRPO logs the rest, samples included.
-PANEL_NAMES_OF_A_TINY_GRPO_RUN = ["val_ce", "val_acc", "val_ce_calibrated", "reward", "true_reward", "entropy", "kl",
-                                  "samples", "throughput"]
+PANEL_NAMES_OF_A_TINY_GRPO_RUN = ["val_ce", "val_acc", "val_ce_calibrated", "reward", "true_reward",
+                                  "entropy", "kl", "samples", "throughput"]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -42,7 +42,8 @@ def write_lines(path: Path, records: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_report_of_a_tiny_grpo_run(tiny_env, tmp_path, corpus_path):
-    data = tmp_path / "shakespeare-200k.txt"  # a slice: the corpus is read and counted twice, by the run and the report
+    # a slice: the corpus is read and counted twice, by the run and the report
+    data = tmp_path / "shakespeare-200k.txt"
     data.write_text(corpus_path.read_text()[:200_000])
     trained = run_cli(["train"], tmp_path, **{**tiny_env, "DATA_PATH": str(data)})
     assert trained.returncode == 0, trained.stderr
@@ -54,11 +55,13 @@ def test_report_of_a_tiny_grpo_run(tiny_env, tmp_path, corpus_path):
     width, height = png_size(drawn.path)
     assert width >= 1000 and height >= 600
     assert drawn.panels == logged_panels(records) == PANEL_NAMES_OF_A_TINY_GRPO_RUN
-    assert drawn.baselines == "rebuilt from ckpt_00000004.pt", "a char run whose corpus is here gets its lines"
+    assert drawn.baselines == "rebuilt from ckpt_00000004.pt", \
+        "a char run whose corpus is here gets its lines"
     assert drawn.unit == "character"  # its axes say "characters seen", its throughput characters/s
     counted = drawn.lines
     assert counted is not None and list(counted) == ["uniform", "unigram", "bigram", "trigram", "4-gram"]
-    assert counted["unigram"]["acc"] < counted["4-gram"]["acc"] and counted["4-gram"]["ce"] < counted["unigram"]["ce"]
+    unigram, four_gram = counted["unigram"], counted["4-gram"]
+    assert unigram["acc"] < four_gram["acc"] and four_gram["ce"] < unigram["ce"]
     assert any("sample_distinct_2" in record and "sample_longest_run" in record for record in records)
 
 

@@ -56,7 +56,8 @@ def test_per_position_group_advantages_match_a_loop():
     actions = torch.randint(0, V, (7, s.k_samples), generator=gen)
     truth = torch.randint(0, V, (7,), generator=gen)
     credit = torch.rand(7, s.k_samples, generator=gen)
-    rewards = match_rewards((actions == truth[:, None]).float(), credit, s.exact_match_reward, s.partial_credit)
+    rewards = match_rewards((actions == truth[:, None]).float(), credit, s.exact_match_reward,
+                            s.partial_credit)
     got = std_advantages(rewards, s)
     want = loop_advantages(actions.tolist(), truth.tolist(), credit.tolist(), s)
     assert got.flatten().tolist() == pytest.approx([a for row in want for a in row], abs=1e-6)
@@ -90,8 +91,8 @@ def test_loss_and_metrics_by_hand():
     advantages = loop_advantages(actions.tolist(), truth, credit.tolist(), s)
     policy_loss = entropy = kl = 0.0
     for n, current in enumerate(inputs):
-        policy_loss -= sum(a * logp_t[current, act].item() for a, act in zip(advantages[n], actions[n].tolist(),
-                                                                             strict=True)) / s.k_samples
+        drawn = zip(advantages[n], actions[n].tolist(), strict=True)
+        policy_loss -= sum(a * logp_t[current, act].item() for a, act in drawn) / s.k_samples
         p = logp[current].exp()
         entropy -= float((p * logp[current]).sum())
         kl += float((p * (logp[current] - ref[n])).sum())
@@ -131,7 +132,8 @@ def test_a_teacher_forced_window_reads_context_plus_one():
 
 
 def test_teacher_forced_needs_the_ngram():
-    with pytest.raises(ConfigError, match="ROLLOUTS=teacher_forced with REFERENCE=gpt2: .* set REFERENCE=ngram"):
+    with pytest.raises(ConfigError,
+                       match="ROLLOUTS=teacher_forced with REFERENCE=gpt2: .* set REFERENCE=ngram"):
         load_config(environ={"ROLLOUTS": "teacher_forced", "REFERENCE": "gpt2"})
 
 
@@ -140,9 +142,10 @@ def test_exact_match_reward_teaches_accuracy(tmp_path, tiny_env):
     """The scalar reward alone (no reference, no KL) lifts next-char accuracy far above its reward-off run."""
     accuracy = {}
     for name, reward in (("on", "1"), ("off", "0")):
-        env = {**tiny_env, "CHECKPOINT_DIR": str(tmp_path / name), "ALGORITHM": "grpo", "ROLLOUTS": "teacher_forced",
-               "K_SAMPLES": "32", "ENTROPY_COEF": "0.5", "TEMPERATURE": "1.0", "BETA_KL": "0", "ADAPTIVE_KL": "false",
-               "PARTIAL_CREDIT": "0", "EXACT_MATCH_REWARD": reward, "LR": "3e-3", "TOTAL_ITERS": "60",
+        env = {**tiny_env, "CHECKPOINT_DIR": str(tmp_path / name), "ALGORITHM": "grpo",
+               "ROLLOUTS": "teacher_forced", "K_SAMPLES": "32", "ENTROPY_COEF": "0.5", "TEMPERATURE": "1.0",
+               "BETA_KL": "0", "ADAPTIVE_KL": "false", "PARTIAL_CREDIT": "0", "EXACT_MATCH_REWARD": reward,
+               "LR": "3e-3", "TOTAL_ITERS": "60",
                "EVAL_INTERVAL": "60", "SAVE_INTERMEDIATE_CHECKPOINTS": "false"}
         cfg, _ = load_config(environ=env)
         assert train(cfg) == COMPLETED

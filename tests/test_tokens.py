@@ -89,7 +89,8 @@ def test_prepare_from_every_source_decodes_back_to_the_documents(tmp_path: Path,
             (source / f"{i:02d}.txt").write_text(doc)
         sources = [str(source)]
     elif kind == "jsonl":
-        (source / "docs.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+        lines = (json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs))
+        (source / "docs.jsonl").write_text("".join(lines))
         sources = [str(source / "*.jsonl")]
     else:
         import pyarrow as pa
@@ -165,11 +166,13 @@ def test_prepared_directory_is_data_path_and_a_mismatched_tokenizer_is_refused(
     assert corpus.model_vocab_size == 512 and len(corpus.train) == data.meta["train_tokens"]
     other = tmp_path / "other.tiktoken"
     write_rank_file(other)
-    with pytest.raises(ConfigError, match="tokenizer mismatch: the data in .* huggingface .* TOKENIZER is tiktoken"):
+    with pytest.raises(ConfigError,
+                       match="tokenizer mismatch: the data in .* huggingface .* TOKENIZER is tiktoken"):
         open_prepared(prepared_shakespeare, str(other))
 
 
-def test_nanogpt_directory_without_meta_needs_tokenizer(tmp_path: Path, prepared_shakespeare: Path, bpe_dir: Path):
+def test_nanogpt_directory_without_meta_needs_tokenizer(tmp_path: Path, prepared_shakespeare: Path,
+                                                        bpe_dir: Path):
     plain = tmp_path / "nanogpt"
     plain.mkdir()
     for name in (TRAIN_BIN, VAL_BIN):
@@ -194,9 +197,11 @@ def test_memmap_sampler_is_deterministic_per_seed_and_rank_and_resumes(prepared_
     assert torch.equal(fresh.sample(4), expected)
     start = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(
         np.asarray(data.train), 9) == expected[0].numpy(), axis=1))[0])  # a real window of train.bin
-    assert torch.equal(torch.from_numpy(np.asarray(data.train[start:start + 9]).astype(np.int64)), expected[0])
+    found = torch.from_numpy(np.asarray(data.train[start:start + 9]).astype(np.int64))
+    assert torch.equal(found, expected[0])
     windows = eval_windows(data.val, 8, 16, torch.device("cpu"))
-    assert windows.shape == (16, 9) and torch.equal(windows[0], torch.from_numpy(data.val[:9].astype(np.int64)))
+    first = torch.from_numpy(data.val[:9].astype(np.int64))
+    assert windows.shape == (16, 9) and torch.equal(windows[0], first)
 
 
 class FixedLogits(nn.Module):
@@ -224,9 +229,10 @@ def test_bits_per_byte_by_hand_for_chars_and_tokens():
     assert measured["val_bpb"] == pytest.approx(nats / (math.log(2) * (1 + 2 + 4 + 2 + 1 + 3)))
 
 
-def test_packaged_corpus_is_the_default_and_needs_no_network(monkeypatch: pytest.MonkeyPatch, corpus_path: Path):
+def test_packaged_corpus_is_the_default_and_needs_no_network(monkeypatch: pytest.MonkeyPatch,
+                                                             corpus_path: Path):
     text = packaged_tiny_shakespeare()
-    assert text == corpus_path.read_text()
+    assert text == corpus_path.read_text() and len(text) == 1_115_394
     import hashlib
 
     assert hashlib.sha256(text.encode()).hexdigest() == TINY_SHAKESPEARE_SHA256
@@ -279,7 +285,8 @@ def test_a_prepared_directory_whose_tokenizer_moved_says_so(tmp_path: Path, corp
     (tmp_path / "a.txt").write_text(corpus_path.read_text()[:30_000])
     prepare([str(tmp_path / "a.txt")], tmp_path / "out", str(moved), num_proc=1)
     shutil.rmtree(moved)
-    with pytest.raises(ConfigError, match="the data in .* cannot be loaded from there any more: set TOKENIZER"):
+    with pytest.raises(ConfigError,
+                       match="the data in .* cannot be loaded from there any more: set TOKENIZER"):
         open_prepared(tmp_path / "out", "char")
     data, _ = open_prepared(tmp_path / "out", str(bpe_dir))  # the same tokenizer, found elsewhere
     assert len(data.train) > 0

@@ -1,6 +1,7 @@
 """BPE tokens end to end, with the real trainer: GRPO and AvataRL lower val_bpb on prepared data, a resume
 from a prepared directory is bit-identical (1 process and 2 gloo ranks), a SIGKILLed prepare leaves no
-train.bin and its rerun writes the same bytes, and training on 4 GB of tokens needs no more memory than 4 MB."""
+train.bin and its rerun writes the same bytes, and training on 4 GB of tokens needs no more memory than
+4 MB."""
 
 from __future__ import annotations
 
@@ -66,13 +67,15 @@ def test_avatarl_on_bpe_tokens_lowers_bits_per_byte(tmp_path: Path, prepared_sha
 
 def test_a_1024_token_context_runs_grpo_rollouts_and_avatarl(tmp_path: Path, prepared_shakespeare: Path):
     long = {**BPE_RUN, "DATA_PATH": str(prepared_shakespeare), "CONTEXT_LEN": "1024", "BATCH": "4",
-            "MICRO_BATCH": "2", "TOTAL_ITERS": "2", "EVAL_INTERVAL": "2", "EVAL_WINDOWS": "4", "LOG_INTERVAL": "1"}
+            "MICRO_BATCH": "2", "TOTAL_ITERS": "2", "EVAL_INTERVAL": "2", "EVAL_WINDOWS": "4",
+            "LOG_INTERVAL": "1"}
     assert run_in_process({**long, "CHECKPOINT_DIR": str(tmp_path / "grpo")}) == COMPLETED
     grpo = [r for r in metric_records(tmp_path / "grpo") if "exact_match" in r]
     assert len(grpo) == 2 and all(np.isfinite(r["loss"]) for r in grpo)
     cfg, _ = load_config({**long, "CHECKPOINT_DIR": str(tmp_path / "av")}, environ={})
     assert train(cfg, role="referee") == COMPLETED and export_referee(cfg).is_file()
-    assert run_in_process({**long, "CHECKPOINT_DIR": str(tmp_path / "av"), "ALGORITHM": "avatarl"}) == COMPLETED
+    student = {**long, "CHECKPOINT_DIR": str(tmp_path / "av"), "ALGORITHM": "avatarl"}
+    assert run_in_process(student) == COMPLETED
     saved = load_checkpoint(tmp_path / "av" / "ckpt_00000002.pt")
     assert saved["model_config"]["block_size"] == 1024 + 4 and saved["config"]["context_len"] == 1024
 
@@ -120,9 +123,9 @@ def test_a_killed_prepare_leaves_no_train_bin_and_the_rerun_writes_the_same_byte
 
 
 def synthetic_prepared(directory: Path, train_tokens: int, vocab: int, seed: int) -> Path:
-    """A nanoGPT-layout directory (uint16, no meta.json) of `train_tokens` ids. The file is sparse: random ids in
-    its first and last 8 MiB, holes (id 0) between, so 4 GB cost no disk; each window reads its own pages
-    whatever they hold, so memory behaves as with real ids."""
+    """A nanoGPT-layout directory (uint16, no meta.json) of `train_tokens` ids. The file is sparse: random
+    ids in its first and last 8 MiB, holes (id 0) between, so 4 GB cost no disk; each window reads its own
+    pages whatever they hold, so memory behaves as with real ids."""
     directory.mkdir()
     rng = np.random.default_rng(seed)
     piece = min(train_tokens, 4 << 20)
@@ -161,7 +164,8 @@ def test_training_on_4_gb_of_tokens_needs_no_more_memory_than_4_mb(tmp_path: Pat
     assert large_start < small_start + 10
 
 
-def test_resuming_or_sampling_with_another_tokenizer_is_refused(tmp_path: Path, corpus_path: Path, bpe_dir: Path):
+def test_resuming_or_sampling_with_another_tokenizer_is_refused(tmp_path: Path, corpus_path: Path,
+                                                                bpe_dir: Path):
     import shutil
 
     from tests.helpers import run_cli, write_rank_file

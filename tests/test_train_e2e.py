@@ -1,4 +1,5 @@
-"""The trainer through its real entry points: CLI, torchrun, train_generic.py, sample, wandb, gpt2 reference."""
+"""The trainer through its real entry points: CLI, torchrun, train_generic.py, sample, wandb, gpt2
+reference."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def test_train_writes_checkpoints_metrics_and_samples(tiny_env, tmp_path):
     logged = records(run_dir)
     train_lines = [r for r in logged if "reward_mean" in r]
     assert [r["iter"] for r in train_lines] == [2, 4]
-    expected = {"reward_mean", "reward_std", "exact_match", "policy_loss", "kl", "kl_coef", "entropy", "ratio_mean",
-                "ratio_max", "clip_frac", "grad_norm", "lr", "tokens_seen", "tokens_per_s"}
+    expected = {"reward_mean", "reward_std", "exact_match", "policy_loss", "kl", "kl_coef", "entropy",
+                "ratio_mean", "ratio_max", "clip_frac", "grad_norm", "lr", "tokens_seen", "tokens_per_s"}
     assert expected <= set(train_lines[0])
     assert all(r["tokens_per_s"] > 0 and r["tokens_seen"] == r["iter"] * 16 * 20 for r in train_lines)
     assert [i for i, _ in val_curve(run_dir)] == [0, 2, 4]
@@ -112,8 +113,8 @@ def test_train_generic_modal_mode_without_modal(tiny_env, tmp_path):
 
 def test_sample_from_checkpoint(tiny_env, tmp_path):
     assert run_cli(["train"], tmp_path, **tiny_env).returncode == 0
-    result = run_cli(["sample", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--num-samples", "2"], tmp_path,
-                     CHECKPOINT_DIR=tiny_env["CHECKPOINT_DIR"])
+    result = run_cli(["sample", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--num-samples", "2"],
+                     tmp_path, CHECKPOINT_DIR=tiny_env["CHECKPOINT_DIR"])
     assert result.returncode == 0, result.stderr
     samples = [s for s in result.stdout.split("--- sample ") if s]
     assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("ROMEO:") for s in samples)
@@ -134,8 +135,8 @@ def test_wandb_offline_run_has_the_same_metrics(tiny_env, tmp_path):
     for record in records(run_dir):
         for key, value in record.items():
             if key != "iter":
-                texts = {json.dumps(value)} | ({str(int(value))} if isinstance(value, float) and value.is_integer()
-                                               else set())
+                whole = isinstance(value, float) and value.is_integer()
+                texts = {json.dumps(value)} | ({str(int(value))} if whole else set())
                 assert key.encode() in log_bytes and any(t.encode() in log_bytes for t in texts), (key, value)
 
 

@@ -1,8 +1,7 @@
-"""AvataRL: the student learns by policy gradient from rewards set by a frozen referee.
+"""AvataRL: the student learns by policy gradient from rewards set by a frozen referee and the truth.
 
-At every position of the context window (no sampling) the student is scored on a small set
-of candidate next tokens. Notation per position: V vocabulary, A = 2k+1 action slots,
-y the true next token, eps = LABEL_SMOOTHING.
+Notation per position: V vocabulary, y the true next token, eps = LABEL_SMOOTHING, c = ENTROPY_COEF and
+pi = softmax(z / (1 + c)) the student's policy over the whole vocabulary (z its logits).
 
     actions  = top-k(student) ∪ top-k(referee) ∪ {y}                  (ACTION_SET=topk: de-duplicated, masked)
              = every valid id of the vocabulary                        (ACTION_SET=full)
@@ -10,19 +9,30 @@ y the true next token, eps = LABEL_SMOOTHING.
     mentor   = softmax(referee logits) restricted to the actions, renormalised
     ideal    ∝ reality^REALITY_WEIGHT · mentor^MENTOR_WEIGHT           (over the actions)
     reward   = REWARD_SCALE · ideal on above-mean actions, else 0; clamped per position
-    loss     = -Σ_a log softmax(logits / (1 + ENTROPY_COEF))[a] · reward[a] / |A|
+    loss     = -Σ_a log pi(a) · reward(a) / D,   D = Σ_a reward(a) (REWARD_NORM=rewards) or |A| (actions)
 
-The rewards are constants: no gradient reaches the referee, and the student never receives a
-cross-entropy gradient. It is, however, close to reward-weighted soft-target training, since
-the ground truth is inside the reward (reality puts 1 - eps on it); REALITY_WEIGHT=0 makes the
-reward referee-only.
+The rewards are constants (no gradient reaches the referee), so with R = Σ_a reward(a) and q = reward / R
+a position's gradient in the logits is (R / D) · (pi - q) / (1 + c): the gradient of the soft-label
+cross-entropy -Σ_a q(a) log pi(a), weighted R / D. This exhaustive form is soft-target training whose
+target holds the truth (reality puts 1 - eps on y; REALITY_WEIGHT=0 makes it referee-only). With
+REWARD_NORM=rewards every position weighs 1, and REWARD_SCALE and MAX_REWARD_CLAMP cancel (each rescales
+a position's rewards by one factor): q is the ideal on the above-mean actions, renormalised.
+REWARD_NORM=actions, upstream avataRL's 1 / |A|, weighs a position R / |A|: less where the student's and
+the referee's top-k differ, the positions still to learn (0.09 bits/byte behind supervised training on a
+2,048-id BPE, docs/learning.md).
 
-Both action sets take the student's log-softmax over the whole vocabulary and then gather the actions
-(upstream avataRL's PR #43, which fixed a softmax taken over the actions alone); with ACTION_SET=full
-every id can earn a reward, at the cost of [positions, vocab] tensors instead of [positions, 2k+1].
-Ids at or above the tokenizer's size (the padding of a BPE vocabulary to a multiple of 64, whose logits
-are PAD_LOGIT) are never actions: they get no reward and no probability. `referee_loss` below is the
-one supervised loss of the product: it trains the referee, never the student.
+ACTION_SET=sampled is the on-policy form: K = ceil(SAMPLE_FRACTION x valid ids) distinct actions per
+position drawn from pi (log_reward.gumbel_top_k), each rewarded r(a) = ideal(a) with the ideal taken over
+the whole vocabulary, advantages from the group of K (`sampled_advantages`) and loss = -Σ_k A_k log
+pi(a_k). Only the drawn actions' rewards reach the loss; REWARD_SCALE, MAX_REWARD_CLAMP and REWARD_NORM
+do not apply.
+
+Every action set takes the student's log-softmax over the whole vocabulary and then gathers the actions
+(upstream avataRL's PR #43, which fixed a softmax taken over the actions alone); ACTION_SET=full and
+sampled cost [positions, vocab] tensors instead of [positions, 2k+1]. Ids at or above the tokenizer's
+size (the padding of a BPE vocabulary to a multiple of 64, whose logits are PAD_LOGIT) are never
+actions: they get no reward and no probability. `referee_loss` below is the one supervised loss of the
+product: it trains the referee, never the student.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_of_log_probs, kl_divergence
-from avatarl.config_schema import ActionSet
+from avatarl.algorithms.log_reward import draws_for, gumbel_top_k, log_reward_advantages
+from avatarl.config_schema import ActionSet, RewardNorm, SampledAdvantage
 from avatarl.config_sections import AvatarlSettings
 
 # Ties with the mean (e.g. a uniform ideal) must not count as "above" because of rounding.
@@ -142,15 +153,22 @@ def action_rewards(ideal: Tensor, mask: Tensor, reward_scale: float, max_reward_
 
 
 def policy_gradient_loss(student_logits: Tensor, actions: Tensor, mask: Tensor, rewards: Tensor,
-                         entropy_coef: float) -> Tensor:
-    """loss = mean_positions [ -Σ_{a ∈ A} log softmax(z / (1 + c))[a] · r(a) / |A| ].
+                         entropy_coef: float, norm: RewardNorm = RewardNorm.REWARDS) -> Tensor:
+    """loss = mean_positions [ -Σ_{a ∈ A} log softmax(z / (1 + c))[a] · r(a) / D ].
 
-    z: student logits [N, V]; c = ENTROPY_COEF (a softer policy, which rewards entropy);
-    r: rewards [N, A], treated as constants (detached).
+    z: student logits [N, V]; c = ENTROPY_COEF (a softer policy, which rewards entropy); r: rewards
+    [N, A], treated as constants (detached); D per position: Σ_a r(a) for norm=rewards (1 where
+    nothing is paid, so such a position adds 0), |A| for norm=actions.
     """
     logp = F.log_softmax(student_logits.float() / (1.0 + entropy_coef), dim=-1).gather(-1, actions)
-    weighted = (logp * rewards.detach() * mask).sum(-1)
-    return -(weighted / mask.sum(-1).clamp(min=1)).mean()
+    paid = rewards.detach() * mask
+    weighted = (logp * paid).sum(-1)
+    if norm == RewardNorm.REWARDS:
+        total = paid.sum(-1)
+        divisor = torch.where(total > 0, total, 1.0)
+    else:
+        divisor = mask.sum(-1).clamp(min=1)
+    return -(weighted / divisor).mean()
 
 
 def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor, settings: AvatarlSettings,
@@ -173,8 +191,55 @@ def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor
         del ref
         ideal = ideal_distribution(reality, mentor, mask, settings.reality_weight, settings.mentor_weight)
         rewards = action_rewards(ideal, mask, settings.reward_scale, settings.max_reward_clamp)
-    loss = policy_gradient_loss(student_logits, actions, mask, rewards, entropy_coef)
+    loss = policy_gradient_loss(student_logits, actions, mask, rewards, entropy_coef, settings.reward_norm)
     return loss, actions, mask, rewards
+
+
+def vocabulary_ideal(referee_logits: Tensor, targets: Tensor, settings: AvatarlSettings, valid_vocab: int = 0
+                     ) -> Tensor:
+    """The ideal over the whole vocabulary, [N, V]: the module docstring's, with every valid id an action
+    (reality 1 - eps on y and eps / (valid - 1) on each other id), 0 on padding ids. No gradient."""
+    actions, mask = full_action_set(targets.numel(), referee_logits.size(-1), valid_vocab,
+                                    referee_logits.device)
+    reality = reality_distribution(actions, mask, targets, settings.label_smoothing)
+    mentor = mentor_distribution(referee_logits, actions, mask)
+    return ideal_distribution(reality, mentor, mask, settings.reality_weight, settings.mentor_weight)
+
+
+def sampled_advantages(logp_actions: Tensor, rewards: Tensor, kappa: Tensor, kind: SampledAdvantage
+                       ) -> Tensor:
+    """Advantages [N, K] of each position's K draws without replacement, from their log-probs [N, K],
+    rewards [N, K] (>= 0) and Gumbel threshold kappa [N, 1] (log_reward.gumbel_top_k).
+
+    log_reward: log_reward.log_reward_advantages, the Horvitz-Thompson estimate of grad log E_pi[r]
+    (A_k = w_k r_k / Σ_j w_j r_j, w = pi / inclusion probability); mean: A_k = (r_k - mean_j r_j) / K.
+    """
+    if kind == SampledAdvantage.LOG_REWARD:
+        return log_reward_advantages(logp_actions, rewards, kappa)
+    rewards = rewards.detach().float()
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / rewards.size(1)
+
+
+def sampled_avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor,
+                         settings: AvatarlSettings, entropy_coef: float, valid_vocab: int = 0,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ACTION_SET=sampled (module docstring): (loss, actions [N, K], mask [N, K] all True, rewards [N, K]).
+
+    K = ceil(SAMPLE_FRACTION x valid ids) distinct draws per position from pi = softmax(z / (1 + c)), each
+    rewarded with `vocabulary_ideal` at the drawn id; loss = -mean_positions Σ_k A_k log pi(a_k) with
+    A from `sampled_advantages`.
+    """
+    valid = valid_vocab or student_logits.size(-1)
+    logp = F.log_softmax(student_logits.float() / (1.0 + entropy_coef), dim=-1)
+    with torch.no_grad():
+        draws = draws_for(valid, 1, settings.sample_fraction)
+        actions, kappa = gumbel_top_k(logp[:, :valid], draws, generator)
+        ideal = vocabulary_ideal(referee_logits.detach().float(), targets, settings, valid_vocab)
+        rewards = ideal.gather(-1, actions)
+        del ideal
+        advantage = sampled_advantages(logp.gather(-1, actions), rewards, kappa, settings.sampled_advantage)
+    loss = -(advantage * logp.gather(-1, actions)).sum(-1).mean()
+    return loss, actions, torch.ones_like(actions, dtype=torch.bool), rewards
 
 
 def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Tensor,
@@ -197,8 +262,9 @@ def avatarl_micro_step(student: nn.Module, referee: nn.Module, x: Tensor, y: Ten
     vocab = logits.size(-1)
     flat = logits.reshape(-1, vocab)
     targets = y.reshape(-1)
-    loss, actions, mask, rewards = avatarl_loss(flat, referee_logits.reshape(-1, vocab), targets, settings,
-                                                entropy_coef, valid_vocab)
+    loss_of = sampled_avatarl_loss if settings.action_set == ActionSet.SAMPLED else avatarl_loss
+    loss, actions, mask, rewards = loss_of(flat, referee_logits.reshape(-1, vocab), targets, settings,
+                                           entropy_coef, valid_vocab)
     kl, student_entropy = kl_and_entropy(flat.detach(), referee_logits.reshape(-1, vocab))
     del referee_logits  # [B, T, V]: not needed past the rewards, so not held through the backward
     with torch.no_grad():

@@ -4,7 +4,10 @@ Per micro-batch of B contexts of C tokens with their true continuations of H tok
 
 1. the frozen old policy samples K continuations of H tokens per context at temperature T;
 2. each generated token earns r = 1[token == true token] + partial_credit * p_ref(token | preceding tokens);
-3. advantages normalise r within each group of K samples, separately at every horizon position;
+   with CREDIT=prefix only while the tokens sampled before it are the true ones (after a miss the true
+   continuation is no longer the right target), else 0;
+3. advantages normalise r within each group of K samples, separately at every horizon position (with
+   CREDIT=prefix the group is the samples whose prefix is still the true one);
 4. the student's tempered log-probs of the sampled tokens enter PPO's clipped surrogate;
 5. the loss adds -entropy_coef * entropy and +kl_coef * KL(student || reference) (`grpo_loss`).
 
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_and_kl
+from avatarl.config_schema import Credit
 from avatarl.config_sections import GRPOSettings
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
@@ -106,16 +110,33 @@ def match_rewards(hits: Tensor, ref_prob: Tensor | None, exact_match: float, par
     return rewards
 
 
-def group_advantages(rewards: Tensor, min_std: float) -> Tensor:
+def group_advantages(rewards: Tensor, min_std: float, mask: Tensor | None = None) -> Tensor:
     """A[b,k,h] = (r[b,k,h] - mean_k r[b,:,h]) / max(std_k r[b,:,h], min_std).
 
     std is the population standard deviation over the K samples (divide by K, not K - 1), so a
     group of identical rewards has std 0 and advantages 0; the floor keeps near-ties from being
-    blown up into +-1 advantages.
+    blown up into +-1 advantages. With `mask` (1.0 / 0.0, the shape of rewards) the group at (b, h) is
+    only the samples where mask is 1: mean and std are theirs, and the other samples get advantage 0
+    (so does a group of one, which has nothing to be compared with).
     """
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True, correction=0)
-    return (rewards - mean) / std.clamp_min(min_std)
+    if mask is None:
+        mean = rewards.mean(dim=1, keepdim=True)
+        std = rewards.std(dim=1, keepdim=True, correction=0)
+        return (rewards - mean) / std.clamp_min(min_std)
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+    mean = (rewards * mask).sum(dim=1, keepdim=True) / count
+    std = (((rewards - mean) * mask).square().sum(dim=1, keepdim=True) / count).sqrt()
+    return mask * (rewards - mean) / std.clamp_min(min_std)
+
+
+def prefix_credit(hits: Tensor) -> Tensor:
+    """1.0 at position h of a sample while every token it sampled before h is the true one, else 0.0.
+
+    hits [B, K, H] (1.0 where a sample is the true token). Position 0 always counts. After a sample's
+    first miss its prefix is no longer the true one, so the true continuation stops being the right
+    target for it: the tokens after the miss earn nothing (CREDIT=prefix).
+    """
+    return torch.cat((torch.ones_like(hits[..., :1]), hits[..., :-1].cumprod(dim=-1)), dim=-1)
 
 
 def ppo_clip_loss(new_logp: Tensor, old_logp: Tensor, adv: Tensor, clip_ratio: float
@@ -197,6 +218,7 @@ class Scored:
     hits: Tensor        # [B, K, H] 1.0 where the sample is the true token
     rewards: Tensor     # [B, K, H]
     advantages: Tensor  # [B, K, H]
+    credited: Tensor | None = None  # [B, K, H] CREDIT=prefix: 1.0 where a token earns reward (prefix_credit)
 
 
 @torch.no_grad()
@@ -206,7 +228,8 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
     gradient).
 
     The partial credit is p_ref(sampled token) from `reference` itself unless `credit_reference` (e.g. a
-    Hugging Face LM) is given; PARTIAL_CREDIT=0 skips it.
+    Hugging Face LM) is given; PARTIAL_CREDIT=0 skips it. With CREDIT=prefix a token is paid only while
+    its sample's earlier tokens are the true ones (`prefix_credit`), and its group is those samples.
     """
     B, K, H = ro.samples.shape
     C = ctx.shape[1]
@@ -222,6 +245,11 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
         ref_prob = credit_reference.token_probs(ctx_rep, flat).view(B, K, H)
     hits = (ro.samples == truth[:, None, :]).float()
     rewards = match_rewards(hits, ref_prob, settings.exact_match_reward, settings.partial_credit)
+    if settings.credit == Credit.PREFIX:
+        credited = prefix_credit(hits)
+        rewards = rewards * credited
+        advantages = group_advantages(rewards, settings.min_variance, credited)
+        return Scored(inputs, ref_logp, hits, rewards, advantages, credited)
     return Scored(inputs, ref_logp, hits, rewards, group_advantages(rewards, settings.min_variance))
 
 
@@ -238,7 +266,8 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     the partial credit too. Old policy and references run without gradient. Metrics are detached
     device tensors: reward_mean, reward_std (within-group population std, averaged), exact_match,
     reward_true_share (share of the reward mass paid to true tokens), policy_loss, kl, entropy,
-    ratio_mean, ratio_max, clip_frac.
+    ratio_mean, ratio_max, clip_frac, and with CREDIT=prefix credited (the share of sampled tokens that
+    earn reward).
     """
     B = ctx.size(0)
     K, H, T = settings.k_samples, settings.horizon, settings.temperature
@@ -252,6 +281,8 @@ def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLRefer
     policy_loss, stats = ppo_clip_loss(new_logp, ro.old_logp, scored.advantages, settings.clip_ratio)
     ent, kl = entropy_and_kl(F.log_softmax(logits, dim=-1), scored.ref_logp)  # untempered, [B*K, H, V]
     loss = grpo_loss(policy_loss, ent, kl, settings.entropy_coef, kl_coef)
+    if scored.credited is not None:
+        stats["credited"] = scored.credited.mean()
     return loss, {**reward_metrics(scored.rewards, scored.hits, policy_loss, ent, kl), **stats}
 
 

@@ -70,6 +70,7 @@ from avatarl.tracking import read_metrics
 from avatarl.trainer import train
 
 TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
+LOG_REWARD_PRESET = "grpo-log-reward"  # teacher-forced GRPO credited by the log E[reward] estimator
 EVAL_POINTS = 12
 FINAL_METRICS = ("val_ce", "val_bpb", "val_acc", "val_ce_second_half", "val_ce_calibrated", "val_temperature")
 SETTINGS_RECORDED = frozenset({
@@ -91,6 +92,7 @@ class Method:
 def methods() -> tuple[Method, ...]:
     """The rows of the table, in order (the teacher-forced setting is read from its preset file)."""
     teacher_forced = tuple(preset_values(TEACHER_FORCED_PRESET).items())
+    log_reward = tuple(preset_values(LOG_REWARD_PRESET).items())
     reward_off = (("partial_credit", 0.0), ("exact_match_reward", 0.0))
     return (
         Method("supervised", "supervised (not RL, the ceiling)", "referee"),
@@ -100,6 +102,10 @@ def methods() -> tuple[Method, ...]:
         Method("grpo_tf", "GRPO teacher-forced, exact match only", "student", teacher_forced),
         Method("grpo_tf_reward_off", "GRPO teacher-forced, reward off (entropy only)", "student",
                (*teacher_forced, *reward_off)),
+        Method("grpo_log_reward", "GRPO teacher-forced, log reward (K = V/4 distinct draws)", "student",
+               log_reward),
+        Method("grpo_log_reward_off", "GRPO teacher-forced log reward, reward off", "student",
+               (*log_reward, *reward_off)),
         Method("avatarl", "AvataRL", "student", (("algorithm", "avatarl"),)),
         Method("avatarl_referee_only", "AvataRL, REALITY_WEIGHT=0 (referee only)", "student",
                (("algorithm", "avatarl"), ("reality_weight", 0.0))),
@@ -202,8 +208,22 @@ def check_methods(base: Config, rows: tuple[Method, ...]) -> None:
         raise ConfigError(sorted(set(problems), key=problems.index))
 
 
+def chosen_methods(names: list[str] | None) -> tuple[Method, ...]:
+    """The rows named by `--methods` (all when None), in table order; a ConfigError naming the rows
+    there are."""
+    rows = methods()
+    if not names:
+        return rows
+    unknown = [name for name in names if name not in {m.name for m in rows}]
+    if unknown:
+        raise ConfigError([f"--methods {', '.join(unknown)}: no such row; choose among "
+                           f"{', '.join(m.name for m in rows)}."])
+    return tuple(m for m in rows if m.name in names)
+
+
 def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: int, seeds: int = 1,
-                   eval_points: int = EVAL_POINTS) -> tuple[int, dict[str, Any]]:
+                   eval_points: int = EVAL_POINTS, rows: tuple[Method, ...] | None = None
+                   ) -> tuple[int, dict[str, Any]]:
     """Train every method at the budget of `budget_iters` supervised steps, for `seeds` seeds from SEED;
     returns (exit code, report).
 
@@ -217,8 +237,9 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     baselines, corpus, unit = corpus_lines(base)
     vocab_size = corpus.tokenizer.size
     budget = budget_iters * base.optim.batch * (base.model.context_len + 1)
-    rows = methods()
+    rows = rows or methods()
     check_methods(base, rows)
+    needs_referee = any(dict(m.overrides).get("algorithm") == "avatarl" for m in rows)
     report: dict[str, Any] = {
         "schema": SCHEMA, "budget_tokens": budget, "token_unit": unit, "vocab_size": vocab_size,
         "baselines": baselines, "kl_reference": {"order": base.grpo.ngram_order,
@@ -232,10 +253,12 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     started = time.perf_counter()
     for seed in report["seeds"]:
         seeded = base.replace(seed=seed)
-        code, referee, referee_path = train_referee(seeded, out, referee_iters, eval_points)
-        report["referee"][str(seed)] = referee
-        if code != exit_codes.OK or referee_path is None:
-            return code, report
+        referee_path = out / "no-referee"  # no row of this table reads it
+        if needs_referee:
+            code, referee, referee_path = train_referee(seeded, out, referee_iters, eval_points)
+            report["referee"][str(seed)] = referee
+            if code != exit_codes.OK or referee_path is None:
+                return code, report
         for method in rows:
             window = window_len(seeded.replace(**dict(method.overrides)), method.role)
             iters = max(1, round(budget / (base.optim.batch * window)))
@@ -297,7 +320,8 @@ def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: --seeds {seeds}: give at least 1.", file=sys.stderr)
         return exit_codes.CONFIG
     out = Path(args.out).expanduser()
-    code, report = learning_bench(cfg, out, cfg.optim.total_iters, cfg.referee.referee_iters, seeds)
+    code, report = learning_bench(cfg, out, cfg.optim.total_iters, cfg.referee.referee_iters, seeds,
+                                  rows=chosen_methods(getattr(args, "methods", None)))
     if code != exit_codes.OK:
         return code
     report["argv"] = sys.argv[1:]

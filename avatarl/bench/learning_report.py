@@ -180,8 +180,8 @@ def merge_reports(reports: list[dict[str, Any]], names: list[str]) -> dict[str, 
               "torch_threads": r.get("torch_threads")} for r in reports]
     merged = {key: value for key, value in first.items() if key not in ("argv", "wall_s", "torch_threads")}
     merged.update(seeds=sorted(seeds), merged_from=parts,
-                  referee={str(seed): next(r["referee"][str(seed)] for r in reports if seed in r["seeds"])
-                           for seed in sorted(seeds)})
+                  referee={str(seed): run for seed in sorted(seeds) for r in reports if seed in r["seeds"]
+                           for run in [r["referee"].get(str(seed))] if run is not None})
     merged["methods"] = {
         name: {**entry, "runs": sorted((run for r in reports for run in r["methods"][name]["runs"]),
                                        key=lambda run: run["seed"])}

@@ -27,9 +27,9 @@ def build_peer(cfg: Config, vocab_size: int, device: torch.device) -> tuple[nn.M
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as exc:  # an optional extra: the row is skipped, the rest of the bench runs
         return f"transformers is not importable ({exc})"
-    shape = dict(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.model.n_emb, n_layer=cfg.model.n_layer,
-                 n_head=cfg.model.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-                 bos_token_id=None, eos_token_id=None)
+    shape = dict(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.model.n_emb,
+                 n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                 attn_pdrop=0.0, use_cache=False, bos_token_id=None, eos_token_id=None)
     try:
         config = GPT2Config(**shape, attn_implementation="sdpa")
         model = GPT2LMHeadModel(config)

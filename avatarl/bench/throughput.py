@@ -20,11 +20,12 @@ timed iterations.
                        (bench/peer.py); skipped, with a note, when transformers is not importable
 
 ratios: grpo_over_supervised = GRPO iteration / supervised step, kv_cache_speedup = recompute /
-KV-cached rollout, shared_prefix_speedup = full-rows / shared-prefix GRPO iteration, supervised_over_peer = supervised
-step / peer step (with the peer row), and on CUDA mfu = FLOP/s of the GRPO iteration / the GPU's peak
-bf16 dense FLOP/s.
+KV-cached rollout, shared_prefix_speedup = full-rows / shared-prefix GRPO iteration,
+supervised_over_peer = supervised step / peer step (with the peer row), and on CUDA mfu = FLOP/s of the
+GRPO iteration / the GPU's peak bf16 dense FLOP/s.
 
-`--quick`: `--preset bench-quick` (2 x 64; flags still win) and 2 timed iterations unless `--iters` is given.
+`--quick`: `--preset bench-quick` (2 x 64; flags still win) and 2 timed iterations unless `--iters` is
+given.
 """
 
 from __future__ import annotations
@@ -48,17 +49,18 @@ from avatarl import distributed as D
 from avatarl import exit_codes
 from avatarl.algorithms.grpo import Rollout, draw_tempered, rollout, score_rollout
 from avatarl.bench.peer import build_peer, peer_step_fn
+from avatarl.bench.per_token import draws, teacher_forced_runs
+from avatarl.bench.throughput_report import format_table, summarise
 from avatarl.config import Config
 from avatarl.data.sampler import make_sampler
 from avatarl.device import mixed_precision, resolve_device
 from avatarl.model import GPT, attention_backend_available, frozen_copy
 from avatarl.objectives import AvataRLObjective, SupervisedObjective
-from avatarl.progress import gpu_peak_tflops, grpo_context_flops, next_token_context_flops
 from avatarl.referee import Referee, referee_dtype
 from avatarl.run import MetricBuffer, Run, RunState
 from avatarl.trainer import build, model_config, train_step
 
-SCHEMA = "avatarl.bench.throughput/1"
+
 @dataclasses.dataclass
 class Timing:
     times_s: list[float]                  # wall clock (CUDA events on a GPU)
@@ -74,7 +76,8 @@ class Timing:
         return statistics.median(self.cpu_times_s) if self.cpu_times_s else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median_s": self.median_s, "min_s": min(self.times_s), "mean_s": statistics.fmean(self.times_s),
+        return {"median_s": self.median_s, "min_s": min(self.times_s),
+                "mean_s": statistics.fmean(self.times_s),
                 "times_s": self.times_s, "peak_memory_mib": self.peak_memory_mib,
                 "cpu_median_s": self.cpu_median_s, "cpu_times_s": self.cpu_times_s}
 
@@ -156,10 +159,12 @@ class FullRowsStudent(nn.Module):
 def derived_runs(grpo: Run) -> tuple[Run, Run]:
     """(supervised, avatarl) runs sharing the GRPO run's model and optimizer, each with its own sampler."""
     cfg, device = grpo.cfg, grpo.info.device
-    rows = cfg.optim.micro_batch * cfg.grpo.k_samples  # C + H input chars, then the next one, in B x K windows
+    # C + H input chars, then the next one, in B x K windows
+    rows = cfg.optim.micro_batch * cfg.grpo.k_samples
     sup_cfg = cfg.replace(context_len=cfg.seq_len, micro_batch=rows, batch=rows)
     supervised = dataclasses.replace(
-        grpo, cfg=sup_cfg, objective=SupervisedObjective(sup_cfg), state=RunState(), metrics=MetricBuffer(device),
+        grpo, cfg=sup_cfg, objective=SupervisedObjective(sup_cfg), state=RunState(),
+        metrics=MetricBuffer(device),
         sampler=make_sampler(grpo.corpus.train, sup_cfg.model.context_len + 1, cfg.run.seed, 0, device))
     referee = GPT(model_config(cfg, grpo.corpus.model_vocab_size, "referee"))
     referee = referee.to(device, referee_dtype(mixed_precision(cfg, device)))  # as open_referee loads one
@@ -167,15 +172,16 @@ def derived_runs(grpo: Run) -> tuple[Run, Run]:
     referee = frozen_copy(referee)
     avatarl = dataclasses.replace(
         grpo, cfg=av_cfg, objective=AvataRLObjective(av_cfg, Referee(referee, {})),
-        state=RunState(),
-        metrics=MetricBuffer(device), sampler=make_sampler(grpo.corpus.train, cfg.model.context_len + 1, cfg.run.seed, 0, device))
+        state=RunState(), metrics=MetricBuffer(device),
+        sampler=make_sampler(grpo.corpus.train, cfg.model.context_len + 1, cfg.run.seed, 0, device))
     return supervised, avatarl
 
 
 def score(grpo: Run, ctx: Tensor, ro: Rollout, truth: Tensor) -> Tensor:
     """The scoring phase of a GRPO step: reference log-probs, credit, rewards, advantages."""
     objective = grpo.objective
-    return score_rollout(ro, ctx, truth, objective.kl_reference, objective.settings, objective.credit).advantages
+    scored = score_rollout(ro, ctx, truth, objective.kl_reference, objective.settings, objective.credit)
+    return scored.advantages
 
 
 def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bool = True) -> dict[str, Any]:
@@ -186,14 +192,17 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
         cfg = cfg.replace(checkpoint_dir=tmp)
         grpo = build(cfg, D.DistInfo(0, 0, 1, device), "student", Path(tmp))
     supervised, avatarl = derived_runs(grpo)
+    forced = teacher_forced_runs(grpo) if full else {}
     B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
     dtype = mixed_precision(cfg, device)
     window = grpo.sampler.sample(B)
     ctx, truth = window[:, :C], window[:, C:]
     old, graphs, T = grpo.objective.old_policy, grpo.objective.graphs, cfg.grpo.temperature
 
-    def amp(fn: Callable[..., Any], *args: Any) -> Any:  # the rollout's context in the trainer: autocast, no grad
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    def amp(fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn` in the rollout's context in the trainer: autocast, no grad."""
+        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with torch.no_grad(), autocast:
             return fn(*args)
 
     ro = amp(rollout, old, ctx, K, H, T, None, graphs)
@@ -207,6 +216,7 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
                      rollout_recompute=lambda: amp(rollout_recompute, old, ctx, K, H, T),
                      grpo_full_rows=lambda: train_step(full_rows),
                      avatarl_iteration=lambda: train_step(avatarl))
+        calls.update({name: (lambda run=run: train_step(run)) for name, run in forced.items()})
         built = build_peer(cfg, grpo.corpus.model_vocab_size, device)
         if isinstance(built, str):
             peer = {"skipped": built}
@@ -216,81 +226,14 @@ def measure(cfg: Config, device: torch.device, warmup: int, iters: int, full: bo
             windows = make_sampler(grpo.corpus.train, cfg.seq_len + 1, cfg.run.seed + 1, 0, device)
             calls["peer_step"], peer_losses = peer_step_fn(cfg, built[0], windows, device)
     timings = time_interleaved(calls, device, warmup, iters)
-    finite = all(math.isfinite(value) for run in (supervised, grpo, full_rows, avatarl)
+    finite = all(math.isfinite(value) for run in (supervised, grpo, full_rows, avatarl, *forced.values())
                  for value in run.metrics.drain().values())
     if "peer_step" in calls:
         finite = finite and bool(torch.isfinite(torch.stack(peer_losses)).all())
     return {"timings": timings, "finite": finite, "params": grpo.raw_model.num_params(),
-            "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model, "cuda_graphs": graphs is not None,
-            "referee": avatarl.objective.referee, "peer": peer}
-
-
-def flop_counts(cfg: Config, student: GPT, referee: GPT) -> dict[str, float]:
-    """FLOPs of one call of each timed step, from F(T) = GPT.flops_per_token(T) (forward + backward).
-
-    supervised: F(C+H) x BK(C+H).  GRPO: the rollout and the update both run each context once and
-    each sample row over its own H-1 chars, N = B (C + K (H-1)) tokens at sequence length S = C+H-1:
-    a forward, F(S)/3 per token, for the rollout plus F(S) for the update, so 4/3 F(S) x N.
-    AvataRL: F(C) x BC for the student plus F_ref(C)/3 x BC for the referee's forward.
-    """
-    B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
-    return {"supervised_step": student.flops_per_token(C + H) * B * K * (C + H),
-            "grpo_iteration": grpo_context_flops(student, C, K, H) * B,
-            "avatarl_iteration": next_token_context_flops(student, C, referee) * B}
-
-
-def ratios_of(t: dict[str, float]) -> dict[str, float]:
-    """The key ratios from per-row times t (seconds); supervised_over_peer only when the peer row ran."""
-    ratios = {"grpo_over_supervised": t["grpo_iteration"] / t["supervised_step"],
-              "kv_cache_speedup": t["rollout_recompute"] / t["rollout_kv_cache"],
-              "shared_prefix_speedup": t["grpo_full_rows"] / t["grpo_iteration"],
-              "avatarl_over_supervised": t["avatarl_iteration"] / t["supervised_step"]}
-    if "peer_step" in t:
-        ratios["supervised_over_peer"] = t["supervised_step"] / t["peer_step"]
-    return ratios
-
-
-def summarise(cfg: Config, device: torch.device, result: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
-    """The JSON report: settings, timings, throughput, split, GPU numbers and ratios from the medians."""
-    t = {name: timing.median_s for name, timing in result["timings"].items()}
-    B, C, K, H = cfg.optim.micro_batch, cfg.model.context_len, cfg.grpo.k_samples, cfg.grpo.horizon
-    dtype = mixed_precision(cfg, device)
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "config": {"n_layer": cfg.model.n_layer, "n_head": cfg.model.n_head, "n_emb": cfg.model.n_emb, "context_len": C,
-                   "horizon": H, "k_samples": K, "micro_batch": B, "params": result["params"],
-                   "dtype": str(dtype or torch.float32).replace("torch.", ""), "attention": result["attention"],
-                   "torch_compile": cfg.model.use_torch_compile, "cuda_graphs": result["cuda_graphs"],
-                   "warmup": warmup, "iters": iters},
-        "timings": {name: timing.to_dict() for name, timing in result["timings"].items()},
-        "throughput": {"supervised_tokens_per_s": B * K * (C + H) / t["supervised_step"],
-                       "grpo_contexts_per_s": B / t["grpo_iteration"],
-                       "grpo_sampled_chars_per_s": B * K * H / t["grpo_iteration"],
-                       "avatarl_contexts_per_s": B / t["avatarl_iteration"],
-                       "avatarl_positions_per_s": B * C / t["avatarl_iteration"]},
-        "peer": result.get("peer"),
-        "grpo_split_s": {"rollout": t["rollout_kv_cache"], "scoring": t["grpo_scoring"],
-                         "update": t["grpo_iteration"] - t["rollout_kv_cache"] - t["grpo_scoring"]},
-        "finite": result["finite"],
-        "ratios": ratios_of(t),
-    }
-    if "peer_step" in t:
-        report["throughput"]["peer_tokens_per_s"] = B * K * (C + H) / t["peer_step"]
-    if device.type == "cpu":  # on a shared machine, CPU time is the steadier measure of the work
-        report["cpu_time_ratios"] = ratios_of({name: timing.cpu_median_s
-                                              for name, timing in result["timings"].items()})
-    if device.type == "cuda":
-        gpu_type, peak = gpu_peak_tflops(report["device"]["name"], cfg.launch.gpu_type)
-        flops = flop_counts(cfg, result["model"], result["referee"])
-        tflops = {name: flops[name] / t[name] / 1e12 for name in flops}
-        report["gpu"] = {"gpu_type": gpu_type, "peak_bf16_tflops": peak, "flops_per_iteration": flops,
-                         "achieved_tflops": tflops, "mfu": {name: value / peak for name, value in tflops.items()},
-                         "peak_memory_mib": {name: timing.peak_memory_mib
-                                             for name, timing in result["timings"].items()}}
-        report["ratios"]["mfu"] = tflops["grpo_iteration"] / peak
-    return report
+            "attention": grpo.raw_model.attention_backend, "model": grpo.raw_model,
+            "cuda_graphs": graphs is not None,
+            "referee": avatarl.objective.referee, "peer": peer, "teacher_forced_k": draws(forced)}
 
 
 def backend_comparison(cfg: Config, device: torch.device, main: dict[str, Any], warmup: int,
@@ -303,62 +246,6 @@ def backend_comparison(cfg: Config, device: torch.device, main: dict[str, Any], 
     rows[other["attention"]] = {"supervised_step_s": other["timings"]["supervised_step"].median_s,
                                 "grpo_iteration_s": other["timings"]["grpo_iteration"].median_s}
     return rows
-
-
-def _rate(value: float) -> str:
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    c, dev, tm, thr = report["config"], report["device"], report["timings"], report["throughput"]
-    on_cpu = dev["type"] == "cpu"
-    where = f"cpu, {dev['threads']} thread(s)" if on_cpu else dev["name"]
-    lines = [f"avatarl bench throughput on {where}: {c['n_layer']}L {c['n_head']}H {c['n_emb']}d "
-             f"({c['params'] / 1e6:.2f}M params), C={c['context_len']} H={c['horizon']} K={c['k_samples']} "
-             f"MICRO_BATCH={c['micro_batch']}, {c['dtype']}, {c['attention']}, compile={c['torch_compile']}, "
-             f"cuda_graphs={c['cuda_graphs']}, "
-             f"median of {c['iters']} after {c['warmup']} warm-up",
-             f"{'measurement':<36}{'median ms':>11}{'min ms':>10}{'cpu ms' if on_cpu else '':>10}  throughput"]
-    split = report["grpo_split_s"]
-    rows = [("supervised step (floor)", "supervised_step", f"{_rate(thr['supervised_tokens_per_s'])} tokens/s"),
-            ("GRPO iteration", "grpo_iteration", f"{_rate(thr['grpo_contexts_per_s'])} contexts/s, "
-             f"{_rate(thr['grpo_sampled_chars_per_s'])} sampled chars/s"),
-            ("  rollout (KV cache)", "rollout_kv_cache", ""),
-            ("  scoring (reference, rewards, adv.)", "grpo_scoring", ""),
-            ("  update (iteration - the two above)", None, ""),
-            ("rollout, recompute prefix", "rollout_recompute", ""),
-            ("GRPO iteration, full rows", "grpo_full_rows", ""),
-            ("AvataRL iteration", "avatarl_iteration", f"{_rate(thr['avatarl_contexts_per_s'])} contexts/s")]
-    if "peer_step" in tm:
-        rows.append(("peer step (HF GPT-2, same work)", "peer_step", f"{_rate(thr['peer_tokens_per_s'])} tokens/s"))
-    for label, key, extra in rows:
-        if key is None:
-            lines.append(f"{label:<36}{split['update'] * 1e3:>11.2f}")
-            continue
-        cpu = f"{tm[key]['cpu_median_s'] * 1e3:>10.2f}" if on_cpu else f"{'':>10}"
-        lines.append(f"{label:<36}{tm[key]['median_s'] * 1e3:>11.2f}{tm[key]['min_s'] * 1e3:>10.2f}{cpu}  {extra}")
-    if "gpu" in report:
-        gpu = report["gpu"]
-        lines.append(f"GPU {gpu['gpu_type']}, peak {gpu['peak_bf16_tflops']:g} bf16 TFLOP/s:")
-        for name, value in gpu["achieved_tflops"].items():
-            lines.append(f"  {name:<32}{value:>8.1f} TFLOP/s  MFU {gpu['mfu'][name]:6.1%}  "
-                         f"peak memory {gpu['peak_memory_mib'][name]:,.0f} MiB")
-    peer = report.get("peer") or {}
-    if "skipped" in peer:
-        lines.append(f"peer step skipped: {peer['skipped']}")
-    elif peer:
-        lines.append(f"peer: {peer['model']} (transformers {peer['transformers']}, {peer['attention']}, "
-                     f"{peer['params'] / 1e6:.2f}M params)")
-    for backend, row in report.get("attention_backends", {}).items():
-        lines.append(f"  attention {backend:<11} supervised {row['supervised_step_s'] * 1e3:.2f} ms, "
-                     f"GRPO iteration {row['grpo_iteration_s'] * 1e3:.2f} ms")
-    columns = [("ratios", report["ratios"])]
-    if "cpu_time_ratios" in report:
-        columns = [("ratios (wall clock)", report["ratios"]), ("(CPU time)", report["cpu_time_ratios"])]
-    lines.append(f"{'':<26}" + "".join(f"{title:>22}" for title, _ in columns))
-    lines += [f"  {name:<24}" + "".join(f"{values[name]:>22.3f}" for _, values in columns)
-              for name in report["ratios"]]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def run_throughput_bench(cfg: Config, args: argparse.Namespace) -> int:

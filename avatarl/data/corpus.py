@@ -59,20 +59,24 @@ def packaged_tiny_shakespeare() -> str | None:
 
 
 def read_text_corpus(cfg: Config) -> str:
-    """The training text of DATA_PATH (a UTF-8 file) or the default corpus, checked before any model is built."""
+    """The training text of DATA_PATH (a UTF-8 file) or the default corpus, checked before any model
+    is built."""
     if not cfg.data.data_path:
         packaged = packaged_tiny_shakespeare()
         if packaged is not None:
             return packaged
-    path = Path(cfg.data.data_path).expanduser() if cfg.data.data_path else download_tiny_shakespeare(cfg.data.data_cache_dir)
+    if cfg.data.data_path:
+        path = Path(cfg.data.data_path).expanduser()
+    else:
+        path = download_tiny_shakespeare(cfg.data.data_cache_dir)
     if not path.is_file():
-        raise ConfigError([f"DATA_PATH={cfg.data.data_path!r}: no such file or prepared directory. Point it at a UTF-8 "
-                           "text file or a directory made by `avatarl prepare`."])
+        raise ConfigError([f"DATA_PATH={cfg.data.data_path!r}: no such file or prepared directory. "
+                           "Point it at a UTF-8 text file or a directory made by `avatarl prepare`."])
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError([f"DATA_PATH={str(path)!r} is not UTF-8 text (byte {err.start}): convert it to UTF-8."]) \
-            from None
+        raise ConfigError([f"DATA_PATH={str(path)!r} is not UTF-8 text (byte {err.start}): "
+                           "convert it to UTF-8."]) from None
     if not text:
         raise ConfigError([f"DATA_PATH={str(path)!r} is empty: it needs text to train on."])
     return text
@@ -82,9 +86,9 @@ def check_length(cfg: Config, tokens: int, unit: str) -> None:
     """Both splits must hold windows of CONTEXT_LEN + HORIZON tokens."""
     needed = 2 * (cfg.seq_len + 1) / (1 - TRAIN_FRACTION)
     if tokens < needed:
-        raise ConfigError([f"DATA_PATH={cfg.data.data_path or 'Tiny Shakespeare'!r} has {tokens} {unit}: too few for "
-                           f"CONTEXT_LEN + HORIZON = {cfg.seq_len} in both splits; it needs at least "
-                           f"{int(needed) + 1}."])
+        raise ConfigError([f"DATA_PATH={cfg.data.data_path or 'Tiny Shakespeare'!r} has {tokens} {unit}: "
+                           f"too few for CONTEXT_LEN + HORIZON = {cfg.seq_len} in both splits; it needs at "
+                           f"least {int(needed) + 1}."])
 
 
 Ids = torch.Tensor | np.ndarray  # a device tensor (a text corpus) or a memmap (a prepared directory)

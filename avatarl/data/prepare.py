@@ -1,13 +1,14 @@
-"""`avatarl prepare`: documents -> DIR/train.bin, DIR/val.bin (token ids) + DIR/meta.json, in parallel, atomically.
+"""`avatarl prepare`: documents -> DIR/train.bin, DIR/val.bin (token ids) + DIR/meta.json, in parallel,
+atomically.
 
-Documents are cut into chunks of at most CHUNK_CHARS characters (smaller for a corpus of fewer than 64 such
-chunks, so that it still splits), a long document only where one newline stands between two visible
+Documents are cut into chunks of at most CHUNK_CHARS characters (smaller for a corpus of fewer than 64
+such chunks, so that it still splits), a long document only where one newline stands between two visible
 characters, where GPT-2-style pre-tokenization splits anyway, so the ids are those of the whole document.
 The chunks are tokenized by --num-proc worker processes in order, and each document is followed by the
 tokenizer's end-of-text id. Everything goes to one temporary file; at the end its trailing whole chunks
-holding VAL_FRACTION of the tokens become val.bin, the rest train.bin. The temporary files are renamed into
-place last, val.bin, meta.json, then train.bin, so a killed prepare never leaves a train.bin that looks
-complete, and a rerun starts over from the sources and writes the same bytes.
+holding VAL_FRACTION of the tokens become val.bin, the rest train.bin. The temporary files are renamed
+into place last, val.bin, meta.json, then train.bin, so a killed prepare never leaves a train.bin that
+looks complete, and a rerun starts over from the sources and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -73,12 +74,12 @@ def _encode(piece: tuple[str, bool]) -> tuple[list[int], bool, int]:
 def check_tokenizer(spec: str) -> Tokenizer:
     """The BPE that prepare writes ids of: refused before loading when it is char, or has no end-of-text."""
     if spec == "char":
-        raise ConfigError(["avatarl prepare needs a BPE: --tokenizer gpt2, a .tiktoken rank file or a Hugging Face "
-                           "tokenizer (TOKENIZER=char trains on a text file directly)."])
+        raise ConfigError(["avatarl prepare needs a BPE: --tokenizer gpt2, a .tiktoken rank file or a "
+                           "Hugging Face tokenizer (TOKENIZER=char trains on a text file directly)."])
     tokenizer = load_tokenizer(spec)
     if tokenizer.eot_id is None:
-        raise ConfigError([f"--tokenizer {spec}: it has no <|endoftext|> token to join documents with; train one "
-                           "with `avatarl tokenizer train`, which adds it."])
+        raise ConfigError([f"--tokenizer {spec}: it has no <|endoftext|> token to join documents with; "
+                           "train one with `avatarl tokenizer train`, which adds it."])
     return tokenizer
 
 
@@ -102,13 +103,15 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
     boundaries, n_docs, utf8_bytes, started = [0], 0, 0, time.perf_counter()
     total_bytes = sum(path.stat().st_size for path in files) if hf is None else None
     if total_bytes == 0:
-        raise ConfigError([f"avatarl prepare: the sources hold no text ({', '.join(map(str, files))} are empty)."])
+        raise ConfigError([f"avatarl prepare: the sources hold no text "
+                           f"({', '.join(map(str, files))} are empty)."])
     limit = CHUNK_CHARS if total_bytes is None else \
         max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, total_bytes // CHUNKS_AT_LEAST))
     pieces = chunks(documents(files, hf, text_column), limit)
+    spawn = multiprocessing.get_context("spawn")
     with open(everything, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare",
                                             dynamic_ncols=True, disable=None, mininterval=1.0) as bar, \
-            multiprocessing.get_context("spawn").Pool(max(1, num_proc), _init_worker, (tokenizer_spec,)) as pool:
+            spawn.Pool(max(1, num_proc), _init_worker, (tokenizer_spec,)) as pool:
         for ids, last, size in pool.imap(_encode, pieces, chunksize=4):
             np.asarray(ids, dtype=dtype).tofile(out)
             boundaries.append(boundaries[-1] + len(ids))
@@ -125,8 +128,8 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
         cut = boundaries[-2] if len(boundaries) > 2 else total
     if cut == total:
         everything.unlink()
-        raise ConfigError([f"avatarl prepare: {total:,} tokens in one chunk cannot be split into train and val; "
-                           "give more text."])
+        raise ConfigError([f"avatarl prepare: {total:,} tokens in one chunk cannot be split into train "
+                           "and val; give more text."])
     train_tmp, val_tmp = output / f"{TRAIN_BIN}{TEMP_SUFFIX}", output / f"{VAL_BIN}{TEMP_SUFFIX}"
     tokens = np.memmap(everything, dtype=dtype, mode="r")
     tokens[cut:].tofile(val_tmp)
@@ -137,11 +140,13 @@ def prepare(sources: list[str], output: Path, tokenizer_spec: str, hf: HFSource 
         fsync_path(path)
     elapsed = time.perf_counter() - started
     meta = {"format": FORMAT, "tokenizer": tokenizer.identity.to_dict(), "dtype": dtype.name,
-            "vocab_size": tokenizer.size, "eot_id": tokenizer.eot_id, "train_tokens": cut, "val_tokens": total - cut,
+            "vocab_size": tokenizer.size, "eot_id": tokenizer.eot_id, "train_tokens": cut,
+            "val_tokens": total - cut,
             "documents": n_docs, "utf8_bytes": utf8_bytes,
             "split": {"val_fraction": val_fraction, "rule": f"chunks of up to {limit} chars in source order; "
                       "val.bin = the trailing whole chunks holding at least val_fraction of the tokens"},
-            "sources": [str(path) for path in files] + ([f"hf:{hf.name}:{hf.config or ''}:{hf.split}"] if hf else []),
+            "sources": [str(path) for path in files]
+            + ([f"hf:{hf.name}:{hf.config or ''}:{hf.split}"] if hf else []),
             "sha256": {TRAIN_BIN: sha256_of(train_tmp), VAL_BIN: sha256_of(val_tmp)},
             "tokens_per_s": total / elapsed, "seconds": round(elapsed, 2), "num_proc": num_proc}
     os.replace(val_tmp, output / VAL_BIN)

@@ -1,6 +1,7 @@
 """A prepared data directory, read without loading it: train.bin / val.bin token ids through numpy.memmap.
 
-    DIR/train.bin, DIR/val.bin   flat token ids, uint16 when the vocabulary fits (nanoGPT's layout), else uint32
+    DIR/train.bin, DIR/val.bin   flat token ids, uint16 when the vocabulary fits (nanoGPT's layout),
+                                 else uint32
     DIR/meta.json                tokenizer identity, dtype, vocab size, token and document counts, split rule,
                                  sources, sha256 of each .bin (written by `avatarl prepare`)
 
@@ -55,8 +56,8 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise InputError([f"DATA_PATH={str(directory)!r}: {META} is unreadable ({err}); run `avatarl prepare` "
-                           "again."]) from None
+        raise InputError([f"DATA_PATH={str(directory)!r}: {META} is unreadable ({err}); "
+                           "run `avatarl prepare` again."]) from None
     if meta.get("format") != FORMAT:
         raise InputError([f"DATA_PATH={str(directory)!r}: {META} is not an avatarl prepared directory "
                            f"(format {meta.get('format')!r}, expected {FORMAT!r})."])
@@ -69,12 +70,14 @@ def open_prepared(directory: Path, tokenizer_spec: str) -> tuple[PreparedData, T
     meta = read_meta(directory)
     for name in (TRAIN_BIN, VAL_BIN):
         if not (directory / name).is_file():
-            raise InputError([f"DATA_PATH={str(directory)!r} has no {name}: run `avatarl prepare ... --output "
-                               f"{directory}` (an interrupted prepare leaves none)."])
+            raise InputError([f"DATA_PATH={str(directory)!r} has no {name}: "
+                               f"run `avatarl prepare ... --output {directory}` "
+                               "(an interrupted prepare leaves none)."])
     if meta is None:  # a nanoGPT directory
         if tokenizer_spec == "char":
-            raise InputError([f"DATA_PATH={str(directory)!r} has train.bin but no {META}: set TOKENIZER to the "
-                               "tokenizer that wrote it (gpt2 for nanoGPT's openwebtext)."])
+            raise InputError([f"DATA_PATH={str(directory)!r} has train.bin but no {META}: "
+                               "set TOKENIZER to the tokenizer that wrote it "
+                               "(gpt2 for nanoGPT's openwebtext)."])
         tokenizer = load_tokenizer(tokenizer_spec)
         dtype = token_dtype(tokenizer.size)
         meta = {"tokenizer": tokenizer.identity.to_dict(), "dtype": dtype.name, "vocab_size": tokenizer.size}
@@ -90,6 +93,7 @@ def open_prepared(directory: Path, tokenizer_spec: str) -> tuple[PreparedData, T
     val = np.memmap(directory / VAL_BIN, dtype=dtype, mode="r")
     for name, split in (("train_tokens", train), ("val_tokens", val)):
         if name in meta and meta[name] != len(split):
-            raise InputError([f"DATA_PATH={str(directory)!r}: {META} says {meta[name]:,} {name}, the file holds "
-                               f"{len(split):,}: it was changed or truncated; run `avatarl prepare` again."])
+            raise InputError([f"DATA_PATH={str(directory)!r}: {META} says {meta[name]:,} {name}, "
+                               f"the file holds {len(split):,}: it was changed or truncated; "
+                               "run `avatarl prepare` again."])
     return PreparedData(directory, train, val, meta), tokenizer

@@ -32,7 +32,8 @@ class HFSource:
 def require_sources(sources: list[str], hf: HFSource | None, command: str) -> None:
     """ConfigError when a command that reads documents was given none to read."""
     if not sources and hf is None:
-        raise ConfigError([f"{command}: name at least one source (a file, directory or glob) or --hf-dataset."])
+        raise ConfigError([f"{command}: name at least one source (a file, directory or glob) "
+                           "or --hf-dataset."])
 
 
 def expand(sources: list[str]) -> list[Path]:
@@ -111,7 +112,8 @@ def hf_documents(source: HFSource, column: str) -> Iterator[str]:
             dataset = datasets.load_dataset(source.name, source.config, split=source.split,
                                             streaming=source.streaming)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise InputError([f"--hf-dataset {source.name}: could not load split {source.split!r} ({err})."]) from None
+        raise InputError([f"--hf-dataset {source.name}: could not load split {source.split!r} "
+                          f"({err})."]) from None
     names = list(dataset.column_names or [])
     if names and column not in names:
         raise InputError([f"--hf-dataset {source.name} has no text column {column!r} (it has "

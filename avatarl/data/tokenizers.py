@@ -1,9 +1,11 @@
-"""Tokenizers (TOKENIZER): characters of the corpus, GPT-2's BPE through tiktoken, or a Hugging Face tokenizer.
+"""Tokenizers (TOKENIZER): characters of the corpus, GPT-2's BPE through tiktoken, or a Hugging Face
+tokenizer.
 
     char                       every distinct char of the corpus, sorted, one id each (the default)
-    gpt2                       tiktoken's GPT-2 encoding: the ids nanoGPT and upstream avataRL write to train.bin
-    PATH.tiktoken              a tiktoken rank file (base64 token, rank per line) with GPT-2's split pattern and
-                               <|endoftext|> after the last rank: GPT-2's own file works offline
+    gpt2                       tiktoken's GPT-2 encoding: the ids nanoGPT and upstream avataRL write to
+                               train.bin
+    PATH.tiktoken              a tiktoken rank file (base64 token, rank per line) with GPT-2's split
+                               pattern and <|endoftext|> after the last rank: GPT-2's own file works offline
     PATH (tokenizer.json or    a Hugging Face tokenizer, e.g. one made by `avatarl tokenizer train`
      a save_pretrained dir)
 
@@ -112,7 +114,8 @@ class CharTokenizer(Tokenizer):
 
 
 def pieces_sha256(pieces: Iterable[bytes]) -> str:
-    """sha256 of a tokenizer's table: the bytes each id stands for, in id order, each prefixed by its length."""
+    """sha256 of a tokenizer's table: the bytes each id stands for, in id order, each prefixed by its
+    length."""
     digest = hashlib.sha256()
     for piece in pieces:
         digest.update(len(piece).to_bytes(4, "little") + piece)
@@ -251,8 +254,9 @@ def load_tokenizer(spec: str, corpus_text: str | None = None) -> Tokenizer:
     """The tokenizer TOKENIZER names; `char` needs the corpus text its vocabulary is built from."""
     if spec == "char":
         if corpus_text is None:
-            raise ConfigError(["TOKENIZER=char builds its vocabulary from a text corpus: prepared data needs a "
-                               "BPE (TOKENIZER=gpt2, a .tiktoken rank file or a Hugging Face tokenizer)."])
+            raise ConfigError(["TOKENIZER=char builds its vocabulary from a text corpus: prepared data "
+                               "needs a BPE (TOKENIZER=gpt2, a .tiktoken rank file or a Hugging Face "
+                               "tokenizer)."])
         return CharTokenizer.from_text(corpus_text)
     if spec == GPT2:
         import tiktoken
@@ -260,9 +264,10 @@ def load_tokenizer(spec: str, corpus_text: str | None = None) -> Tokenizer:
         try:
             return TiktokenTokenizer(tiktoken.get_encoding(GPT2), GPT2)
         except Exception as err:  # noqa: BLE001 - tiktoken downloads the ranks once; offline it fails
-            raise ConfigError([f"TOKENIZER=gpt2: tiktoken could not load the GPT-2 ranks ({type(err).__name__}); "
-                               "on a machine without network set TIKTOKEN_CACHE_DIR to a cache that holds them, or "
-                               "TOKENIZER to a local .tiktoken rank file."]) from None
+            raise ConfigError(["TOKENIZER=gpt2: tiktoken could not load the GPT-2 ranks "
+                               f"({type(err).__name__}); on a machine without network set "
+                               "TIKTOKEN_CACHE_DIR to a cache that holds them, or TOKENIZER to a local "
+                               ".tiktoken rank file."]) from None
     path = Path(spec).expanduser().resolve()  # recorded absolute: a checkpoint finds it from any directory
     if path.suffix == ".tiktoken" and path.is_file():
         try:
@@ -272,7 +277,8 @@ def load_tokenizer(spec: str, corpus_text: str | None = None) -> Tokenizer:
     found = hf_tokenizer_file(path)
     if found is None:
         raise ConfigError([f"TOKENIZER={spec!r}: use char, gpt2, a .tiktoken rank file, or a Hugging Face "
-                           "tokenizer.json / save_pretrained directory (e.g. from `avatarl tokenizer train`)."])
+                           "tokenizer.json / save_pretrained directory "
+                           "(e.g. from `avatarl tokenizer train`)."])
     try:
         return HFTokenizer(found, str(path))
     except Exception as err:  # noqa: BLE001 - the Rust loader raises its own exception type
@@ -289,8 +295,8 @@ def tokenizer_from_identity(identity: TokenizerIdentity, chars: list[str] | None
         try:
             tokenizer = load_tokenizer(identity.source)
         except ConfigError:
-            raise ConfigError([f"{owner} was made with {identity.describe()}, which cannot be loaded from there any "
-                               "more: set TOKENIZER to where it is now."]) from None
+            raise ConfigError([f"{owner} was made with {identity.describe()}, which cannot be loaded from "
+                               "there any more: set TOKENIZER to where it is now."]) from None
     check_same_tokenizer(identity, tokenizer, owner, "the tokenizer found there")
     return tokenizer
 
@@ -344,15 +350,16 @@ def check_same_tokenizer(theirs: TokenizerIdentity, mine: Tokenizer, their_name:
 
 
 def train_bpe(docs: Any, vocab_size: int, output: Path) -> Path:
-    """`avatarl tokenizer train`: a byte-level BPE (GPT-2's pre-tokenization, <|endoftext|> as its one special
-    token) trained with Hugging Face `tokenizers` on the documents, offline. Writes OUTPUT/tokenizer.json, plus
-    the transformers files (save_pretrained) where transformers is installed; returns tokenizer.json's path."""
+    """`avatarl tokenizer train`: a byte-level BPE (GPT-2's pre-tokenization, <|endoftext|> as its one
+    special token) trained with Hugging Face `tokenizers` on the documents, offline. Writes
+    OUTPUT/tokenizer.json, plus the transformers files (save_pretrained) where transformers is installed;
+    returns tokenizer.json's path."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        raise ConfigError([f"--vocab-size {vocab_size}: a byte-level BPE needs at least 257 ids (256 bytes and "
-                           "<|endoftext|>)."])
+        raise ConfigError([f"--vocab-size {vocab_size}: a byte-level BPE needs at least 257 ids "
+                           "(256 bytes and <|endoftext|>)."])
     tokenizer = RustTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

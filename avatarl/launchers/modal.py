@@ -137,22 +137,24 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
     except ValueError:
         n_gpus = 0
     if not 1 <= n_gpus <= MAX_GPUS:
-        problems.append(f"N_GPUS={_setting(settings, 'N_GPUS')!r}: Modal attaches 1 to {MAX_GPUS} GPUs to a container.")
+        problems.append(f"N_GPUS={_setting(settings, 'N_GPUS')!r}: Modal attaches 1 to {MAX_GPUS} GPUs "
+                        "to a container.")
     try:
         nodes = int(_setting(settings, "MODAL_NODES"))
     except ValueError:
         nodes = 0
     if not 1 <= nodes <= MAX_NODES:
-        problems.append(f"MODAL_NODES={_setting(settings, 'MODAL_NODES')!r}: give 1 to {MAX_NODES} containers.")
+        problems.append(f"MODAL_NODES={_setting(settings, 'MODAL_NODES')!r}: "
+                        f"give 1 to {MAX_NODES} containers.")
     elif nodes > 1 and n_gpus != MAX_GPUS:
-        problems.append(f"MODAL_NODES={nodes} needs N_GPUS={MAX_GPUS}: each container of a Modal cluster takes "
-                        f"every GPU of its host (N_GPUS is {_setting(settings, 'N_GPUS')}).")
+        problems.append(f"MODAL_NODES={nodes} needs N_GPUS={MAX_GPUS}: each container of a Modal cluster "
+                        f"takes every GPU of its host (N_GPUS is {_setting(settings, 'N_GPUS')}).")
     if nodes > 1 and _setting(settings, "MAX_RESTARTS").strip() not in ("", "0"):
         # Each container mounts the checkpoint volume as committed when it started: after a torchrun restart
         # inside the same containers, rank 0 would choose a checkpoint that the other containers cannot see.
         problems.append(f"MAX_RESTARTS={_setting(settings, 'MAX_RESTARTS')} with MODAL_NODES={nodes}: set "
-                        "MAX_RESTARTS=0; on Modal a failed cluster is retried as a new cluster (Modal's retries), "
-                        "whose containers all see the newest committed checkpoint.")
+                        "MAX_RESTARTS=0; on Modal a failed cluster is retried as a new cluster "
+                        "(Modal's retries), whose containers all see the newest committed checkpoint.")
     hours = time_limit_hours(settings)
     if hours is None:
         problems.append(f"MODAL_TIMEOUT_HOURS={_setting(settings, 'MODAL_TIMEOUT_HOURS')!r}: "
@@ -175,7 +177,8 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
         local = Path(data_path).expanduser()
         if not local.is_file():
             problems.append(f"DATA_PATH={data_path}: no such file here; give a local file (it is uploaded to "
-                            f"the data volume) or a path under {DATA_MOUNT} in volume {volumes['MODAL_DATA_VOLUME']}.")
+                            f"the data volume) or a path under {DATA_MOUNT} in volume "
+                            f"{volumes['MODAL_DATA_VOLUME']}.")
         upload = (local, f"/corpus/{local.name}")
         remote["DATA_PATH"] = f"{DATA_MOUNT}/corpus/{local.name}"
     if problems:
@@ -185,7 +188,8 @@ def plan_modal_run(settings: Mapping[str, str]) -> ModalPlan:
     return ModalPlan(gpu=f"{gpu_type}:{n_gpus}" if n_gpus > 1 else gpu_type, n_gpus=n_gpus, nodes=nodes,
                      timeout_s=round(cast(float, hours) * 3600), data_volume=volumes["MODAL_DATA_VOLUME"],
                      checkpoint_volume=volumes["MODAL_CHECKPOINT_VOLUME"],
-                     named_secret=_setting(settings, "MODAL_WANDB_SECRET"), remote_settings=remote, upload=upload,
+                     named_secret=_setting(settings, "MODAL_WANDB_SECRET"), remote_settings=remote,
+                     upload=upload,
                      local_secrets={key: value for key, value in settings.items()
                                     if is_secret(key) and key not in HOST_ONLY and value},
                      image=image_setting(settings))
@@ -198,8 +202,9 @@ def hand_over_to_modal(env_file: str | None, cli: Mapping[str, str], preset: str
     try:
         import modal  # noqa: F401
     except ImportError:
-        raise ModalSetupError("TRAINING_MODE=modal needs the Modal client: pip install 'avatarl[modal]' and run "
-                              "`modal setup` (or use TRAINING_MODE=generic to train on this machine).") from None
+        raise ModalSetupError("TRAINING_MODE=modal needs the Modal client: pip install 'avatarl[modal]' "
+                              "and run `modal setup` (or use TRAINING_MODE=generic to train on this "
+                              "machine).") from None
     return run_modal(collect_settings(env_file, cli, preset=preset))
 
 
@@ -231,7 +236,9 @@ def build_app(plan: ModalPlan) -> tuple[Any, Any]:
                CHECKPOINT_MOUNT: modal.Volume.from_name(plan.checkpoint_volume, create_if_missing=True)}
     app = modal.App(APP_NAME)
     # Several containers scheduled together, all or nothing, with RDMA between them for NCCL.
-    body = modal.clustered(size=plan.nodes, rdma=True)(train_in_container) if plan.nodes > 1 else train_in_container
+    body = train_in_container
+    if plan.nodes > 1:
+        body = modal.clustered(size=plan.nodes, rdma=True)(train_in_container)
     function = app.function(gpu=plan.gpu, volumes=volumes, **function_options(
         modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets, plan.image))(body)
     return app, function
@@ -317,7 +324,8 @@ def supervise(command: list[str], env: Mapping[str, str], poll: Callable[[], Any
 
 
 def run_finished(directory: Path) -> bool:
-    """Whether the trainer marked the run in `directory` complete in its heartbeat (not just stopped early)."""
+    """Whether the trainer marked the run in `directory` complete in its heartbeat (not just stopped
+    early)."""
     try:
         _, beat = heartbeat_age(directory)
     except (OSError, ValueError, KeyError):
@@ -362,5 +370,6 @@ def train_in_container(settings: dict[str, str]) -> int:
     if code == exit_codes.OK and signalled and not run_finished(directory):
         raise RuntimeError("stopped by a signal before the end (preemption): Modal reruns it and it resumes")
     if code not in (exit_codes.OK, *exit_codes.NOT_RETRYABLE):
-        raise RuntimeError(f"avatarl train exited with {code}: Modal retries it and it resumes from its checkpoint")
+        raise RuntimeError(f"avatarl train exited with {code}: Modal retries it and it resumes from its "
+                           "checkpoint")
     return code

@@ -52,36 +52,42 @@ def _on_volume(path: str) -> bool:
 
 
 def plan_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str], cpu: float = DEFAULT_CPU,
-                       memory_gb: float = DEFAULT_MEMORY_GB, timeout_hours: float | None = None) -> PreparePlan:
+                       memory_gb: float = DEFAULT_MEMORY_GB,
+                       timeout_hours: float | None = None) -> PreparePlan:
     """Check the `avatarl prepare` arguments here, before a container is paid for; ModalSetupError lists
-    every problem. Paths must be inside the data volume: nothing else exists in the container or survives it."""
+    every problem. Paths must be inside the data volume: nothing else exists in the container or
+    survives it."""
     from avatarl.cli import build_parser
 
     try:
         parsed = build_parser().parse_args(["prepare", *prepare_args])
     except SystemExit as err:  # argparse has printed what is wrong
-        raise ModalSetupError("the arguments of `avatarl prepare` above are not valid (avatarl prepare --help)") \
-            from err
+        raise ModalSetupError("the arguments of `avatarl prepare` above are not valid "
+                              "(avatarl prepare --help)") from err
     problems = []
     if not _on_volume(parsed.output):
-        problems.append(f"--output {parsed.output}: write under {DATA_MOUNT}/ (the data volume); anything else is "
-                        "lost when the container ends.")
+        problems.append(f"--output {parsed.output}: write under {DATA_MOUNT}/ (the data volume); "
+                        "anything else is lost when the container ends.")
     local = [source for source in parsed.sources if not _on_volume(source)]
-    if parsed.hf_dataset and parsed.hf_dataset.startswith(("/", ".", "~")) and not _on_volume(parsed.hf_dataset):
-        local.append(parsed.hf_dataset)
+    dataset = parsed.hf_dataset
+    if dataset and dataset.startswith(("/", ".", "~")) and not _on_volume(dataset):
+        local.append(dataset)
     tokenizer = parsed.tokenizer or ""
     if tokenizer.startswith(("/", ".", "~")) and not _on_volume(tokenizer):
         local.append(tokenizer)
     volume = _setting(settings, "MODAL_DATA_VOLUME")
     for path in local:
-        problems.append(f"{path}: not in the data volume; upload it first (modal volume put {volume or 'VOLUME'} "
-                        f"{path} /corpus/) and name it {DATA_MOUNT}/corpus/...")
+        problems.append(f"{path}: not in the data volume; upload it first "
+                        f"(modal volume put {volume or 'VOLUME'} {path} /corpus/) "
+                        f"and name it {DATA_MOUNT}/corpus/...")
     if parsed.env_file is not None:
         problems.append("--env-file names a file on this machine; give the settings as flags instead.")
     hours = time_limit_hours(settings, timeout_hours)
     if hours is None:
-        asked = f"{timeout_hours:g}" if timeout_hours is not None else _setting(settings, "MODAL_TIMEOUT_HOURS")
-        problems.append(f"timeout {asked} h: give a number of hours above 0 and at most {MAX_TIMEOUT_HOURS:g}.")
+        asked = (f"{timeout_hours:g}" if timeout_hours is not None
+                 else _setting(settings, "MODAL_TIMEOUT_HOURS"))
+        problems.append(f"timeout {asked} h: give a number of hours above 0 and at most "
+                        f"{MAX_TIMEOUT_HOURS:g}.")
     if not cpu > 0 or not memory_gb > 0:
         problems.append(f"--cpu {cpu:g} --memory-gb {memory_gb:g}: both must be above 0.")
     if not volume:
@@ -104,8 +110,10 @@ def build_prepare_app(plan: PreparePlan) -> tuple[Any, Any]:
     app = modal.App(APP_NAME)
     volumes = {DATA_MOUNT: modal.Volume.from_name(plan.data_volume, create_if_missing=True)}
     # The local secret is HF_TOKEN, for gated datasets.
-    options = function_options(modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets, plan.image)
-    function = app.function(cpu=plan.cpu, memory=plan.memory_mib, volumes=volumes, **options)(prepare_in_container)
+    options = function_options(modal, plan.timeout_s, RETRIES, plan.named_secret, plan.local_secrets,
+                               plan.image)
+    function = app.function(cpu=plan.cpu, memory=plan.memory_mib, volumes=volumes,
+                            **options)(prepare_in_container)
     return app, function
 
 
@@ -116,8 +124,8 @@ def run_modal_prepare(settings: Mapping[str, str], prepare_args: Sequence[str], 
     modal = _import_modal()
     app, function = build_prepare_app(plan)
     print(f"[avatarl] Modal: avatarl prepare {' '.join(plan.args)} on {plan.cpu:g} CPUs, "
-          f"{plan.memory_mib / 1024:g} GiB, timeout {plan.timeout_s / 3600:g} h, volume {plan.data_volume} -> "
-          f"{DATA_MOUNT}")
+          f"{plan.memory_mib / 1024:g} GiB, timeout {plan.timeout_s / 3600:g} h, "
+          f"volume {plan.data_volume} -> {DATA_MOUNT}")
     # detach: the preparation continues if this machine disconnects; `modal app stop avatarl-prepare` ends it.
     with modal.enable_output(), app.run(detach=True):
         return int(function.remote(list(plan.args), plan.data_volume))
@@ -139,10 +147,12 @@ def prepare_in_container(args: list[str], data_volume: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m avatarl.launchers.modal_prepare", allow_abbrev=False,
-        description="Run `avatarl prepare` on Modal (CPUs only) into the data volume MODAL_DATA_VOLUME at /data.",
-        epilog="Every other argument goes to `avatarl prepare` (after an optional --); paths must be under /data. "
-               "Example: python -m avatarl.launchers.modal_prepare --cpu 16 --hf-dataset Skylion007/openwebtext "
-               "--tokenizer gpt2 --output /data/owt --val-fraction 0.0005")
+        description="Run `avatarl prepare` on Modal (CPUs only) into the data volume MODAL_DATA_VOLUME "
+                    "at /data.",
+        epilog="Every other argument goes to `avatarl prepare` (after an optional --); paths must be under "
+               "/data. Example: python -m avatarl.launchers.modal_prepare --cpu 16 "
+               "--hf-dataset Skylion007/openwebtext --tokenizer gpt2 --output /data/owt "
+               "--val-fraction 0.0005")
     parser.add_argument("--cpu", type=float, default=DEFAULT_CPU, help=f"CPU cores (default {DEFAULT_CPU:g}; "
                         "also --num-proc unless that is given)")
     parser.add_argument("--memory-gb", type=float, default=DEFAULT_MEMORY_GB,
@@ -154,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours, rest = parser.parse_known_args(argv)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    return run_entry(lambda: run_modal_prepare(collect_settings(ours.env_file), rest, ours.cpu, ours.memory_gb,
-                                               ours.timeout_hours))
+    return run_entry(lambda: run_modal_prepare(collect_settings(ours.env_file), rest, ours.cpu,
+                                               ours.memory_gb, ours.timeout_hours))
 
 
 if __name__ == "__main__":

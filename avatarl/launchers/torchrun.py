@@ -73,7 +73,8 @@ def rendezvous_args(cfg: Config, args: Sequence[str]) -> list[str]:
         extra.append(f"--nproc-per-node={cfg.launch.n_gpus}")
     if not given(args, "--max-restarts"):
         extra.append(f"--max-restarts={cfg.distributed.max_restarts}")
-    own_rendezvous = given(args, "--standalone", "--rdzv-backend", "--rdzv-endpoint", "--nnodes", "--master-addr")
+    own_rendezvous = given(args, "--standalone", "--rdzv-backend", "--rdzv-endpoint", "--nnodes",
+                           "--master-addr")
     if own_rendezvous or (cfg.distributed.node_range == (1, 1) and not cfg.distributed.rdzv_endpoint):
         return extra
     dist = cfg.distributed
