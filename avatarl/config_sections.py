@@ -231,12 +231,12 @@ class AvatarlSettings(Section):
         choices=RewardNorm)
     sample_fraction: float = setting(
         0.25,
-        "ACTION_SET=sampled: distinct draws per position, ceil(SAMPLE_FRACTION x vocabulary).",
+        "With ACTION_SET=sampled, the distinct draws per position, ceil(SAMPLE_FRACTION x vocabulary).",
         low=0.0, low_exclusive=True, high=1.0)
     sampled_advantage: SampledAdvantage = setting(
         SampledAdvantage.LOG_REWARD,
-        "ACTION_SET=sampled: log_reward (the gradient of log E[ideal], Horvitz-Thompson weights) or mean "
-        "(r - the group's mean reward).", choices=SampledAdvantage)
+        "With ACTION_SET=sampled: log_reward (the gradient of log E[ideal], Horvitz-Thompson weights) or "
+        "mean (r - the group's mean reward).", choices=SampledAdvantage)
 
     def problems(self) -> list[str]:
         if self.action_set == ActionSet.SAMPLED:
