@@ -22,7 +22,18 @@ from avatarl.generate import sample_from_checkpoint
 from avatarl.periodic import COMPLETED
 from avatarl.referee import export_referee
 from avatarl.trainer import train
-from tests.helpers import TINY, TORCHRUN, TRAIN, check_equivalence, clean_env, metric_records, start, wait_for
+from tests.helpers import (
+    FAULTY,
+    FAULTY_TRAIN,
+    TINY,
+    TORCHRUN,
+    TRAIN,
+    check_equivalence,
+    clean_env,
+    metric_records,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # real trainer processes: see `make test-fast`
 
@@ -82,8 +93,8 @@ def test_a_1024_token_context_runs_grpo_rollouts_and_avatarl(tmp_path: Path, pre
 
 def test_resume_from_a_prepared_directory_is_bit_identical(tmp_path: Path, prepared_shakespeare: Path):
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    single = check_equivalence(TRAIN, tmp_path / "one", prepared_shakespeare, NGRAM_ORDER=2)
-    ranks = check_equivalence([*TORCHRUN, "-m", "avatarl", "train"], tmp_path / "two", prepared_shakespeare,
+    single = check_equivalence(FAULTY_TRAIN, tmp_path / "one", prepared_shakespeare, NGRAM_ORDER=2)
+    ranks = check_equivalence([*TORCHRUN, *FAULTY], tmp_path / "two", prepared_shakespeare,
                               NGRAM_ORDER=2)
     print(f"\n[tokens] memmap resume: {single} (1 process) and {ranks} (2 ranks) tensor bytes, bit-identical")
     assert single > 100_000 and ranks > 100_000
