@@ -77,6 +77,7 @@ class RewardNorm(Choice):
 
 
 class SampledAdvantage(Choice):
+    IMPORTANCE = "importance"
     LOG_REWARD = "log_reward"
     MEAN = "mean"
 

@@ -140,9 +140,9 @@ class GRPOSettings(Section):
         "ids, Gumbel top-K), which hits the true token more often for the same K.", choices=Sampling)
     advantage: Advantage = setting(
         Advantage.GROUP_STD,
-        "Teacher-forced advantages: group_std ((r - group mean) / max(std, MIN_VARIANCE), GRPO's) or "
-        "log_reward (the gradient of log E[r]: for exact match, the likelihood gradient where a draw hit "
-        "the truth; avatarl/algorithms/log_reward.py).", choices=Advantage)
+        "GRPO advantages: group_std ((r - group mean) / max(std, MIN_VARIANCE), GRPO's) or log_reward "
+        "(the gradient of log E[r]: for exact match, the likelihood gradient where a draw hit the truth; "
+        "avatarl/algorithms/log_reward.py).", choices=Advantage)
     temperature: float = setting(1.2, "Sampling temperature of the rollouts.", low=0.0, low_exclusive=True)
     clip_ratio: float = setting(
         0.2,
@@ -196,7 +196,6 @@ class GRPOSettings(Section):
                             "CREDIT at all.")
         if self.rollouts == Rollouts.AUTOREGRESSIVE:
             for name, value, default in (("SAMPLING", self.sampling, Sampling.WITH_REPLACEMENT),
-                                         ("ADVANTAGE", self.advantage, Advantage.GROUP_STD),
                                          ("K_FRACTION", self.k_fraction, 0.0)):
                 if value != default:
                     problems.append(f"{name}={value} applies to teacher-forced draws: "
@@ -214,7 +213,8 @@ class AvatarlSettings(Section):
         ActionSet.TOPK,
         "AvataRL's actions per position: topk = student top-k, referee top-k and the true token; full = "
         "every id of the vocabulary ([positions, vocab] memory); sampled = SAMPLE_FRACTION x vocabulary "
-        "draws from the student, each rewarded with its ideal probability (on-policy).", choices=ActionSet)
+        "draws from the student, each paid its ideal probability when above the mean (on-policy).",
+        choices=ActionSet)
     label_smoothing: float = setting(0.1, "Reality mass spread over the non-true actions.", low=0.0, high=1.0)
     reality_weight: float = setting(0.7, "Exponent of the ground-truth distribution in the ideal.", low=0.0)
     mentor_weight: float = setting(0.3, "Exponent of the referee distribution in the ideal.", low=0.0)
@@ -230,13 +230,14 @@ class AvatarlSettings(Section):
         "weighs 1; REWARD_SCALE and MAX_REWARD_CLAMP then cancel), actions = its action count (upstream's).",
         choices=RewardNorm)
     sample_fraction: float = setting(
-        0.25,
+        0.5,
         "With ACTION_SET=sampled, the distinct draws per position, ceil(SAMPLE_FRACTION x vocabulary).",
         low=0.0, low_exclusive=True, high=1.0)
     sampled_advantage: SampledAdvantage = setting(
-        SampledAdvantage.LOG_REWARD,
-        "With ACTION_SET=sampled: log_reward (the gradient of log E[ideal], Horvitz-Thompson weights) or "
-        "mean (r - the group's mean reward).", choices=SampledAdvantage)
+        SampledAdvantage.IMPORTANCE,
+        "With ACTION_SET=sampled, importance (r / inclusion probability: an unbiased estimate of the "
+        "exhaustive gradient), log_reward (of log E[r]) or mean (r - the group's mean reward).",
+        choices=SampledAdvantage)
 
     def problems(self) -> list[str]:
         if self.action_set == ActionSet.SAMPLED:

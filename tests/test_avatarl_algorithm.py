@@ -18,8 +18,9 @@ from avatarl.algorithms.avatarl import (
     referee_loss,
     sampled_advantages,
     sampled_avatarl_loss,
-    vocabulary_ideal,
+    vocabulary_rewards,
 )
+from avatarl.algorithms.log_reward import gumbel_top_k
 from avatarl.config import Config, ConfigError
 from avatarl.config_schema import RewardNorm, SampledAdvantage
 from avatarl.data.tokenizers import CharTokenizer
@@ -192,46 +193,79 @@ def test_exhaustive_gradient_is_a_soft_label_cross_entropy_gradient(norm):
 
 # ---------------------------------------------------------------- sampled actions (on-policy)
 
-def test_vocabulary_ideal_by_hand_and_padding_gets_nothing():
-    referee = torch.log(t([[0.5, 0.25, 0.25, 1.0]]))  # id 3 is padding: it must not enter the mentor either
-    cfg = Config.of(label_smoothing=0.1, reality_weight=1.0, mentor_weight=1.0)
-    ideal = vocabulary_ideal(referee, t([0], torch.long), cfg.avatarl, valid_vocab=3)
-    # reality [0.9, 0.05, 0.05] x mentor [0.5, 0.25, 0.25] = [0.45, 0.0125, 0.0125], over 0.475
-    torch.testing.assert_close(ideal, t([[0.45 / 0.475, 0.0125 / 0.475, 0.0125 / 0.475, 0.0]]))
+def test_vocabulary_rewards_by_hand_and_padding_gets_nothing():
+    referee = torch.log(t([[0.5, 0.25, 0.2, 0.05, 1.0]]))  # id 4 is padding: it must not enter the mentor
+    cfg = Config.of(label_smoothing=0.3, reality_weight=1.0, mentor_weight=1.0)
+    rewards = vocabulary_rewards(referee, t([0], torch.long), cfg.avatarl, valid_vocab=4)
+    # reality [0.7, 0.1, 0.1, 0.1] x mentor [0.5, 0.25, 0.2, 0.05] = [0.35, 0.025, 0.02, 0.005], over 0.4;
+    # the mean ideal is 1/4: only id 0 is above it
+    torch.testing.assert_close(rewards, t([[0.35 / 0.4, 0.0, 0.0, 0.0, 0.0]]))
+    flat = Config.of(label_smoothing=0.9, reality_weight=1.0, mentor_weight=1.0).avatarl
+    # reality [0.1, 0.3, 0.3, 0.3] x mentor = [0.05, 0.075, 0.06, 0.015], over 0.2: ids 1 and 2 pass 1/4
+    torch.testing.assert_close(vocabulary_rewards(referee, t([0], torch.long), flat, valid_vocab=4),
+                               t([[0.0, 0.375, 0.3, 0.0, 0.0]]))
 
 
 def test_sampled_advantages_by_hand():
     logp, rewards = torch.log(t([[0.5, 0.25]])), t([[0.8, 0.1]])
     kappa = torch.log(t([[0.25]]))
-    # inclusion q = 1 - exp(-pi / exp(kappa)): 1 - e^-2 and 1 - e^-1; A = w r / Σ w r with w = pi / q
-    paid = [0.5 / (1 - math.exp(-2)) * 0.8, 0.25 / (1 - math.exp(-1)) * 0.1]
+    # inclusion q = 1 - exp(-pi / exp(kappa)): 1 - e^-2 and 1 - e^-1
+    q = [1 - math.exp(-2), 1 - math.exp(-1)]
+    paid = [0.5 / q[0] * 0.8, 0.25 / q[1] * 0.1]  # log_reward: A = w r / Σ w r with w = pi / q
     expected = t([[paid[0] / sum(paid), paid[1] / sum(paid)]])
     advantage = sampled_advantages(logp, rewards, kappa, SampledAdvantage.LOG_REWARD)
     torch.testing.assert_close(advantage, expected)
+    # importance: A = r / q
+    advantage = sampled_advantages(logp, rewards, kappa, SampledAdvantage.IMPORTANCE)
+    torch.testing.assert_close(advantage, t([[0.8 / q[0], 0.1 / q[1]]]))
     # mean: (r - mean r) / K with mean 0.3 over the 3 draws
     three = t([[0.6, 0.2, 0.1]])
     advantage = sampled_advantages(torch.log(t([[0.2, 0.3, 0.5]])), three, kappa, SampledAdvantage.MEAN)
     torch.testing.assert_close(advantage, t([[0.1, -0.1 / 3, -0.2 / 3]]))
 
 
-def test_sampled_loss_with_every_id_drawn_is_the_exact_log_expected_reward_gradient():
-    """SAMPLE_FRACTION=1: K = all valid ids, inclusion probability 1, so log_reward's estimate is exact:
-    grad of -log Σ_a pi(a) ideal(a). Padding ids are never drawn."""
+@pytest.mark.parametrize("kind", ["importance", "log_reward"])
+def test_sampled_loss_with_every_id_drawn_is_exact(kind):
+    """SAMPLE_FRACTION=1: K = all valid ids, inclusion probability 1, so the estimates are exact: importance
+    gives the gradient of -Σ_a r(a) log pi(a) (the exhaustive form's over every id), log_reward that of
+    -log Σ_a pi(a) r(a). Padding ids are never drawn."""
     torch.manual_seed(5)
     n, vocab, valid = 8, 7, 5
     logits = torch.randn(n, vocab).masked_fill(torch.arange(vocab) >= valid, -1e4).requires_grad_(True)
     referee, targets = torch.randn(n, vocab), torch.randint(0, valid, (n,))
-    cfg = Config.of(action_set="sampled", sample_fraction=1.0, entropy_coef=0.0)
+    cfg = Config.of(action_set="sampled", sample_fraction=1.0, sampled_advantage=kind, label_smoothing=0.5)
     loss, actions, mask, rewards = sampled_avatarl_loss(logits, referee, targets, cfg.avatarl, 0.0, valid,
                                                         torch.Generator().manual_seed(0))
     assert actions.shape == (n, valid) and bool(mask.all())
     assert actions.sort(-1).values.tolist() == [list(range(valid))] * n  # every valid id once, no padding
-    ideal = vocabulary_ideal(referee, targets, cfg.avatarl, valid)
-    torch.testing.assert_close(rewards, ideal.gather(-1, actions))
+    every = vocabulary_rewards(referee, targets, cfg.avatarl, valid)
+    torch.testing.assert_close(rewards, every.gather(-1, actions))
+    assert int((every > 0).sum()) > n  # some positions reward more than one id
     (grad,) = torch.autograd.grad(loss, logits)
-    exact = -torch.log((torch.softmax(logits, -1) * ideal).sum(-1)).mean()
+    logp = torch.log_softmax(logits, -1)
+    if kind == "importance":
+        exact = -(every * logp).sum(-1).mean()
+    else:
+        exact = -torch.log((logp.exp() * every).sum(-1)).mean()
     (expected,) = torch.autograd.grad(exact, logits)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_importance_advantages_are_unbiased_for_the_exhaustive_gradient():
+    """K = 2 of 5 ids: the mean over many draws of Σ_k A_k grad log pi(a_k), in the logits Σ_k A_k (e_a - pi),
+    approaches Σ_a r(a) (e_a - pi)."""
+    logits = t([[1.0, 0.5, 0.0, -0.5, -1.0]])
+    rewards = t([[0.0, 0.6, 0.0, 0.3, 0.0]])
+    pi = torch.softmax(logits, -1)
+    generator = torch.Generator().manual_seed(3)
+    total, draws = torch.zeros(5), 20000
+    for _ in range(draws):
+        actions, kappa = gumbel_top_k(torch.log_softmax(logits, -1), 2, generator)
+        advantage = sampled_advantages(pi.log().gather(-1, actions), rewards.gather(-1, actions), kappa,
+                                       SampledAdvantage.IMPORTANCE)
+        total += (advantage[0, :, None] * (torch.nn.functional.one_hot(actions[0], 5) - pi)).sum(0)
+    expected = rewards[0] - rewards.sum() * pi[0]  # [-0.386, 0.366, -0.142, 0.214, -0.052]
+    torch.testing.assert_close(total / draws, expected, atol=0.01, rtol=0.0)
 
 
 def test_sampled_loss_mean_baseline_draws_a_share_of_the_vocabulary():
@@ -259,16 +293,16 @@ def test_micro_step_with_sampled_actions_logs_the_metrics_of_its_draws():
     loss.backward()
     assert all(p.grad is None for p in referee.parameters()) and student.emb.weight.grad.abs().sum() > 0
     assert m["action_set_size"].item() == 4.0  # ceil(0.5 x 8) draws per position
-    assert 0 < m["reward_min"].item() <= m["reward_mean"].item() <= m["reward_max"].item() <= 1.0
+    assert 0 <= m["reward_min"].item() <= m["reward_mean"].item() < m["reward_max"].item() <= 1.0
     assert set(m) == {"reward_mean", "reward_max", "reward_min", "action_set_size", "true_top_frac",
                       "reward_true_share", "entropy", "kl"}
 
 
 def test_sample_settings_without_sampled_actions_are_refused():
     with pytest.raises(ConfigError) as err:
-        Config.of(sample_fraction=0.5)
-    assert err.value.problems == ["SAMPLE_FRACTION=0.5 applies to sampled actions: set ACTION_SET=sampled, "
-                                  "or leave SAMPLE_FRACTION at 0.25."]
+        Config.of(sample_fraction=0.25)
+    assert err.value.problems == ["SAMPLE_FRACTION=0.25 applies to sampled actions: set ACTION_SET=sampled, "
+                                  "or leave SAMPLE_FRACTION at 0.5."]
     assert Config.of(action_set="sampled", sampled_advantage="mean").avatarl.sampled_advantage == "mean"
 
 

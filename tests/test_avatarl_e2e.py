@@ -68,7 +68,7 @@ def test_avatarl_student_learns(seed, referee, tmp_path, corpus_path):
 
 
 def test_on_policy_avatarl_student_learns(referee, tmp_path, corpus_path):
-    """ACTION_SET=sampled: K = ceil(0.25 x 65) = 17 draws per position from the student, rewarded by the
+    """ACTION_SET=sampled: K = ceil(0.5 x 65) = 33 draws per position from the student, rewarded by the
     ideal."""
     run_dir = tmp_path / "student"
     result = run_cli(["train"], tmp_path, **SMALL, **STUDENT, ACTION_SET="sampled",
@@ -78,7 +78,7 @@ def test_on_policy_avatarl_student_learns(referee, tmp_path, corpus_path):
     print(f"sampled: student val CE {[round(v, 3) for v in curve]}")
     assert curve[-1] < curve[0] - MARGIN, curve
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {record["action_set_size"] for record in logged if "action_set_size" in record} == {17.0}
+    assert {record["action_set_size"] for record in logged if "action_set_size" in record} == {33.0}
 
 
 def test_missing_referee_is_a_config_error(tmp_path, corpus_path):

@@ -31,7 +31,7 @@ TINY_BENCH = {"n_layer": 1, "n_head": 2, "n_emb": 32, "context_len": 16, "horizo
               "batch": 16, "micro_batch": 16, "warmup_iters": 2, "log_interval": 2, "eval_windows": 32,
               "device": "cpu"}
 BUDGET_ITERS, REFEREE_ITERS, SEEDS = 6, 2, 2
-AUTOREGRESSIVE = ("grpo", "grpo_reward_off")
+AUTOREGRESSIVE = ("grpo", "grpo_reward_off", "grpo_ar_credit", "grpo_ar_credit_off")
 
 
 def test_tokens_to_beat_is_the_first_measurement_strictly_below():
@@ -161,7 +161,9 @@ def test_a_row_that_cannot_run_stops_the_bench_before_any_training(tmp_path, pre
     base = Config.of(**TINY_BENCH, data_path=str(prepared_shakespeare), referee_quantize="int8")  # CUDA only
     with pytest.raises(ConfigError) as refused:
         learning_bench(base, tmp_path / "out", BUDGET_ITERS, REFEREE_ITERS)
-    rows = ("AvataRL", "AvataRL, REALITY_WEIGHT=0 (referee only)")
+    rows = ("AvataRL", "AvataRL, REALITY_WEIGHT=0 (referee only)",
+            "AvataRL on-policy (V/2 student draws, importance weights)",
+            "AvataRL on-policy, group-mean baseline")
     assert [line.split(": ")[0] for line in refused.value.problems] == list(rows)
     assert all("REFEREE_QUANTIZE=int8 needs CUDA" in line for line in refused.value.problems)
     # the GRPO rows could run (any tokenizer), and nothing trained

@@ -301,8 +301,8 @@ def test_secrets_are_named_or_end_in_a_secret_suffix_and_no_setting_is_one():
 
 
 def test_every_preset_is_valid_and_sits_below_dotenv_flags_and_env(tmp_path: Path):
-    assert preset_names() == ["bench-quick", "cpu-small", "gpt2-small", "grpo-log-reward",
-                              "grpo-teacher-forced", "tiny"]
+    assert preset_names() == ["bench-quick", "cpu-small", "gpt2-small", "grpo-autoregressive",
+                              "grpo-log-reward", "grpo-teacher-forced", "tiny"]
     for name in preset_names():
         cfg, sources = load_config({}, None, environ={}, preset=name)
         assert {k for k, v in sources.items() if v == "preset"} == set(preset_settings(name)), name

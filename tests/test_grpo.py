@@ -23,7 +23,7 @@ from avatarl.algorithms.grpo import (
 )
 from avatarl.algorithms.reference import NgramReference
 from avatarl.bench.throughput import FullRowsStudent
-from avatarl.config import Config
+from avatarl.config import Config, ConfigError
 from avatarl.model import GPT, GPTConfig
 
 V = 11
@@ -403,6 +403,37 @@ def test_score_rollout_with_prefix_credit_pays_only_the_true_prefix():
                                 UniformReference(), seed)
     assert seed_credit.credited is None
     assert float(seed_credit.rewards[0, 2].sum()) == 2.0  # after the miss, 5 and 6 are still paid
+
+
+def test_log_reward_advantages_of_prefix_groups_give_the_likelihood_gradient_where_a_sample_hit():
+    """ADVANTAGE=log_reward with CREDIT=prefix: at each position the group is the samples on the true
+    prefix, A = r / mean - 1 there, 0 elsewhere and in a group without a hit."""
+    cfg = small_cfg(horizon=3, k_samples=3, partial_credit=0.0, credit="prefix", advantage="log_reward")
+    truth = torch.tensor([[4, 5, 6]])
+    samples = torch.tensor([[[4, 5, 1], [4, 0, 6], [0, 5, 6]]])
+    ro = Rollout(samples, torch.zeros(samples.shape))
+    scored = score_rollout(ro, torch.zeros(1, cfg.model.context_len, dtype=torch.long), truth,
+                           UniformReference(), cfg.grpo)
+    # position 0: rewards {1, 1, 0}, mean 2/3 -> 1/2, 1/2, -1; position 1: group {sample 0, sample 1},
+    # rewards {1, 0}, mean 1/2 -> 1, -1; position 2: group {sample 0} without a hit -> 0
+    expected = torch.tensor([[[0.5, 1.0, 0.0], [0.5, -1.0, 0.0], [-1.0, 0.0, 0.0]]])
+    torch.testing.assert_close(scored.advantages, expected)
+    # the K-sample mean of A grad log pi is grad log pi(truth) - mean_k grad log pi(a_k): with a hit, the
+    # likelihood's plus a term of expectation 0
+    logits = torch.randn(V, requires_grad=True)
+    draws = samples[0, :, 0]
+    (estimate,) = torch.autograd.grad((scored.advantages[0, :, 0] * F.log_softmax(logits, -1)[draws]).mean(),
+                                      logits)
+    likelihood = F.log_softmax(logits, -1)[4] - F.log_softmax(logits, -1)[draws].mean()
+    (expected_grad,) = torch.autograd.grad(likelihood, logits)
+    torch.testing.assert_close(estimate, expected_grad)
+
+
+def test_autoregressive_rollouts_refuse_only_the_teacher_forced_draw_settings():
+    assert Config.of(advantage="log_reward").grpo.advantage == "log_reward"
+    with pytest.raises(ConfigError) as err:
+        Config.of(sampling="without_replacement")
+    assert err.value.problems[0].startswith("SAMPLING=without_replacement applies to teacher-forced draws")
 
 
 def test_micro_step_with_prefix_credit_logs_the_credited_share():

@@ -15,6 +15,7 @@ from avatarl.algorithms.log_reward import (
     gumbel_top_k,
     inclusion_probability,
     log_reward_advantages,
+    mean_normalised_advantages,
 )
 
 
@@ -123,3 +124,24 @@ def test_train_local_trains_the_log_reward_method_with_and_without_a_gpu():
     assert {name: cpu_small.get(name) for name in method} == method
     recipe = (REPO / "Makefile").read_text().split("train-local:")[1].split("\n\n")[0]
     assert "--preset grpo-log-reward" in recipe and "--preset cpu-small" in recipe
+
+
+def test_mean_normalised_advantages_by_hand_and_with_a_mask():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    # mean 1/2: A = 2r - 1; a group without reward gets 0
+    assert torch.equal(mean_normalised_advantages(rewards), torch.tensor([[1.0, -1.0, -1.0, 1.0], [0.0] * 4]))
+    assert torch.equal(log_reward_advantages(rewards, rewards, None), mean_normalised_advantages(rewards))
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # first group {1, 0}: mean 1/2 -> 1, -1, and 0 for the draws outside it
+    expected = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0] * 4])
+    assert torch.equal(mean_normalised_advantages(rewards, mask), expected)
+
+
+def test_draws_are_the_k_largest_perturbed_keys_and_kappa_the_next():
+    logp = torch.log_softmax(torch.randn(64, 50), -1)
+    actions, kappa = gumbel_top_k(logp, 12, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)  # the same noise again
+    keys = logp - torch.log(-torch.log(torch.rand(logp.shape, generator=generator).clamp_min(1e-20)))
+    ranked = keys.sort(dim=-1, descending=True)
+    assert torch.equal(actions.sort(-1).values, ranked.indices[:, :12].sort(-1).values)
+    assert torch.equal(kappa, ranked.values[:, 12:13])

@@ -7,7 +7,9 @@ Per micro-batch of B contexts of C tokens with their true continuations of H tok
    with CREDIT=prefix only while the tokens sampled before it are the true ones (after a miss the true
    continuation is no longer the right target), else 0;
 3. advantages normalise r within each group of K samples, separately at every horizon position (with
-   CREDIT=prefix the group is the samples whose prefix is still the true one);
+   CREDIT=prefix the group is the samples whose prefix is still the true one): by the group's std
+   (ADVANTAGE=group_std, GRPO's) or its mean (log_reward: r / mean - 1, the estimate of grad log E[r],
+   which for exact match is the likelihood gradient where a sample hit the truth);
 4. the student's tempered log-probs of the sampled tokens enter PPO's clipped surrogate;
 5. the loss adds -entropy_coef * entropy and +kl_coef * KL(student || reference) (`grpo_loss`).
 
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_and_kl
-from avatarl.config_schema import Credit
+from avatarl.algorithms.log_reward import mean_normalised_advantages
+from avatarl.config_schema import Advantage, Credit
 from avatarl.config_sections import GRPOSettings
 from avatarl.cuda_graphs import GraphedDecoding
 from avatarl.model import KVCache
@@ -245,12 +248,14 @@ def score_rollout(ro: Rollout, ctx: Tensor, truth: Tensor, reference: KLReferenc
         ref_prob = credit_reference.token_probs(ctx_rep, flat).view(B, K, H)
     hits = (ro.samples == truth[:, None, :]).float()
     rewards = match_rewards(hits, ref_prob, settings.exact_match_reward, settings.partial_credit)
-    if settings.credit == Credit.PREFIX:
-        credited = prefix_credit(hits)
+    credited = prefix_credit(hits) if settings.credit == Credit.PREFIX else None
+    if credited is not None:
         rewards = rewards * credited
+    if settings.advantage == Advantage.LOG_REWARD:
+        advantages = mean_normalised_advantages(rewards, credited)
+    else:
         advantages = group_advantages(rewards, settings.min_variance, credited)
-        return Scored(inputs, ref_logp, hits, rewards, advantages, credited)
-    return Scored(inputs, ref_logp, hits, rewards, group_advantages(rewards, settings.min_variance))
+    return Scored(inputs, ref_logp, hits, rewards, advantages, credited)
 
 
 def grpo_micro_step(policy: nn.Module, old_policy: nn.Module, reference: KLReference, ctx: Tensor,

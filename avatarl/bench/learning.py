@@ -11,11 +11,18 @@ SEED, SEED + 1, ... and reported as mean and min-max:
                           KL to the n-gram)
     grpo_reward_off       the same GRPO with every reward set to zero: only the entropy bonus and the
                           KL to the n-gram remain, which can distil the n-gram and look like learning
+    grpo_ar_credit        the same rollouts set so the reward teaches (preset grpo-autoregressive: prefix
+                          credit, r / group mean - 1, no reference, no KL); grpo_ar_credit_off its reward off
     grpo_tf               GRPO with teacher-forced rollouts and the exact-match reward alone (preset
                           grpo-teacher-forced: no reference, no KL, no partial credit)
     grpo_tf_reward_off    the same with the reward off: only the entropy bonus is left
+    grpo_log_reward       teacher-forced GRPO credited by log E[reward] (preset grpo-log-reward: K = V/4
+                          distinct draws per position, exact match only); grpo_log_reward_off its reward off
     avatarl               AvataRL against a referee trained in the same command (budget reported apart)
     avatarl_referee_only  AvataRL with REALITY_WEIGHT=0: the ground truth is taken out of the reward
+    avatarl_sampled       AvataRL on-policy: V/2 distinct draws from the student per position, each paid
+                          its ideal probability, importance-weighted; avatarl_sampled_mean: a group-mean
+                          baseline instead
 
 Every run is measured on the same validation windows in cross-entropy, bits per byte, next-token
 accuracy (what an exact-match reward pays for) and cross-entropy after one fitted temperature
@@ -71,6 +78,7 @@ from avatarl.trainer import train
 
 TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
 LOG_REWARD_PRESET = "grpo-log-reward"  # teacher-forced GRPO credited by the log E[reward] estimator
+AUTOREGRESSIVE_PRESET = "grpo-autoregressive"  # the seed's rollouts, prefix credit, log E[reward]
 EVAL_POINTS = 12
 FINAL_METRICS = ("val_ce", "val_bpb", "val_acc", "val_ce_second_half", "val_ce_calibrated", "val_temperature")
 SETTINGS_RECORDED = frozenset({
@@ -93,12 +101,16 @@ def methods() -> tuple[Method, ...]:
     """The rows of the table, in order (the teacher-forced setting is read from its preset file)."""
     teacher_forced = tuple(preset_values(TEACHER_FORCED_PRESET).items())
     log_reward = tuple(preset_values(LOG_REWARD_PRESET).items())
+    autoregressive = tuple(preset_values(AUTOREGRESSIVE_PRESET).items())
     reward_off = (("partial_credit", 0.0), ("exact_match_reward", 0.0))
     return (
         Method("supervised", "supervised (not RL, the ceiling)", "referee"),
         Method("grpo", "GRPO (autoregressive, shipped defaults)", "student", (("algorithm", "grpo"),)),
         Method("grpo_reward_off", "GRPO, reward off (KL + entropy only)", "student",
                (("algorithm", "grpo"), *reward_off)),
+        Method("grpo_ar_credit", "GRPO autoregressive, prefix credit, log reward", "student", autoregressive),
+        Method("grpo_ar_credit_off", "GRPO autoregressive, prefix credit, reward off", "student",
+               (*autoregressive, *reward_off)),
         Method("grpo_tf", "GRPO teacher-forced, exact match only", "student", teacher_forced),
         Method("grpo_tf_reward_off", "GRPO teacher-forced, reward off (entropy only)", "student",
                (*teacher_forced, *reward_off)),
@@ -109,6 +121,10 @@ def methods() -> tuple[Method, ...]:
         Method("avatarl", "AvataRL", "student", (("algorithm", "avatarl"),)),
         Method("avatarl_referee_only", "AvataRL, REALITY_WEIGHT=0 (referee only)", "student",
                (("algorithm", "avatarl"), ("reality_weight", 0.0))),
+        Method("avatarl_sampled", "AvataRL on-policy (V/2 student draws, importance weights)", "student",
+               (("algorithm", "avatarl"), ("action_set", "sampled"))),
+        Method("avatarl_sampled_mean", "AvataRL on-policy, group-mean baseline", "student",
+               (("algorithm", "avatarl"), ("action_set", "sampled"), ("sampled_advantage", "mean"))),
     )
 
 
