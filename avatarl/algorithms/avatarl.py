@@ -255,8 +255,9 @@ def sampled_avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets
         actions, kappa = gumbel_top_k(logp[:, :valid], draws, generator)
         rewards = vocabulary_rewards(referee_logits.detach().float(), targets, settings, valid_vocab)
         rewards = rewards.gather(-1, actions)  # only the drawn ids' rewards go on
-        advantage = sampled_advantages(logp.gather(-1, actions), rewards, kappa, settings.sampled_advantage)
-    loss = -(advantage * logp.gather(-1, actions)).sum(-1).mean()
+    logp_actions = logp.gather(-1, actions)
+    advantage = sampled_advantages(logp_actions, rewards, kappa, settings.sampled_advantage)  # detached
+    loss = -(advantage * logp_actions).sum(-1).mean()
     return loss, actions, torch.ones_like(actions, dtype=torch.bool), rewards
 
 
