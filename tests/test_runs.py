@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -128,7 +129,9 @@ def test_offline_wandb_restarts_continue_one_wandb_run(tmp_path: Path, monkeypat
         logger.finish()
     run_id = (tmp_path / WANDB_ID).read_text()
     offline = sorted(tmp_path.glob("wandb/offline-run-*"))
-    assert len(offline) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline)
+    # wandb names a run's folder offline-run-<time>-<id>, adding -1 when two starts share a second
+    pattern = rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?"
+    assert len(offline) == 2 and all(re.fullmatch(pattern, path.name) for path in offline), offline
     data = b"".join(path.read_bytes() for path in tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert b"exp1" in data  # the wandb name is the run's name
 
