@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="repeat every method for SEED, SEED+1, ... (learning)")
     bench.add_argument("--methods", nargs="+", metavar="ROW", default=None,
                        help="(learning) train only these rows of the table, e.g. supervised grpo_log_reward")
+    bench.add_argument("--row", dest="rows", nargs="+", action="append", metavar=("NAME", "SETTING=VALUE"),
+                       default=None, help="(learning, repeatable) add a row: NAME, a row of the table or a "
+                       "preset, then SETTING=VALUE words, e.g. --row k_half grpo_log_reward K_FRACTION=0.5; "
+                       "without --methods only these rows train")
     bench.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                        help="(learning) train nothing: join the learning.json of runs for other seeds "
                             "into OUT")

@@ -47,6 +47,7 @@ class Sampling(Choice):
 class Advantage(Choice):
     GROUP_STD = "group_std"
     LOG_REWARD = "log_reward"
+    IMPORTANCE = "importance"
 
 
 class Credit(Choice):

@@ -140,9 +140,11 @@ class GRPOSettings(Section):
         "ids, Gumbel top-K), which hits the true token more often for the same K.", choices=Sampling)
     advantage: Advantage = setting(
         Advantage.GROUP_STD,
-        "GRPO advantages: group_std ((r - group mean) / max(std, MIN_VARIANCE), GRPO's) or log_reward "
-        "(the gradient of log E[r]: for exact match, the likelihood gradient where a draw hit the truth; "
-        "avatarl/algorithms/log_reward.py).", choices=Advantage)
+        "GRPO advantages: group_std ((r - group mean) / max(std, MIN_VARIANCE), GRPO's), log_reward "
+        "(the gradient of log E[r]: for exact match, the likelihood gradient where a draw hit the truth) "
+        "or importance (teacher-forced: r / the draw's inclusion probability, an unbiased estimate of "
+        "the gradient of the sum over every id of r(a) log pi(a); avatarl/algorithms/log_reward.py).",
+        choices=Advantage)
     temperature: float = setting(1.2, "Sampling temperature of the rollouts.", low=0.0, low_exclusive=True)
     clip_ratio: float = setting(
         0.2,
@@ -201,6 +203,9 @@ class GRPOSettings(Section):
                     problems.append(f"{name}={value} applies to teacher-forced draws: "
                                     "set ROLLOUTS=teacher_forced (or --preset grpo-log-reward), "
                                     f"or leave {name} at {default}.")
+            if self.advantage == Advantage.IMPORTANCE:
+                problems.append("ADVANTAGE=importance applies to teacher-forced draws: set "
+                                "ROLLOUTS=teacher_forced, or ADVANTAGE=group_std or log_reward.")
         return problems
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from avatarl.baselines import count_model_baselines
-from avatarl.bench.learning import corpus_lines, learning_bench, methods, run_learning_bench, tokens_to_beat
+from avatarl.bench.learning import corpus_lines, learning_bench, run_learning_bench, tokens_to_beat
 from avatarl.bench.learning_report import (
     SCHEMA,
     markdown_table,
@@ -20,8 +20,10 @@ from avatarl.bench.learning_report import (
     upgrade_report,
     write_outputs,
 )
+from avatarl.bench.rows import chosen_methods, methods
 from avatarl.checkpoint import load_checkpoint
 from avatarl.config import Config, ConfigError
+from avatarl.config_sources import preset_values
 from avatarl.data.corpus import reference_ids
 from avatarl.data.sampler import eval_windows
 from avatarl.generate import Sample
@@ -249,3 +251,70 @@ def test_a_schema_2_report_of_an_earlier_version_reads_as_schema_3(tmp_path, cap
     assert json.loads((tmp_path / "merged" / "learning.json").read_text())["schema"] == SCHEMA
     row = f"| {old['methods']['supervised']['label']} | {old_run['chars_seen']:,} |"
     assert row in capsys.readouterr().out
+
+
+def test_a_row_of_your_own_settings_is_a_typed_student_row():
+    rows = chosen_methods(["supervised"], [["k64", "K_SAMPLES=64", "rollouts=teacher_forced"],
+                                           ["lr_off", "EXACT_MATCH_REWARD=0"]])
+    assert [m.name for m in rows] == ["supervised", "k64", "lr_off"]
+    mine = rows[1]
+    assert mine.role == "student" and mine.label == "k64 (K_SAMPLES=64 rollouts=teacher_forced)"
+    assert dict(mine.overrides) == {"k_samples": 64, "rollouts": "teacher_forced"}
+    assert isinstance(dict(mine.overrides)["k_samples"], int)
+    # a preset's words stand for its settings; what comes after them wins
+    half = chosen_methods(None, [["k_half", "grpo-log-reward", "K_FRACTION=0.5"]])[0]
+    assert dict(half.overrides) == {**preset_values("grpo-log-reward"), "k_fraction": 0.5}
+    assert dict(chosen_methods(["grpo_ar_credit"], None)[0].overrides) == \
+        dict(chosen_methods(None, [["mine", "grpo-autoregressive"]])[0].overrides)
+    # a shipped row's words stand for its method: supervised keeps its role
+    fast = chosen_methods(None, [["sup_fast", "supervised", "LR=6e-3"],
+                                 ["lr_fast", "grpo_log_reward", "LR=6e-3"]])
+    assert [(m.role, dict(m.overrides)) for m in fast] == [
+        ("referee", {"lr": 6e-3}), ("student", {**preset_values("grpo-log-reward"), "lr": 6e-3})]
+    # a whole-run preset's budget gives way to the benchmark's
+    quick = dict(chosen_methods(None, [["quick", "bench-quick"]])[0].overrides)
+    assert "total_iters" not in quick and "warmup_iters" not in quick and quick["n_layer"] == 2
+    # without --methods only the rows of your own train; with neither, every shipped row
+    assert [m.name for m in chosen_methods(None, [["k64", "K_SAMPLES=64"]])] == ["k64"]
+    assert chosen_methods(None, None) == methods()
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    (["K_SAMPLES=64"], "a row needs a name first"),
+    (["grpo", "K_SAMPLES=64"], "--row grpo: that name is already a row"),
+    (["mine", "K_SAMPLE=64"], "K_SAMPLE is no setting; did you mean K_SAMPLES?"),
+    (["mine", "K_SAMPLES"], "'K_SAMPLES' is none of SETTING=VALUE, a row of the table (supervised, grpo,"),
+    (["mine", "K_SAMPLES=many"], "K_SAMPLES=many: expected an integer"),
+    (["mine", "ROLLOUTS=sideways"], "ROLLOUTS=sideways: choose one of autoregressive, teacher_forced"),
+    (["mine", "TOTAL_ITERS=10"], "TOTAL_ITERS is set by the benchmark for every row"),
+])
+def test_a_row_that_cannot_be_read_says_what_to_fix(spec, says):
+    with pytest.raises(ConfigError) as refused:
+        chosen_methods(None, [spec])
+    assert len(refused.value.problems) == 1 and says in refused.value.problems[0], refused.value.problems
+
+
+def test_two_rows_of_one_name_are_refused():
+    with pytest.raises(ConfigError, match="mine: that name is already a row"):
+        chosen_methods(None, [["mine", "K_SAMPLES=8"], ["mine", "K_SAMPLES=16"]])
+
+
+def test_a_row_of_your_own_trains_at_the_budget_of_the_others(tmp_path, corpus_path):
+    data = tmp_path / "shakespeare-100k.txt"
+    data.write_text(corpus_path.read_text()[:100_000])
+    base = Config.of(**TINY_BENCH, data_path=str(data))
+    rows = chosen_methods(["supervised"], [["tf8", "ROLLOUTS=teacher_forced", "K_SAMPLES=8"]])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("avatarl.periodic.training_samples", lambda *args: [Sample("A", [1, 2, 3], "bcd")])
+        patch.chdir(tmp_path)
+        code, report = learning_bench(base, tmp_path / "out", BUDGET_ITERS, REFEREE_ITERS, eval_points=2,
+                                      rows=rows)
+    assert code == 0 and list(report["methods"]) == ["supervised", "tf8"]
+    mine = report["methods"]["tf8"]
+    assert mine["settings"] == {"ROLLOUTS": "teacher_forced", "K_SAMPLES": 8}
+    # a teacher-forced step reads what a supervised one does: the same steps, the same tokens seen
+    assert mine["runs"][0]["iters"] == BUDGET_ITERS
+    assert mine["runs"][0]["tokens_seen"] == report["methods"]["supervised"]["runs"][0]["tokens_seen"]
+    logged = [json.loads(line) for line in (tmp_path / "out" / "runs" / "seed1337" / "tf8" / "metrics.jsonl")
+              .read_text().splitlines()]
+    assert any("val_acc" in record for record in logged)

@@ -434,6 +434,11 @@ def test_autoregressive_rollouts_refuse_only_the_teacher_forced_draw_settings():
     with pytest.raises(ConfigError) as err:
         Config.of(sampling="without_replacement")
     assert err.value.problems[0].startswith("SAMPLING=without_replacement applies to teacher-forced draws")
+    with pytest.raises(ConfigError) as err:
+        Config.of(advantage="importance")
+    assert err.value.problems == ["ADVANTAGE=importance applies to teacher-forced draws: set "
+                                  "ROLLOUTS=teacher_forced, or ADVANTAGE=group_std or log_reward."]
+    assert Config.of(advantage="importance", rollouts="teacher_forced").grpo.advantage == "importance"
 
 
 def test_micro_step_with_prefix_credit_logs_the_credited_share():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from avatarl.algorithms.log_reward import (
     draws_for,
     gumbel_top_k,
+    importance_advantages,
     inclusion_probability,
     log_reward_advantages,
     mean_normalised_advantages,
@@ -67,6 +68,26 @@ def test_a_miss_gives_the_expected_likelihood_gradient_over_the_ids_not_drawn():
     outside = [1, 2, 4]
     want = sum(p[b] / p[outside].sum() * (F.one_hot(torch.tensor(b), 5).float() - p) for b in outside)
     assert torch.allclose(got[0], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("without_replacement", [True, False])
+def test_importance_advantages_estimate_the_likelihood_gradient_without_bias(without_replacement):
+    """Σ_k A_k grad_z log pi(a_k) = Σ_k A_k (e_a_k - pi) averages to e_truth - pi, whether or not the truth
+    was drawn in a row: the exact-match reward over the drawn ids, divided by their chance of being drawn."""
+    rows, truth = 40000, 4
+    logp = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), -1).expand(rows, -1)
+    generator = torch.Generator().manual_seed(0)
+    if without_replacement:
+        actions, kappa = gumbel_top_k(logp, 2, generator)
+    else:
+        actions = torch.multinomial(logp.exp(), 2, replacement=True, generator=generator)
+        kappa = None
+    advantages = importance_advantages(logp.gather(-1, actions), (actions == truth).float(), kappa)
+    p = logp[0].exp()
+    estimate = (advantages[..., None] * (F.one_hot(actions, 6).float() - p)).sum(1).mean(0)
+    want = F.one_hot(torch.tensor(truth), 6).float() - p
+    assert torch.allclose(estimate, want, atol=0.05), (estimate, want)
+    assert float((actions == truth).any(1).float().mean()) < 0.3  # most rows missed the truth
 
 
 def test_independent_draws_divide_by_the_group_mean():

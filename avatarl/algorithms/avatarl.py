@@ -50,7 +50,7 @@ from avatarl.algorithms.entropy import entropy_of_log_probs, kl_divergence
 from avatarl.algorithms.log_reward import (
     draws_for,
     gumbel_top_k,
-    inclusion_probability,
+    importance_advantages,
     log_reward_advantages,
 )
 from avatarl.config_schema import ActionSet, RewardNorm, SampledAdvantage
@@ -236,7 +236,7 @@ def sampled_advantages(logp_actions: Tensor, rewards: Tensor, kappa: Tensor, kin
         return log_reward_advantages(logp_actions, rewards, kappa)
     if kind == SampledAdvantage.MEAN:
         return (rewards - rewards.mean(dim=1, keepdim=True)) / rewards.size(1)
-    return rewards / inclusion_probability(logp_actions, kappa).clamp_min(1e-30)
+    return importance_advantages(logp_actions, rewards, kappa)
 
 
 def sampled_avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor,

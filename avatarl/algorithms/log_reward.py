@@ -70,6 +70,20 @@ def log_reward_advantages(logp_actions: Tensor, rewards: Tensor, kappa: Tensor |
     return torch.where(rewarded, hit, miss)
 
 
+def importance_advantages(logp_actions: Tensor, rewards: Tensor, kappa: Tensor | None) -> Tensor:
+    """A [N, K] = r / P(a drawn): Σ_k A_k grad log pi(a_k) is an unbiased (Horvitz-Thompson) estimate of
+    Σ_a r(a) grad log pi(a) over every id, which for exact match is grad log pi(truth) at every position,
+    hit or not. P(a drawn) is the inclusion probability q(a) for draws without replacement (kappa
+    [N, 1]), K pi(a) (the expected count) for K independent draws (kappa None). No baseline: the estimate
+    of a position that drew nothing rewarded is 0, and its variance is that of 1 / q on the hits."""
+    logp_actions, rewards = logp_actions.detach().float(), rewards.float()
+    if kappa is None:
+        drawn = rewards.size(1) * logp_actions.exp()
+    else:
+        drawn = inclusion_probability(logp_actions, kappa)
+    return rewards / drawn.clamp_min(1e-30)
+
+
 def mean_normalised_advantages(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """A = r / mean(r) - 1 over the group on dim 1, for independent draws: Σ_k A_k grad log pi(a_k) / K
     estimates grad log E[r]; 0 for a group that earned nothing (it says nothing about where the reward is).

@@ -8,10 +8,11 @@ Per micro-batch of B windows of C + 1 tokens (C = CONTEXT_LEN), with N = B x C p
    (SAMPLING: K independent draws, or K distinct ids by Gumbel top-K);
 3. each earns r = exact_match * 1[a == x_{i+1}] + partial_credit * p_ref(a | x_<=i) (grpo.match_rewards);
 4. advantages compare r within the K actions of one position (ADVANTAGE): GRPO's group_advantages,
-   (r - mean) / max(std, MIN_VARIANCE), or log_reward's estimate of grad log E[r] (log_reward.py);
+   (r - mean) / max(std, MIN_VARIANCE), log_reward's estimate of grad log E[r], or importance's of
+   grad Σ_a r(a) log pi(a) (log_reward.py);
 5. loss = -mean_n(policy term) - entropy_coef * mean H(pi) + kl_coef * mean KL(pi || ref) (grpo.grpo_loss),
-   the policy term mean_k(A * log pi_T(a)) for group_std and sum_k(A * log pi_T(a)) for log_reward (an
-   estimate of the gradient of one position's log E[r], not of the K draws' mean).
+   the policy term mean_k(A * log pi_T(a)) for group_std and sum_k(A * log pi_T(a)) for log_reward and
+   importance (estimates of one position's gradient, not of the K draws' mean).
 
 The actions come from the policy being trained, so the importance ratio is 1 and PPO's clip never
 binds: this is on-policy REINFORCE with a group baseline. A rollout costs one forward pass instead of
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from avatarl.algorithms.entropy import entropy_and_kl
 from avatarl.algorithms.grpo import KLReference, group_advantages, grpo_loss, match_rewards, reward_metrics
-from avatarl.algorithms.log_reward import gumbel_top_k, log_reward_advantages
+from avatarl.algorithms.log_reward import gumbel_top_k, importance_advantages, log_reward_advantages
 from avatarl.config_schema import Advantage, Sampling
 from avatarl.config_sections import GRPOSettings
 
@@ -53,8 +54,9 @@ def draw(logp_tempered: Tensor, k: int, sampling: Sampling, generator: torch.Gen
 def policy_term(rewards: Tensor, logp_actions: Tensor, kappa: Tensor | None,
                 settings: GRPOSettings) -> Tensor:
     """The policy-gradient loss of N positions' K draws (rewards, log pi_T(a) [N, K]); step 5 above."""
-    if settings.advantage == Advantage.LOG_REWARD:
-        advantage = log_reward_advantages(logp_actions, rewards, kappa)
+    estimates = {Advantage.LOG_REWARD: log_reward_advantages, Advantage.IMPORTANCE: importance_advantages}
+    if settings.advantage in estimates:
+        advantage = estimates[settings.advantage](logp_actions, rewards, kappa)
         return -(advantage * logp_actions).sum(dim=1).mean()
     return -(std_advantages(rewards, settings) * logp_actions).mean()
 

@@ -34,16 +34,17 @@ minutes on 2 CPU cores), under the usual precedence: a flag, `.env` or the envir
 any of it (`--quick --n-layer 3`). The model, batch, LR, TOTAL_ITERS (the supervised step count that
 sets the budget) and REFEREE_ITERS come from the settings, as do TOKENIZER and DATA_PATH
 (a text file or a directory made by `avatarl prepare`). Outputs: OUT/learning.json, OUT/learning.png
-(bench/learning_report.py), and each run under OUT/runs/. `--merge A/learning.json B/learning.json`
-trains nothing: it joins runs of the same benchmark for other seeds (SEED=1338 --seeds 2 on a second
-machine beside SEED=1337 --seeds 1) into the one table and plot of all their seeds; it reads the
-schema-2 reports of earlier versions too (their counts named chars_*) and writes schema 3.
+(bench/learning_report.py), and each run under OUT/runs/. `--row NAME SETTING=VALUE ...` adds a row
+of your own (bench/rows.py): a student with those settings, at the same budget.
+`--merge A/learning.json B/learning.json` trains nothing: it joins runs of the same benchmark for other
+seeds (SEED=1338 --seeds 2 on a second machine beside SEED=1337 --seeds 1) into the one table and plot
+of all their seeds; it reads the schema-2 reports of earlier versions too (their counts named chars_*)
+and writes schema 3.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -64,9 +65,9 @@ from avatarl.bench.learning_report import (
     upgrade_report,
     write_outputs,
 )
+from avatarl.bench.rows import Method, chosen_methods, methods
 from avatarl.config import Config, ConfigError
 from avatarl.config_schema import Algorithm
-from avatarl.config_sources import preset_values
 from avatarl.data.corpus import Corpus, load_corpus
 from avatarl.data.tokenizers import CharTokenizer
 from avatarl.errors import NonFiniteSteps, print_error
@@ -76,9 +77,6 @@ from avatarl.run_dir import METRICS, run_dir
 from avatarl.tracking import read_metrics
 from avatarl.trainer import train
 
-TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
-LOG_REWARD_PRESET = "grpo-log-reward"  # teacher-forced GRPO credited by the log E[reward] estimator
-AUTOREGRESSIVE_PRESET = "grpo-autoregressive"  # the seed's rollouts, prefix credit, log E[reward]
 EVAL_POINTS = 12
 FINAL_METRICS = ("val_ce", "val_bpb", "val_acc", "val_ce_second_half", "val_ce_calibrated", "val_temperature")
 SETTINGS_RECORDED = frozenset({
@@ -87,45 +85,6 @@ SETTINGS_RECORDED = frozenset({
     "adaptive_kl", "kl_target", "kl_max_coef", "reference", "ngram_order", "old_policy_interval",
     "partial_credit", "top_k", "label_smoothing", "reality_weight", "mentor_weight", "reward_scale",
     "max_reward_clamp", "exact_match_reward", "rollouts"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    name: str
-    label: str
-    role: str                                  # "referee" role = trained with cross-entropy
-    overrides: tuple[tuple[str, Any], ...] = ()
-
-
-def methods() -> tuple[Method, ...]:
-    """The rows of the table, in order (the teacher-forced setting is read from its preset file)."""
-    teacher_forced = tuple(preset_values(TEACHER_FORCED_PRESET).items())
-    log_reward = tuple(preset_values(LOG_REWARD_PRESET).items())
-    autoregressive = tuple(preset_values(AUTOREGRESSIVE_PRESET).items())
-    reward_off = (("partial_credit", 0.0), ("exact_match_reward", 0.0))
-    return (
-        Method("supervised", "supervised (not RL, the ceiling)", "referee"),
-        Method("grpo", "GRPO (autoregressive, shipped defaults)", "student", (("algorithm", "grpo"),)),
-        Method("grpo_reward_off", "GRPO, reward off (KL + entropy only)", "student",
-               (("algorithm", "grpo"), *reward_off)),
-        Method("grpo_ar_credit", "GRPO autoregressive, prefix credit, log reward", "student", autoregressive),
-        Method("grpo_ar_credit_off", "GRPO autoregressive, prefix credit, reward off", "student",
-               (*autoregressive, *reward_off)),
-        Method("grpo_tf", "GRPO teacher-forced, exact match only", "student", teacher_forced),
-        Method("grpo_tf_reward_off", "GRPO teacher-forced, reward off (entropy only)", "student",
-               (*teacher_forced, *reward_off)),
-        Method("grpo_log_reward", "GRPO teacher-forced, log reward (K = V/4 distinct draws)", "student",
-               log_reward),
-        Method("grpo_log_reward_off", "GRPO teacher-forced log reward, reward off", "student",
-               (*log_reward, *reward_off)),
-        Method("avatarl", "AvataRL", "student", (("algorithm", "avatarl"),)),
-        Method("avatarl_referee_only", "AvataRL, REALITY_WEIGHT=0 (referee only)", "student",
-               (("algorithm", "avatarl"), ("reality_weight", 0.0))),
-        Method("avatarl_sampled", "AvataRL on-policy (V/2 student draws, importance weights)", "student",
-               (("algorithm", "avatarl"), ("action_set", "sampled"))),
-        Method("avatarl_sampled_mean", "AvataRL on-policy, group-mean baseline", "student",
-               (("algorithm", "avatarl"), ("action_set", "sampled"), ("sampled_advantage", "mean"))),
-    )
 
 
 def tokens_to_beat(curve: list[tuple[int, float]], threshold: float) -> int | None:
@@ -222,19 +181,6 @@ def check_methods(base: Config, rows: tuple[Method, ...]) -> None:
                 problems += [f"{method.label}: {line}" for line in err.problems]
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index))
-
-
-def chosen_methods(names: list[str] | None) -> tuple[Method, ...]:
-    """The rows named by `--methods` (all when None), in table order; a ConfigError naming the rows
-    there are."""
-    rows = methods()
-    if not names:
-        return rows
-    unknown = [name for name in names if name not in {m.name for m in rows}]
-    if unknown:
-        raise ConfigError([f"--methods {', '.join(unknown)}: no such row; choose among "
-                           f"{', '.join(m.name for m in rows)}."])
-    return tuple(m for m in rows if m.name in names)
 
 
 def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: int, seeds: int = 1,
@@ -337,7 +283,8 @@ def run_learning_bench(cfg: Config, args: argparse.Namespace) -> int:
         return exit_codes.CONFIG
     out = Path(args.out).expanduser()
     code, report = learning_bench(cfg, out, cfg.optim.total_iters, cfg.referee.referee_iters, seeds,
-                                  rows=chosen_methods(getattr(args, "methods", None)))
+                                  rows=chosen_methods(getattr(args, "methods", None),
+                                                     getattr(args, "rows", None)))
     if code != exit_codes.OK:
         return code
     report["argv"] = sys.argv[1:]
