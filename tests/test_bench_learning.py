@@ -271,6 +271,13 @@ def test_a_row_of_your_own_settings_is_a_typed_student_row():
                                  ["lr_fast", "grpo_log_reward", "LR=6e-3"]])
     assert [(m.role, dict(m.overrides)) for m in fast] == [
         ("referee", {"lr": 6e-3}), ("student", {**preset_values("grpo-log-reward"), "lr": 6e-3})]
+    # a row at twice the command's LR keeps it when a --row builds on it, unless LR is given
+    base = Config.of(lr=3e-3, min_lr=3e-4)
+    half, given = chosen_methods(["grpo_log_reward_half"], [["given", "grpo_log_reward_half", "LR=1e-3"]])
+    twice = half.settings(base)
+    assert twice["lr"] == pytest.approx(6e-3) and twice["min_lr"] == pytest.approx(6e-4)
+    assert twice["k_fraction"] == 0.5
+    assert given.settings(base)["lr"] == 1e-3 and given.settings(base)["min_lr"] == pytest.approx(6e-4)
     # a whole-run preset's budget gives way to the benchmark's
     quick = dict(chosen_methods(None, [["quick", "bench-quick"]])[0].overrides)
     assert "total_iters" not in quick and "warmup_iters" not in quick and quick["n_layer"] == 2

@@ -26,10 +26,10 @@ from tests.helpers import run_cli
 
 ROWS = ("supervised_step", "grpo_iteration", "rollout_kv_cache", "grpo_scoring", "rollout_recompute",
         "grpo_full_rows", "avatarl_iteration", "teacher_forced_iteration", "log_reward_iteration",
-        "peer_step")
+        "log_reward_half_iteration", "peer_step")
 RATIOS = ("grpo_over_supervised", "kv_cache_speedup", "shared_prefix_speedup", "avatarl_over_supervised",
           "supervised_over_peer", "teacher_forced_per_token_over_supervised",
-          "log_reward_per_token_over_supervised")
+          "log_reward_per_token_over_supervised", "log_reward_half_per_token_over_supervised")
 
 
 def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Path, corpus_path: Path):
@@ -41,7 +41,7 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
                    cwd=tmp_path, timeout=120, USE_WANDB="false")
     assert done.returncode == 0, done.stderr
     table = done.stdout.splitlines()
-    assert [line.split()[0] for line in table[-7:]] == list(RATIOS)  # the seven ratios come last in the table
+    assert [line.split()[0] for line in table[-8:]] == list(RATIOS)  # the eight ratios come last in the table
     assert any(line.startswith("peer step (HF GPT-2") for line in table)
     report = json.loads(out.read_text())
 
@@ -72,12 +72,13 @@ def test_cli_writes_json_whose_ratios_are_the_measured_time_ratios(tmp_path: Pat
     assert ratios["shared_prefix_speedup"] == pytest.approx(t["grpo_full_rows"] / t["grpo_iteration"],
                                                             rel=1e-12)
     per_supervised_token = t["supervised_step"] / (4 * 3 * (12 + 5))  # B x K x (C + H) tokens
-    for row in ("teacher_forced", "log_reward"):  # B x C positions per teacher-forced step
+    for row in ("teacher_forced", "log_reward", "log_reward_half"):  # B x C positions per teacher-forced step
         assert ratios[f"{row}_per_token_over_supervised"] == pytest.approx(
             t[f"{row}_iteration"] / (4 * 12) / per_supervised_token, rel=1e-12)
     vocab = len(set(corpus_path.read_text()))
     assert report["teacher_forced_k"] == {"teacher_forced_iteration": 128,
-                                          "log_reward_iteration": math.ceil(vocab / 4)}
+                                          "log_reward_iteration": math.ceil(vocab / 4),
+                                          "log_reward_half_iteration": math.ceil(vocab / 2)}
     for row in timings.values():  # on a CPU, the process CPU time of the same calls, and ratios from it
         assert len(row["cpu_times_s"]) == 3 and row["cpu_median_s"] == statistics.median(row["cpu_times_s"])
     cpu = {name: row["cpu_median_s"] for name, row in timings.items()}

@@ -18,6 +18,8 @@ SEED, SEED + 1, ... and reported as mean and min-max:
     grpo_tf_reward_off    the same with the reward off: only the entropy bonus is left
     grpo_log_reward       teacher-forced GRPO credited by log E[reward] (preset grpo-log-reward: K = V/4
                           distinct draws per position, exact match only); grpo_log_reward_off its reward off
+    grpo_log_reward_half  the same with K = V/2 draws and twice the command's LR and MIN_LR (at bench-quick
+                          it reaches supervised); grpo_log_reward_half_off its reward off
     avatarl               AvataRL against a referee trained in the same command (budget reported apart)
     avatarl_referee_only  AvataRL with REALITY_WEIGHT=0: the ground truth is taken out of the reward
     avatarl_sampled       AvataRL on-policy: V/2 distinct draws from the student per position, each paid
@@ -109,7 +111,7 @@ def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def method_config(base: Config, method: Method, directory: Path, iters: int, warmup: int, eval_points: int,
                   referee_path: Path) -> Config:
-    settings: dict[str, Any] = dict(method.overrides)
+    settings = method.settings(base)
     if method.role == "referee":  # the supervised baseline has the student's shape, not the referee's
         settings.update(referee_n_layer=base.model.n_layer, referee_n_head=base.model.n_head,
                         referee_n_emb=base.model.n_emb)
@@ -170,7 +172,7 @@ def check_methods(base: Config, rows: tuple[Method, ...]) -> None:
     problems = []
     for method in rows:
         try:
-            cfg = base.replace(**dict(method.overrides))
+            cfg = base.replace(**method.settings(base))
         except ConfigError as err:
             problems += [f"{method.label}: {line}" for line in err.problems]
             continue
@@ -210,7 +212,8 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
         "settings": {k.upper(): v for k, v in base.to_dict().items() if k in SETTINGS_RECORDED},
         "seeds": [base.run.seed + i for i in range(seeds)], "torch_threads": torch.get_num_threads(),
         "referee": {},
-        "methods": {m.name: {"label": m.label, "settings": {k.upper(): v for k, v in m.overrides}, "runs": []}
+        "methods": {m.name: {"label": m.label, "runs": [],
+                             "settings": {k.upper(): v for k, v in m.settings(base).items()}}
                     for m in rows}}
     started = time.perf_counter()
     for seed in report["seeds"]:
@@ -222,7 +225,7 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
             if code != exit_codes.OK or referee_path is None:
                 return code, report
         for method in rows:
-            window = window_len(seeded.replace(**dict(method.overrides)), method.role)
+            window = window_len(seeded.replace(**method.settings(seeded)), method.role)
             iters = max(1, round(budget / (base.optim.batch * window)))
             warmup = round(base.optim.warmup_iters * iters / budget_iters)
             cfg = method_config(seeded, method, out / "runs" / f"seed{seed}" / method.name, iters, warmup,

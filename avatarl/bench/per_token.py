@@ -1,6 +1,7 @@
 """The teacher-forced rows of `avatarl bench throughput`: teacher-forced GRPO (`--preset grpo-teacher-forced`)
-and its log E[reward] variant (`--preset grpo-log-reward`, K = V/4 draws without replacement), each a real
-train_step on the benchmark's model, and their cost per token against the supervised step's.
+and its log E[reward] variant (`--preset grpo-log-reward`, K = V/4 draws without replacement, and K = V/2 as
+the learning bench's grpo_log_reward_half), each a real train_step on the benchmark's model, and their cost
+per token against the supervised step's.
 
 A teacher-forced step scores B x C positions (one forward and backward over windows of C + 1 tokens); the
 supervised row trains B x K x (C + H) tokens. The ratios below compare seconds per trained token, the
@@ -17,16 +18,21 @@ from avatarl.data.sampler import make_sampler
 from avatarl.objectives.teacher_forced import TeacherForcedGRPO
 from avatarl.run import MetricBuffer, Run, RunState
 
-ROWS = {"teacher_forced_iteration": "grpo-teacher-forced", "log_reward_iteration": "grpo-log-reward"}
+# row -> (its preset, settings on top): the learning bench's grpo_log_reward_half draws K = V/2 (its doubled
+# LR does not change what a step costs)
+ROWS = {"teacher_forced_iteration": ("grpo-teacher-forced", {}),
+        "log_reward_iteration": ("grpo-log-reward", {}),
+        "log_reward_half_iteration": ("grpo-log-reward", {"k_fraction": 0.5})}
 LABELS = {"teacher_forced_iteration": "GRPO teacher-forced",
-          "log_reward_iteration": "GRPO log-reward"}
+          "log_reward_iteration": "GRPO log-reward",
+          "log_reward_half_iteration": "GRPO log-reward, K = V/2"}
 
 
 def teacher_forced_runs(grpo: Run) -> dict[str, Run]:
     """One run per row, sharing the GRPO run's model and optimizer, each with its objective and sampler."""
     runs = {}
-    for name, preset in ROWS.items():
-        cfg = grpo.cfg.replace(**preset_values(preset))
+    for name, (preset, extra) in ROWS.items():
+        cfg = grpo.cfg.replace(**{**preset_values(preset), **extra})
         objective = TeacherForcedGRPO(cfg, grpo.corpus, grpo.info.device)
         sampler = make_sampler(grpo.corpus.train, cfg.model.context_len + 1, cfg.run.seed, 0,
                                grpo.info.device)

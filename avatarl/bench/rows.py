@@ -8,7 +8,7 @@ import dataclasses
 import re
 from typing import Any
 
-from avatarl.config import ConfigError, config_fields
+from avatarl.config import Config, ConfigError, config_fields
 from avatarl.config_sources import near_miss, parse_value, preset_names, preset_values
 
 TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
@@ -25,6 +25,13 @@ class Method:
     label: str
     role: str                                  # "referee" role = trained with cross-entropy
     overrides: tuple[tuple[str, Any], ...] = ()
+    lr_scale: float = 1.0                      # LR and MIN_LR: the command's times this, unless overridden
+
+    def settings(self, base: Config) -> dict[str, Any]:
+        """The row's settings on top of `base`: its overrides, and its scaled LR and MIN_LR."""
+        scaled = {} if self.lr_scale == 1.0 else {"lr": base.optim.lr * self.lr_scale,
+                                                  "min_lr": base.optim.min_lr * self.lr_scale}
+        return {**scaled, **dict(self.overrides)}
 
 
 def methods() -> tuple[Method, ...]:
@@ -33,6 +40,7 @@ def methods() -> tuple[Method, ...]:
     log_reward = tuple(preset_values(LOG_REWARD_PRESET).items())
     autoregressive = tuple(preset_values(AUTOREGRESSIVE_PRESET).items())
     reward_off = (("partial_credit", 0.0), ("exact_match_reward", 0.0))
+    half = (("k_fraction", 0.5),)  # the log-reward row that reaches supervised (docs/learning.md)
     return (
         Method("supervised", "supervised (not RL, the ceiling)", "referee"),
         Method("grpo", "GRPO (autoregressive, shipped defaults)", "student", (("algorithm", "grpo"),)),
@@ -48,6 +56,10 @@ def methods() -> tuple[Method, ...]:
                log_reward),
         Method("grpo_log_reward_off", "GRPO teacher-forced log reward, reward off", "student",
                (*log_reward, *reward_off)),
+        Method("grpo_log_reward_half", "GRPO teacher-forced, log reward, K = V/2, twice the LR", "student",
+               (*log_reward, *half), lr_scale=2.0),
+        Method("grpo_log_reward_half_off", "GRPO teacher-forced log reward, K = V/2, 2x LR, reward off",
+               "student", (*log_reward, *half, *reward_off), lr_scale=2.0),
         Method("avatarl", "AvataRL", "student", (("algorithm", "avatarl"),)),
         Method("avatarl_referee_only", "AvataRL, REALITY_WEIGHT=0 (referee only)", "student",
                (("algorithm", "avatarl"), ("reality_weight", 0.0))),
@@ -72,13 +84,13 @@ def settings_row(spec: list[str], taken: set[str]) -> Method:
     if name in taken:
         raise ConfigError([f"{where}: that name is already a row; give this one another."])
     shipped = {m.name: m for m in methods()}
-    known, problems, overrides, role = config_fields(), [], {}, "student"
+    known, problems, overrides, role, lr_scale = config_fields(), [], {}, "student", 1.0
     owned = {known[key].name for key in BENCH_OWNED}
     for word in words:
         key, equals, text = word.partition("=")
         key = key.strip().upper()
         if not equals and word in shipped:
-            role = shipped[word].role
+            role, lr_scale = shipped[word].role, shipped[word].lr_scale
             overrides.update(shipped[word].overrides)
         elif not equals and word in preset_names():
             overrides.update({key: value for key, value in preset_values(word).items() if key not in owned})
@@ -100,7 +112,7 @@ def settings_row(spec: list[str], taken: set[str]) -> Method:
     if problems:
         raise ConfigError(problems)
     label = f"{name} ({' '.join(words)})" if words else name
-    return Method(name, label, role, tuple(overrides.items()))
+    return Method(name, label, role, tuple(overrides.items()), lr_scale)
 
 
 def chosen_methods(names: list[str] | None, specs: list[list[str]] | None = None) -> tuple[Method, ...]:

@@ -144,7 +144,8 @@ def format_table(report: dict[str, Any]) -> str:
     columns = [("ratios", report["ratios"])]
     if "cpu_time_ratios" in report:
         columns = [("ratios (wall clock)", report["ratios"]), ("(CPU time)", report["cpu_time_ratios"])]
-    lines.append(f"{'':<26}" + "".join(f"{title:>22}" for title, _ in columns))
-    lines += [f"  {name:<24}" + "".join(f"{values[name]:>22.3f}" for _, values in columns)
+    width = max(map(len, report["ratios"]), default=0) + 2
+    lines.append(" " * (width + 2) + "".join(f"{title:>22}" for title, _ in columns))
+    lines += [f"  {name:<{width}}" + "".join(f"{values[name]:>22.3f}" for _, values in columns)
               for name in report["ratios"]]
     return "\n".join(line.rstrip() for line in lines)
