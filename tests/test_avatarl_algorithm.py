@@ -10,6 +10,8 @@ from avatarl.algorithms.avatarl import (
     action_rewards,
     action_set,
     avatarl_micro_step,
+    drawn_rewards,
+    full_action_set,
     ideal_distribution,
     kl_and_entropy,
     mentor_distribution,
@@ -204,6 +206,28 @@ def test_vocabulary_rewards_by_hand_and_padding_gets_nothing():
     # reality [0.1, 0.3, 0.3, 0.3] x mentor = [0.05, 0.075, 0.06, 0.015], over 0.2: ids 1 and 2 pass 1/4
     torch.testing.assert_close(vocabulary_rewards(referee, t([0], torch.long), flat, valid_vocab=4),
                                t([[0.0, 0.375, 0.3, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize(("eps", "rw", "mw"), [(0.1, 1.0, 1.0), (0.0, 1.0, 1.0), (0.5, 2.0, 0.5),
+                                               (0.1, 0.0, 1.0), (0.1, 1.0, 0.0), (1.0, 1.0, 1.0)])
+def test_drawn_rewards_are_the_full_action_sets_ideal_and_reward_at_the_drawn_ids(eps, rw, mw):
+    """The sampled form's rewards from one score tensor match ACTION_SET=full's reality, mentor, ideal and
+    above-mean rewards over every valid id, gathered at the draws; padding ids (>= valid) get 0."""
+    n, vocab, valid = 16, 11, 9
+    generator = torch.Generator().manual_seed(7)
+    referee = 3 * torch.randn(n, vocab, generator=generator)
+    targets = torch.randint(0, valid, (n,), generator=generator)
+    settings = Config.of(label_smoothing=eps, reality_weight=rw, mentor_weight=mw).avatarl
+    actions, mask = full_action_set(n, vocab, valid)
+    ideal = ideal_distribution(reality_distribution(actions, mask, targets, eps),
+                               mentor_distribution(referee, actions, mask), mask, rw, mw)
+    full = action_rewards(ideal, mask, 1.0, math.inf)
+    close = {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(vocabulary_rewards(referee, targets, settings, valid), full, **close)
+    drawn = torch.randint(0, vocab, (n, 4), generator=generator)
+    torch.testing.assert_close(drawn_rewards(referee, targets, drawn, settings, valid),
+                               full.gather(-1, drawn), **close)
+    assert bool((full[:, valid:] == 0).all()) and int((full > 0).sum()) >= n
 
 
 def test_sampled_advantages_by_hand():

@@ -23,7 +23,7 @@ the referee's top-k differ, the positions still to learn: 0.089 bits/byte behind
 
 ACTION_SET=sampled is the on-policy form: K = ceil(SAMPLE_FRACTION x valid ids) distinct actions per
 position drawn from pi (log_reward.gumbel_top_k), each rewarded r(a) = ideal(a) if a is above the mean
-of the ideal taken over the whole vocabulary, else 0 (`vocabulary_rewards`), advantages from the group
+of the ideal taken over the whole vocabulary, else 0 (`drawn_rewards`), advantages from the group
 of K (`sampled_advantages`) and loss = -Σ_k A_k log pi(a_k). Only the drawn actions' rewards reach the
 loss; REWARD_SCALE, MAX_REWARD_CLAMP and REWARD_NORM do not apply. Its default advantage (importance)
 makes the expected gradient the exhaustive form's over every id (BPE 2,048: 0.066 bits/byte behind
@@ -205,17 +205,41 @@ def avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets: Tensor
     return loss, actions, mask, rewards
 
 
+def drawn_rewards(referee_logits: Tensor, targets: Tensor, actions: Tensor, settings: AvatarlSettings,
+                  valid_vocab: int = 0) -> Tensor:
+    """AvataRL's reward of the drawn ids, [N, K], for sampled actions: the ideal over the whole vocabulary
+    (every valid id an action: reality 1 - eps on y and eps / (valid - 1) on each other id) at each drawn
+    id above its mean 1 / valid, 0 elsewhere and on padding; unscaled and unclamped. No gradient.
+
+    The same numbers as ACTION_SET=full's ideal and above-mean test, from one [N, valid] score
+    (rw log reality + mw log mentor, the mentor a log-softmax over the valid ids) and its logsumexp,
+    instead of the [N, V] reality, mentor, ideal and reward tensors that the full set builds.
+    """
+    valid = valid_vocab or referee_logits.size(-1)
+    floor = math.log(torch.finfo(torch.float32).tiny)  # _weighted_log's floor of a zero probability
+    score = F.log_softmax(referee_logits[:, :valid].detach().float(), dim=-1)
+    if settings.mentor_weight == 0:
+        score.zero_()
+    else:
+        score.clamp_(min=floor).mul_(settings.mentor_weight)
+    if settings.reality_weight != 0:
+        eps = settings.label_smoothing if valid > 1 else 0.0
+        log_true = max(math.log(1.0 - eps) if eps < 1 else floor, floor)
+        log_other = max(math.log(eps / (valid - 1)) if eps > 0 else floor, floor) if valid > 1 else 0.0
+        score.add_(settings.reality_weight * log_other)
+        lift = torch.full_like(score[:, :1], settings.reality_weight * (log_true - log_other))
+        score.scatter_add_(-1, targets.long()[:, None], lift)
+    log_z = torch.logsumexp(score, dim=-1, keepdim=True)
+    ideal = (score.gather(-1, actions.clamp(max=valid - 1)) - log_z).exp()
+    above = (actions < valid) & (ideal > (1 + _ABOVE_MEAN_RTOL) / valid)
+    return torch.where(above, ideal, 0.0)
+
+
 def vocabulary_rewards(referee_logits: Tensor, targets: Tensor, settings: AvatarlSettings,
                        valid_vocab: int = 0) -> Tensor:
-    """AvataRL's reward of every id, [N, V], for sampled actions: the ideal over the whole vocabulary (every
-    valid id an action: reality 1 - eps on y and eps / (valid - 1) on each other id) on the ids above its
-    mean 1 / valid, 0 elsewhere and on padding; unscaled and unclamped. No gradient."""
-    actions, mask = full_action_set(targets.numel(), referee_logits.size(-1), valid_vocab,
-                                    referee_logits.device)
-    reality = reality_distribution(actions, mask, targets, settings.label_smoothing)
-    mentor = mentor_distribution(referee_logits, actions, mask)
-    ideal = ideal_distribution(reality, mentor, mask, settings.reality_weight, settings.mentor_weight)
-    return action_rewards(ideal, mask, 1.0, math.inf)
+    """`drawn_rewards` of every id, [N, V] (padding ids 0)."""
+    ids = torch.arange(referee_logits.size(-1), device=referee_logits.device)
+    return drawn_rewards(referee_logits, targets, ids.expand(targets.numel(), -1), settings, valid_vocab)
 
 
 def sampled_advantages(logp_actions: Tensor, rewards: Tensor, kappa: Tensor, kind: SampledAdvantage
@@ -245,7 +269,7 @@ def sampled_avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets
     """ACTION_SET=sampled (module docstring): (loss, actions [N, K], mask [N, K] all True, rewards [N, K]).
 
     K = ceil(SAMPLE_FRACTION x valid ids) distinct draws per position from pi = softmax(z / (1 + c)), each
-    rewarded with `vocabulary_rewards` at the drawn id; loss = -mean_positions Σ_k A_k log pi(a_k) with
+    rewarded with `drawn_rewards`; loss = -mean_positions Σ_k A_k log pi(a_k) with
     A from `sampled_advantages`.
     """
     valid = valid_vocab or student_logits.size(-1)
@@ -253,8 +277,7 @@ def sampled_avatarl_loss(student_logits: Tensor, referee_logits: Tensor, targets
     with torch.no_grad():
         draws = draws_for(valid, 1, settings.sample_fraction)
         actions, kappa = gumbel_top_k(logp[:, :valid], draws, generator)
-        rewards = vocabulary_rewards(referee_logits.detach().float(), targets, settings, valid_vocab)
-        rewards = rewards.gather(-1, actions)  # only the drawn ids' rewards go on
+        rewards = drawn_rewards(referee_logits, targets, actions, settings, valid_vocab)
     logp_actions = logp.gather(-1, actions)
     advantage = sampled_advantages(logp_actions, rewards, kappa, settings.sampled_advantage)  # detached
     loss = -(advantage * logp_actions).sum(-1).mean()
