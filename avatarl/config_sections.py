@@ -143,7 +143,8 @@ class GRPOSettings(Section):
         "GRPO advantages: group_std ((r - group mean) / max(std, MIN_VARIANCE), GRPO's), log_reward "
         "(the gradient of log E[r]: for exact match, the likelihood gradient where a draw hit the truth) "
         "or importance (teacher-forced: r / the draw's inclusion probability, an unbiased estimate of "
-        "the gradient of the sum over every id of r(a) log pi(a); avatarl/algorithms/log_reward.py).",
+        "the gradient of the sum over every id of r(a) log pi_T(a), pi_T the policy at TEMPERATURE; "
+        "avatarl/algorithms/log_reward.py).",
         choices=Advantage)
     temperature: float = setting(1.2, "Sampling temperature of the rollouts.", low=0.0, low_exclusive=True)
     clip_ratio: float = setting(

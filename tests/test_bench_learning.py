@@ -277,10 +277,14 @@ def test_a_row_of_your_own_settings_is_a_typed_student_row():
     twice = half.settings(base)
     assert twice["lr"] == pytest.approx(6e-3) and twice["min_lr"] == pytest.approx(6e-4)
     assert twice["k_fraction"] == 0.5
-    assert given.settings(base)["lr"] == 1e-3 and given.settings(base)["min_lr"] == pytest.approx(6e-4)
-    # a whole-run preset's budget gives way to the benchmark's
+    assert given.settings(base) == {**dict(given.overrides), "lr": 1e-3}  # neither LR nor MIN_LR scaled
+    assert "min_lr" not in given.settings(base)
+    after = chosen_methods(None, [["after", "LR=1e-3", "grpo_log_reward_half"]])[0]
+    assert after.settings(base)["lr"] == pytest.approx(6e-3)  # the later word wins
+    # a whole-run preset's budget, corpus and windows give way to the benchmark's
     quick = dict(chosen_methods(None, [["quick", "bench-quick"]])[0].overrides)
-    assert "total_iters" not in quick and "warmup_iters" not in quick and quick["n_layer"] == 2
+    assert "total_iters" not in quick and "eval_windows" not in quick and quick["n_layer"] == 2
+    assert "context_len" not in dict(chosen_methods(None, [["tiny", "tiny"]])[0].overrides)
     # without --methods only the rows of your own train; with neither, every shipped row
     assert [m.name for m in chosen_methods(None, [["k64", "K_SAMPLES=64"]])] == ["k64"]
     assert chosen_methods(None, None) == methods()
@@ -294,11 +298,22 @@ def test_a_row_of_your_own_settings_is_a_typed_student_row():
     (["mine", "K_SAMPLES=many"], "K_SAMPLES=many: expected an integer"),
     (["mine", "ROLLOUTS=sideways"], "ROLLOUTS=sideways: choose one of autoregressive, teacher_forced"),
     (["mine", "TOTAL_ITERS=10"], "TOTAL_ITERS is set by the benchmark for every row"),
+    (["mine", "EVAL_WINDOWS=64"], "EVAL_WINDOWS is set by the benchmark for every row"),
+    (["referee", "supervised"], "--row referee: that name is already a row (or the referee's)"),
 ])
 def test_a_row_that_cannot_be_read_says_what_to_fix(spec, says):
     with pytest.raises(ConfigError) as refused:
         chosen_methods(None, [spec])
     assert len(refused.value.problems) == 1 and says in refused.value.problems[0], refused.value.problems
+
+
+def test_a_row_needs_the_referee_when_it_trains_avatarl_by_its_own_settings_or_the_commands():
+    from avatarl.bench.learning import referee_needed
+
+    rows = chosen_methods(None, [["half", "REALITY_WEIGHT=0.5"]])
+    assert not referee_needed(Config.of(), rows)
+    assert referee_needed(Config.of(algorithm="avatarl"), rows)
+    assert not referee_needed(Config.of(algorithm="avatarl"), chosen_methods(["supervised"]))
 
 
 def test_two_rows_of_one_name_are_refused():
@@ -310,18 +325,23 @@ def test_a_row_of_your_own_trains_at_the_budget_of_the_others(tmp_path, corpus_p
     data = tmp_path / "shakespeare-100k.txt"
     data.write_text(corpus_path.read_text()[:100_000])
     base = Config.of(**TINY_BENCH, data_path=str(data))
-    rows = chosen_methods(["supervised"], [["tf8", "ROLLOUTS=teacher_forced", "K_SAMPLES=8"]])
+    rows = chosen_methods(["supervised"], [["tf8", "ROLLOUTS=teacher_forced", "K_SAMPLES=8"],
+                                           ["tf8_b8", "ROLLOUTS=teacher_forced", "K_SAMPLES=8", "BATCH=8",
+                                            "MICRO_BATCH=8"]])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("avatarl.periodic.training_samples", lambda *args: [Sample("A", [1, 2, 3], "bcd")])
         patch.chdir(tmp_path)
         code, report = learning_bench(base, tmp_path / "out", BUDGET_ITERS, REFEREE_ITERS, eval_points=2,
                                       rows=rows)
-    assert code == 0 and list(report["methods"]) == ["supervised", "tf8"]
+    assert code == 0 and list(report["methods"]) == ["supervised", "tf8", "tf8_b8"]
     mine = report["methods"]["tf8"]
     assert mine["settings"] == {"ROLLOUTS": "teacher_forced", "K_SAMPLES": 8}
     # a teacher-forced step reads what a supervised one does: the same steps, the same tokens seen
     assert mine["runs"][0]["iters"] == BUDGET_ITERS
     assert mine["runs"][0]["tokens_seen"] == report["methods"]["supervised"]["runs"][0]["tokens_seen"]
+    # a row's own batch: twice the steps of half the contexts, the same tokens
+    small = report["methods"]["tf8_b8"]["runs"][0]
+    assert small["iters"] == 2 * BUDGET_ITERS and small["tokens_seen"] == mine["runs"][0]["tokens_seen"]
     logged = [json.loads(line) for line in (tmp_path / "out" / "runs" / "seed1337" / "tf8" / "metrics.jsonl")
               .read_text().splitlines()]
     assert any("val_acc" in record for record in logged)

@@ -18,8 +18,8 @@ SEED, SEED + 1, ... and reported as mean and min-max:
     grpo_tf_reward_off    the same with the reward off: only the entropy bonus is left
     grpo_log_reward       teacher-forced GRPO credited by log E[reward] (preset grpo-log-reward: K = V/4
                           distinct draws per position, exact match only); grpo_log_reward_off its reward off
-    grpo_log_reward_half  the same with K = V/2 draws and twice the command's LR and MIN_LR (at bench-quick
-                          it reaches supervised); grpo_log_reward_half_off its reward off
+    grpo_log_reward_half  the same with K = V/2 draws and twice the command's LR and MIN_LR (bench-quick on a
+                          2,048-id BPE: supervised quality); grpo_log_reward_half_off its reward off
     avatarl               AvataRL against a referee trained in the same command (budget reported apart)
     avatarl_referee_only  AvataRL with REALITY_WEIGHT=0: the ground truth is taken out of the reward
     avatarl_sampled       AvataRL on-policy: V/2 distinct draws from the student per position, each paid
@@ -36,8 +36,9 @@ minutes on 2 CPU cores), under the usual precedence: a flag, `.env` or the envir
 any of it (`--quick --n-layer 3`). The model, batch, LR, TOTAL_ITERS (the supervised step count that
 sets the budget) and REFEREE_ITERS come from the settings, as do TOKENIZER and DATA_PATH
 (a text file or a directory made by `avatarl prepare`). Outputs: OUT/learning.json, OUT/learning.png
-(bench/learning_report.py), and each run under OUT/runs/. `--row NAME SETTING=VALUE ...` adds a row
-of your own (bench/rows.py): a student with those settings, at the same budget.
+(bench/learning_report.py), and each run under OUT/runs/.
+`--row NAME [ROW | PRESET ...] SETTING=VALUE ...` adds a row of your own (bench/rows.py): a shipped row's
+method or a student, with those settings, at the same budget and on the same windows.
 `--merge A/learning.json B/learning.json` trains nothing: it joins runs of the same benchmark for other
 seeds (SEED=1338 --seeds 2 on a second machine beside SEED=1337 --seeds 1) into the one table and plot
 of all their seeds; it reads the schema-2 reports of earlier versions too (their counts named chars_*)
@@ -185,6 +186,12 @@ def check_methods(base: Config, rows: tuple[Method, ...]) -> None:
         raise ConfigError(sorted(set(problems), key=problems.index))
 
 
+def referee_needed(base: Config, rows: tuple[Method, ...]) -> bool:
+    """Whether a row trains AvataRL: by its own settings, or by the command's (ALGORITHM=avatarl in .env)."""
+    return any(m.role == "student" and base.replace(**m.settings(base)).run.algorithm == Algorithm.AVATARL
+               for m in rows)
+
+
 def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: int, seeds: int = 1,
                    eval_points: int = EVAL_POINTS, rows: tuple[Method, ...] | None = None
                    ) -> tuple[int, dict[str, Any]]:
@@ -203,7 +210,7 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
     budget = budget_iters * base.optim.batch * (base.model.context_len + 1)
     rows = rows or methods()
     check_methods(base, rows)
-    needs_referee = any(dict(m.overrides).get("algorithm") == "avatarl" for m in rows)
+    needs_referee = referee_needed(base, rows)
     report: dict[str, Any] = {
         "schema": SCHEMA, "budget_tokens": budget, "token_unit": unit, "vocab_size": vocab_size,
         "baselines": baselines, "kl_reference": {"order": base.grpo.ngram_order,
@@ -225,8 +232,8 @@ def learning_bench(base: Config, out: Path, budget_iters: int, referee_iters: in
             if code != exit_codes.OK or referee_path is None:
                 return code, report
         for method in rows:
-            window = window_len(seeded.replace(**method.settings(seeded)), method.role)
-            iters = max(1, round(budget / (base.optim.batch * window)))
+            row = seeded.replace(**method.settings(seeded))
+            iters = max(1, round(budget / (row.optim.batch * window_len(row, method.role))))
             warmup = round(base.optim.warmup_iters * iters / budget_iters)
             cfg = method_config(seeded, method, out / "runs" / f"seed{seed}" / method.name, iters, warmup,
                                 eval_points, referee_path)

@@ -14,8 +14,12 @@ from avatarl.config_sources import near_miss, parse_value, preset_names, preset_
 TEACHER_FORCED_PRESET = "grpo-teacher-forced"  # the scalar-reward GRPO setting of issue 14's study
 LOG_REWARD_PRESET = "grpo-log-reward"  # teacher-forced GRPO credited by the log E[reward] estimator
 AUTOREGRESSIVE_PRESET = "grpo-autoregressive"  # the seed's rollouts, prefix credit, log E[reward]
-# What the benchmark sets for every row itself: the budget, the schedule, the seed and where a run goes.
-BENCH_OWNED = ("TOTAL_ITERS", "WARMUP_ITERS", "EVAL_INTERVAL", "SEED", "CHECKPOINT_DIR", "REFEREE_PATH")
+# What the benchmark sets for every row itself: the budget, the schedule, the seed, where a run goes, the
+# corpus and the windows every row is scored on, and the run handling it forces.
+BENCH_OWNED = ("TOTAL_ITERS", "WARMUP_ITERS", "EVAL_INTERVAL", "SEED", "CHECKPOINT_DIR", "REFEREE_PATH",
+               "DATA_PATH", "TOKENIZER", "CONTEXT_LEN", "EVAL_WINDOWS", "USE_WANDB", "RESUME", "OVERWRITE",
+               "SAVE_INTERMEDIATE_CHECKPOINTS", "SAMPLE_INTERVAL")
+RESERVED_NAMES = ("referee",)  # the AvataRL referee's run directory
 ROW_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
@@ -28,9 +32,11 @@ class Method:
     lr_scale: float = 1.0                      # LR and MIN_LR: the command's times this, unless overridden
 
     def settings(self, base: Config) -> dict[str, Any]:
-        """The row's settings on top of `base`: its overrides, and its scaled LR and MIN_LR."""
-        scaled = {} if self.lr_scale == 1.0 else {"lr": base.optim.lr * self.lr_scale,
-                                                  "min_lr": base.optim.min_lr * self.lr_scale}
+        """The row's settings on top of `base`: its overrides, and its scaled LR and MIN_LR (neither scaled
+        when the overrides set either)."""
+        given = {"lr", "min_lr"} & {key for key, _ in self.overrides}
+        scaled = {} if self.lr_scale == 1.0 or given else {"lr": base.optim.lr * self.lr_scale,
+                                                           "min_lr": base.optim.min_lr * self.lr_scale}
         return {**scaled, **dict(self.overrides)}
 
 
@@ -40,7 +46,7 @@ def methods() -> tuple[Method, ...]:
     log_reward = tuple(preset_values(LOG_REWARD_PRESET).items())
     autoregressive = tuple(preset_values(AUTOREGRESSIVE_PRESET).items())
     reward_off = (("partial_credit", 0.0), ("exact_match_reward", 0.0))
-    half = (("k_fraction", 0.5),)  # the log-reward row that reaches supervised (docs/learning.md)
+    half = (("k_fraction", 0.5),)  # the log-reward row at supervised quality on BPE 2,048 (docs/learning.md)
     return (
         Method("supervised", "supervised (not RL, the ceiling)", "referee"),
         Method("grpo", "GRPO (autoregressive, shipped defaults)", "student", (("algorithm", "grpo"),)),
@@ -81,8 +87,8 @@ def settings_row(spec: list[str], taken: set[str]) -> Method:
     if not ROW_NAME.fullmatch(name) or "=" in name:
         raise ConfigError([f"{where}: a row needs a name first (letters, digits, _ . -), then SETTING=VALUE "
                            "words, e.g. --row my_k64 K_SAMPLES=64."])
-    if name in taken:
-        raise ConfigError([f"{where}: that name is already a row; give this one another."])
+    if name in taken or name in RESERVED_NAMES:
+        raise ConfigError([f"{where}: that name is already a row (or the referee's); give this one another."])
     shipped = {m.name: m for m in methods()}
     known, problems, overrides, role, lr_scale = config_fields(), [], {}, "student", 1.0
     owned = {known[key].name for key in BENCH_OWNED}
@@ -91,6 +97,9 @@ def settings_row(spec: list[str], taken: set[str]) -> Method:
         key = key.strip().upper()
         if not equals and word in shipped:
             role, lr_scale = shipped[word].role, shipped[word].lr_scale
+            if lr_scale != 1.0:  # its scaled LR comes after any LR given before it
+                overrides.pop("lr", None)
+                overrides.pop("min_lr", None)
             overrides.update(shipped[word].overrides)
         elif not equals and word in preset_names():
             overrides.update({key: value for key, value in preset_values(word).items() if key not in owned})
